@@ -1,0 +1,173 @@
+"""Llama-style Transformer stacks: a causal LM and a bidirectional encoder (classifier / embedder).
+
+Each block is pre-RMSNorm: x += attn(norm(x)); x += glu(norm(x)). Feed-forward widths come per layer
+(`model.ffn_width` may be a list), because pruning and MatFormer change them layer by layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effitrans.attention import build_attention
+from effitrans.layers import Embed, GLUFeedForward, RMSNorm
+from effitrans.layers.params import fan_in_normal, init_param
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(model_cfg):
+    """The activation dtype named by model_cfg.dtype (params stay float32)."""
+    return DTYPES[model_cfg.dtype]
+
+
+def ffn_widths(model_cfg) -> list[int]:
+    """Per-layer feed-forward widths: model.ffn_width as an int (all layers) or a list of num_layers ints."""
+    w = model_cfg.ffn_width
+    if isinstance(w, int):
+        return [w] * model_cfg.num_layers
+    return [int(x) for x in w]
+
+
+class Block(nnx.Module):
+    """One pre-norm Transformer block around an attention module of any family."""
+
+    def __init__(self, model_cfg, ffn_width: int, *, causal: bool, rngs: nnx.Rngs):
+        dtype = compute_dtype(model_cfg)
+        self.attn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
+        self.attn = build_attention(model_cfg, causal=causal, rngs=rngs, dtype=dtype)
+        self.ffn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
+        self.ffn = GLUFeedForward(model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation,
+                                  rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None,
+                 decode=False):
+        """x [B, T, D] -> (x [B, T, D], cache)."""
+        h, cache = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                             kv_x=None if kv_x is None else self.attn_norm(kv_x), kv_positions=kv_positions,
+                             cache=cache, decode=decode)
+        x = x + h
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, cache
+
+
+class TransformerStack(nnx.Module):
+    """Token embedding, `num_layers` blocks and a final norm; shared by every model below."""
+
+    def __init__(self, model_cfg, *, causal: bool, rngs: nnx.Rngs):
+        self.dtype = compute_dtype(model_cfg)
+        self.embed = Embed(model_cfg.vocab_size, model_cfg.d_model, rngs=rngs, dtype=self.dtype)
+        self.blocks = nnx.List([Block(model_cfg, w, causal=causal, rngs=rngs) for w in ffn_widths(model_cfg)])
+        self.final_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, caches=None, decode=False):
+        """tokens int [B, T] -> (hidden [B, T, D], caches: list per layer or None)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = self.embed(tokens)                                                   # [B, T, D]
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, c = block(x, positions=positions, segment_ids=segment_ids,
+                         cache=None if caches is None else caches[i], decode=decode)
+            new_caches.append(c)
+        return self.final_norm(x), (new_caches if caches is not None else None)
+
+
+def _positions_from_cache(tokens, caches):
+    """During decode, token t of row b sits at position lengths[b] + t."""
+    offsets = caches[0].lengths[:, None]                                           # [B, 1]
+    return offsets + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]         # [B, T]
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only language model. __call__(tokens [B, T]) -> (logits [B, T, V] float32, caches)."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        self.stack = TransformerStack(model_cfg, causal=True, rngs=rngs)
+        self.tie_embeddings = bool(model_cfg.tie_embeddings)
+        if not self.tie_embeddings:
+            self.lm_head = init_param(rngs, (model_cfg.d_model, model_cfg.vocab_size), ("embed", "vocab"),
+                                      fan_in_normal())
+
+    @property
+    def blocks(self):
+        return self.stack.blocks
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
+        """One cache per layer (a pytree: its byte size is the model's KV-cache size)."""
+        return [b.attn.init_cache(batch, max_len, dtype) for b in self.stack.blocks]
+
+    def logits(self, hidden):
+        if self.tie_embeddings:
+            return self.stack.embed.attend(hidden).astype(jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.value.astype(hidden.dtype)).astype(jnp.float32)
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False):
+        if decode and positions is None:
+            positions = _positions_from_cache(tokens, cache)
+        hidden, cache = self.stack(tokens, positions=positions, segment_ids=segment_ids, caches=cache,
+                                   decode=decode)
+        return self.logits(hidden), cache
+
+
+def pool(hidden, mask, pooling: str):
+    """hidden [B, T, D], mask [B, T] (1 = token) -> [B, D] by the CLS token (position 0) or a masked mean."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.astype(hidden.dtype)[..., None]                                 # [B, T, 1]
+        return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    raise ValueError(f"config.model.pooling={pooling!r} is not one of ('cls', 'mean')")
+
+
+class Encoder(nnx.Module):
+    """Bidirectional encoder. encode(tokens [B, T], mask [B, T]) -> hidden [B, T, D].
+
+    Padding is kept out of attention with segment ids (1 = token, 0 = padding), so real tokens never
+    attend to padding and no S x S mask is built.
+    """
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        self.pooling = model_cfg.pooling
+        self.stack = TransformerStack(model_cfg, causal=False, rngs=rngs)
+
+    @property
+    def blocks(self):
+        return self.stack.blocks
+
+    def encode(self, tokens, mask):
+        hidden, _ = self.stack(tokens, segment_ids=mask.astype(jnp.int32))
+        return hidden
+
+    def pooled(self, tokens, mask):
+        """[B, D] summary of each sequence by model.pooling."""
+        return pool(self.encode(tokens, mask), mask, self.pooling)
+
+
+class EncoderClassifier(Encoder):
+    """__call__(tokens, mask) -> class logits [B, num_classes] float32."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        super().__init__(model_cfg, rngs=rngs)
+        self.head = init_param(rngs, (model_cfg.d_model, model_cfg.num_classes), ("embed", None),
+                               fan_in_normal())
+
+    def __call__(self, tokens, mask):
+        h = self.pooled(tokens, mask)                                            # [B, D]
+        return jnp.einsum("BD,DC->BC", h, self.head.value.astype(h.dtype)).astype(jnp.float32)
+
+
+class EmbeddingEncoder(Encoder):
+    """__call__(tokens, mask) -> unit-norm embeddings [B, embed_dim] float32 (for retrieval)."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        super().__init__(model_cfg, rngs=rngs)
+        self.proj = init_param(rngs, (model_cfg.d_model, model_cfg.embed_dim), ("embed", None), fan_in_normal())
+
+    def __call__(self, tokens, mask):
+        h = self.pooled(tokens, mask)
+        e = jnp.einsum("BD,DE->BE", h, self.proj.value.astype(h.dtype)).astype(jnp.float32)
+        return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
