@@ -15,7 +15,7 @@ def model(**overrides) -> ml_collections.ConfigDict:
     m.num_heads = 4               # query heads N
     m.num_kv_heads = 4            # key/value heads K: = N is MHA, 1 is MQA, a divisor of N is GQA
     m.head_dim = 32               # H
-    m.ffn_width = 384             # GLU hidden width F: one int, or a list with one width per layer
+    m.ffn_width = ml_collections.FieldReference(384, field_type=object)  # GLU width F: an int, or one per layer
     m.ffn_activation = "silu"     # silu (SwiGLU) | gelu | relu
     m.tie_embeddings = True       # LM head shares the embedding table
     m.rope_base = 10000.0         # RoPE wavelength base; None disables RoPE

@@ -62,7 +62,7 @@ class DenseAttention(nnx.Module):
         pooled queries over unpooled tokens. With decode=True, x holds the newest T tokens of each row;
         their keys/values are appended to `cache` and they attend to everything cached before them.
         """
-        c = lambda p: p.value.astype(self.dtype)
+        c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
         src = x if kv_x is None else kv_x.astype(self.dtype)
         src_positions = positions if kv_x is None else kv_positions

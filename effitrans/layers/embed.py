@@ -19,7 +19,7 @@ class Embed(nnx.Module):
                                 nnx.initializers.normal(stddev=1.0 / dim ** 0.5))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.table.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.table[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,VD->BTV", x, self.table.value.astype(x.dtype))
+        return jnp.einsum("BTD,VD->BTV", x, self.table[...].astype(x.dtype))

@@ -44,8 +44,8 @@ class GLUFeedForward(nnx.Module):
 
     @property
     def width(self) -> int:
-        return self.gate.value.shape[1]
+        return self.gate.shape[1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = lambda p: p.value.astype(self.dtype)
+        c = lambda p: p[...].astype(self.dtype)
         return glu_feed_forward(x.astype(self.dtype), c(self.gate), c(self.up), c(self.down), self.activation)

@@ -24,4 +24,4 @@ class RMSNorm(nnx.Module):
         self.scale = init_param(rngs, (dim,), ("embed",), nnx.initializers.ones)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale.value, self.eps)
+        return rms_norm(x, self.scale[...], self.eps)

@@ -103,7 +103,7 @@ class CausalLM(nnx.Module):
     def logits(self, hidden):
         if self.tie_embeddings:
             return self.stack.embed.attend(hidden).astype(jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.value.astype(hidden.dtype)).astype(jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...].astype(hidden.dtype)).astype(jnp.float32)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False):
         if decode and positions is None:
@@ -157,7 +157,7 @@ class EncoderClassifier(Encoder):
 
     def __call__(self, tokens, mask):
         h = self.pooled(tokens, mask)                                            # [B, D]
-        return jnp.einsum("BD,DC->BC", h, self.head.value.astype(h.dtype)).astype(jnp.float32)
+        return jnp.einsum("BD,DC->BC", h, self.head[...].astype(h.dtype)).astype(jnp.float32)
 
 
 class EmbeddingEncoder(Encoder):
@@ -169,5 +169,5 @@ class EmbeddingEncoder(Encoder):
 
     def __call__(self, tokens, mask):
         h = self.pooled(tokens, mask)
-        e = jnp.einsum("BD,DE->BE", h, self.proj.value.astype(h.dtype)).astype(jnp.float32)
+        e = jnp.einsum("BD,DE->BE", h, self.proj[...].astype(h.dtype)).astype(jnp.float32)
         return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)

@@ -1,0 +1,20 @@
+"""Deterministic, step-indexed input pipelines (numpy only).
+
+Every dataset has ``get_batch(step, *, process_index=0, process_count=1)``,
+``eval_batches(process_index=0, process_count=1)``, ``metadata`` and ``task``;
+see docs/data.md.
+"""
+
+from effitrans.data.listops import ListOpsDataset
+from effitrans.data.registry import DATASET_NAMES, FIELDS, build_dataset, resolve_config
+from effitrans.data.retrieval import TextRetrievalDataset, retrieval_metrics
+from effitrans.data.synthetic import AssociativeRecallDataset, CopyDataset
+from effitrans.data.text import Corpus, TextLMDataset, load_corpus, split_documents, unigram_entropy_bits
+from effitrans.data.tokenizer import BOS, CLS, EOS, MASK, PAD, VOCAB_SIZE, decode, encode
+
+__all__ = [
+    "AssociativeRecallDataset", "BOS", "CLS", "Corpus", "CopyDataset", "DATASET_NAMES", "EOS",
+    "FIELDS", "ListOpsDataset", "MASK", "PAD", "TextLMDataset", "TextRetrievalDataset",
+    "VOCAB_SIZE", "build_dataset", "decode", "encode", "load_corpus", "resolve_config",
+    "retrieval_metrics", "split_documents", "unigram_entropy_bits",
+]

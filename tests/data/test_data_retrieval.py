@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from effitrans.data import retrieval, text
+from effitrans.data.tokenizer import CLS, decode
+
+
+def test_metrics_hand_made():
+  q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  d = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+  # scores: q0 -> [1, 1, 1] ties -> rank 3; q1 -> [0, 0, 1] -> rank 3 (doc2 higher, doc0 tie);
+  # q2 -> [1, 1, 2] -> rank 1.
+  m = retrieval.retrieval_metrics(q, d, ks=(1, 2))
+  assert m["recall_at_1"] == pytest.approx(1 / 3)
+  assert m["recall_at_2"] == pytest.approx(1 / 3)
+  assert m["mrr"] == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
+  assert m["num_queries"] == 3
+
+
+def test_metrics_perfect_and_weights_and_chunking():
+  rng = np.random.default_rng(0)
+  e = rng.normal(size=(50, 8))
+  e /= np.linalg.norm(e, axis=1, keepdims=True)  # unit vectors: self is the unique best match
+  m = retrieval.retrieval_metrics(e * 10, e * 10, chunk=7)
+  assert m["recall_at_1"] == 1.0 and m["mrr"] == 1.0
+  # A bad pair masked out by weight 0 does not count as query or candidate.
+  d = e.copy()
+  d[3] = 100 * e[4]
+  w = np.ones(50)
+  w[3] = 0
+  assert retrieval.retrieval_metrics(e, d, weights=w)["recall_at_1"] == 1.0
+  assert retrieval.retrieval_metrics(e, d)["recall_at_1"] < 1.0
+  const = np.ones((4, 3))
+  assert retrieval.retrieval_metrics(const, const)["recall_at_1"] == 0.0
+
+
+def test_pairs_are_halves_of_one_passage():
+  corpus = text.load_corpus("pydoc_data.topics")
+  ds = retrieval.TextRetrievalDataset(corpus, query_len=12, doc_len=20, global_batch_size=8,
+                                      seed=0, val_fraction=0.1)
+  b = ds.get_batch(2)
+  val_text = b"".join(corpus.data[i] for i in ds.val_docs)
+  train_text = b"".join(corpus.data[i] for i in ds.train_docs)
+  for qrow, drow in zip(b["query"], b["doc"]):
+    assert qrow[0] == CLS and drow[0] == CLS
+    joined = bytes(int(x) for x in qrow[1:]) + bytes(int(x) for x in drow[1:])
+    assert joined in train_text
+  # Distinct passages within a batch (in-batch negatives are true negatives).
+  assert len({bytes(r.astype(np.uint8)) for r in b["query"][:, 1:]}) == 8
+  for eb in ds.eval_batches():
+    for qrow, drow, w in zip(eb["query"], eb["doc"], eb["example_weights"]):
+      if w:
+        joined = bytes(int(x) for x in qrow[1:]) + bytes(int(x) for x in drow[1:])
+        assert joined in val_text
+    break
+  assert decode(b["query"][0])  # printable
