@@ -82,8 +82,21 @@ def main(argv) -> None:
     trainer.checkpointer.close()
 
 
+def parse_flags(argv):
+    """absl flag parsing that turns a bad --config.x.y override into one readable line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"effitrans.main: {e}\nPass --help to see the flags.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        detail = str(e).strip().strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        sys.exit(f"effitrans.main: bad config override {' '.join(bad) or '(in --config file)'}: key {detail} "
+                 f"does not exist or cannot take that value. Keys that do not exist in the config file cannot be set; values must keep the key's type.")
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,38 @@ def tiny_model_config(**overrides):
     if attention:
         cfg.attention.update(attention)
     return cfg
+
+
+def tiny_lm_experiment(**train_overrides):
+    """configs/lm_tiny.py shrunk to a 1-layer model on 32-byte windows, for fast training tests."""
+    import lm_tiny
+
+    cfg = lm_tiny.get_config()
+    cfg.model.num_layers = 1
+    cfg.model.d_model = 64
+    cfg.model.num_heads = 4
+    cfg.model.num_kv_heads = 2
+    cfg.model.head_dim = 16
+    cfg.model.ffn_width = 128
+    cfg.data.seq_len = 32
+    cfg.data.max_eval_batches = 2
+    cfg.train.batch_size = 8
+    cfg.train.steps = 6
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 1000
+    cfg.train.checkpoint_every = 2
+    cfg.train.warmup_steps = 2
+    cfg.train.sample_tokens = 0
+    cfg.train.update(train_overrides)
+    return cfg
+
+
+def subprocess_env(num_cpu_devices: int = 1) -> dict:
+    """Environment for a child python: the repo importable and `num_cpu_devices` fake CPU devices."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={num_cpu_devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env

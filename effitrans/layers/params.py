@@ -34,7 +34,7 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     """The logical axis names of a variable (all None when it was created without them)."""
     axes = variable.get_metadata().get("logical_axes")
     if axes is None:
-        return (None,) * jnp.ndim(variable.value)
+        return (None,) * jnp.ndim(variable.get_value())
     return tuple(axes)
 
 

@@ -53,8 +53,9 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
 def param_specs(params_state: nnx.State, rules, mesh: Mesh):
     """A pure-dict tree of PartitionSpecs matching nnx.to_pure_dict(params_state)."""
     def spec_of(var):
-        axes = var.get_metadata().get("logical_axes") or (None,) * np.ndim(var.value)
-        return logical_to_spec(axes, np.shape(var.value), rules, mesh)
+        shape = np.shape(var.get_value())
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+        return logical_to_spec(axes, shape, rules, mesh)
     specs = jax.tree.map(spec_of, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
 

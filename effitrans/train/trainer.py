@@ -136,7 +136,7 @@ class Trainer:
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                          "step": state["step"] + 1}
-            metrics = {"loss": s / w, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+            metrics = {"loss": s / w, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                        **{k: v / w for k, v in m.items()}}
             return new_state, metrics
 

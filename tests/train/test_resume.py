@@ -1,0 +1,53 @@
+"""Crash safety: SIGKILL mid-run then the same command resumes and ends with the uninterrupted loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import ROOT, subprocess_env
+
+STEPS = 300
+ARGS = ["--config=configs/lm_tiny.py", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=25",
+        "--config.train.log_every=25", "--config.train.eval_every=1000", "--config.train.sample_tokens=0",
+        "--config.data.seq_len=32", "--config.data.max_eval_batches=1", "--config.train.batch_size=8",
+        "--config.model.num_layers=1"]
+
+
+def _cmd(workdir):
+    return [sys.executable, "-m", "effitrans.main", f"--workdir={workdir}", *ARGS]
+
+
+def _final_loss(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r for r in rows if r.get("step") == STEPS and "loss" in r][-1]["loss"]
+
+
+def _checkpoint_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
+    env = subprocess_env()
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(_cmd(straight), cwd=ROOT, env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cmd(crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _checkpoint_steps(crashed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _checkpoint_steps(crashed)
+    assert killed_at and killed_at[-1] < STEPS, f"the run was not interrupted mid-way (checkpoints {killed_at})"
+
+    rerun = subprocess.run(_cmd(crashed), cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert "resumed from checkpoint at step" in rerun.stdout
+    assert _final_loss(crashed) == pytest.approx(_final_loss(straight), abs=1e-6)
