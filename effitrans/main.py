@@ -35,8 +35,9 @@ def _init_distributed() -> None:
         return
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
         raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU processes need gloo for cross-process collectives; the setting does not affect GPU/TPU backends.
+    # (Asking jax.default_backend() here would initialise the backend before distributed.initialize.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
 
