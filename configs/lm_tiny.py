@@ -24,6 +24,6 @@ def get_config(arg=None):
     return common.experiment(
         common.model(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, ffn_width=384),
         data,
-        common.train(steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30, checkpoint_every=100,
-                     eval_every=150, log_every=25),
+        common.train(steps=200, batch_size=16, learning_rate=3e-3, warmup_steps=20, checkpoint_every=50,
+                     eval_every=100, log_every=20),
         common.mesh())
