@@ -75,7 +75,7 @@ class BlockLists:
 
 
 def block_lists(block_map: np.ndarray) -> BlockLists:
-  """Compresses int8 [rows, cols] (0 skip, 1 partial, 2 full) into per-row lists (see BlockLists)."""
+  """Packs an int8 block map [rows, cols] (0 skip, 1 partial, 2 full) into per-row BlockLists."""
   block_map = np.asarray(block_map)
   rows, _ = block_map.shape
   count = (block_map != masks_lib.SKIP).sum(axis=1).astype(np.int32)  # [rows]
@@ -112,12 +112,18 @@ class _Config:
 
   def lists(self) -> tuple[BlockLists, BlockLists]:
     """(row lists over q blocks, column lists over kv blocks) for this mask and shape."""
-    bmap = np.asarray(self.mask.block_map(self.q_len, self.kv_len, self.block_q, self.block_k))
-    if self.has_segments:
-      # Segment ids are data, not static: a "full" block may still mix segments, so it is demoted
-      # to partial (masked elementwise). Skips stay skips.
-      bmap = np.minimum(bmap, masks_lib.PARTIAL)
-    return block_lists(bmap), block_lists(bmap.T)
+    return _lists_for(self)
+
+
+@functools.lru_cache(maxsize=128)
+def _lists_for(cfg: _Config) -> tuple[BlockLists, BlockLists]:
+  """Cached per static config: the forward and both backward kernels share the same tables."""
+  bmap = np.asarray(cfg.mask.block_map(cfg.q_len, cfg.kv_len, cfg.block_q, cfg.block_k))
+  if cfg.has_segments:
+    # Segment ids are data, not static: a "full" block may still mix segments, so it is demoted
+    # to partial (masked elementwise). Skips stay skips.
+    bmap = np.minimum(bmap, masks_lib.PARTIAL)
+  return block_lists(bmap), block_lists(bmap.T)
 
 
 def _allowed(cfg: _Config, q_block, kv_block, q_seg, kv_seg):
@@ -212,7 +218,10 @@ def _tpu_fwd_kernel(row_idx_ref, row_kind_ref, *refs, cfg: _Config, width: int):
 
 
 def _tpu_dq_kernel(row_idx_ref, row_kind_ref, *refs, cfg: _Config, width: int):
-  """One (b, n, q block i, step j) of dq. Blocks: q, do [bq, H|Hv], k, v [bk, H|Hv], lse, delta [bq, 1]."""
+  """One (b, n, q block i, step j) of dq.
+
+  Blocks: q [bq, H], do [bq, Hv], k [bk, H], v [bk, Hv], lse and delta [bq, 1].
+  """
   q_seg_ref, kv_seg_ref, refs = _split_refs(refs, cfg.has_segments)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr = refs
   i, j = pl.program_id(2), pl.program_id(3)
@@ -406,7 +415,6 @@ def _tpu_backward(cfg: _Config, q, k, v, q_seg, kv_seg, do, lse, delta):
       interpret=cfg.interpret,
       name='effitrans_flash_dkv',
   )(jnp.asarray(cols.idx), jnp.asarray(cols.kind), *segs, q, k, v, do, lse, delta)
-  del nq
   return dq, dk, dv
 
 
@@ -421,7 +429,7 @@ def _gpu_compiler_params(cfg: _Config):
 
 
 def _gpu_fwd_kernel(idx_ref, kind_ref, count_ref, *refs, cfg: _Config):
-  """Program (b, n, q block i). Refs: q [bq, H]; k [Sp, H], v [Sp, Hv] (whole sequence of kv head)."""
+  """Program (b, n, q block i). Refs: q [bq, H]; k [Sp, H], v [Sp, Hv] (the kv head's sequence)."""
   q_seg_ref, kv_seg_ref, refs = _split_refs(refs, cfg.has_segments)
   q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   bq, bk = cfg.block_q, cfg.block_k
