@@ -23,7 +23,7 @@ def model(**overrides) -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6             # RMSNorm epsilon
     m.dtype = "float32"           # compute dtype of activations (params stay float32): float32 | bfloat16
     m.attention = ml_collections.ConfigDict()
-    m.attention.kind = "dense"    # attention family (effitrans.attention.ATTENTION_BUILDERS)
+    m.attention.kind = "dense"    # attention family (effitrans.attention.ATTENTION_FAMILIES)
     m.attention.impl = "auto"     # kernel: reference | xla | pallas | auto (pallas on TPU/GPU, xla on CPU)
     m.attention.block_q = ml_collections.FieldReference(None, field_type=int)  # kernel query block (None: auto)
     m.attention.block_k = ml_collections.FieldReference(None, field_type=int)  # kernel key block (None: auto)

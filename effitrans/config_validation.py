@@ -79,7 +79,7 @@ ATTENTION_IMPLS = ("reference", "xla", "pallas", "auto")
 
 
 def _model_schema():
-    from effitrans.attention import ATTENTION_BUILDERS
+    from effitrans.attention import ATTENTION_FAMILIES
     from effitrans.models.registry import MODELS
     from effitrans.models.transformer import DTYPES
 
@@ -102,11 +102,12 @@ def _model_schema():
         "num_classes": int_at_least(2),
         "embed_dim": int_at_least(1),
         "attention": {
-            "kind": one_of(*ATTENTION_BUILDERS),
+            "kind": one_of(*ATTENTION_FAMILIES),
             "impl": one_of(*ATTENTION_IMPLS),
             "block_q": block_size,
             "block_k": block_size,
         },
+        # model.attention may also hold the keys its family declares (AttentionFamily.options).
     }
 
 
@@ -158,7 +159,13 @@ def _walk(cfg: Mapping, schema: Mapping, prefix: str) -> None:
 
 def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     """Checks model keys and the relations between them (e.g. num_heads % num_kv_heads)."""
-    _walk(model_cfg, _model_schema(), prefix)
+    from effitrans.attention import ATTENTION_FAMILIES
+
+    schema = _model_schema()
+    family = ATTENTION_FAMILIES.get(model_cfg.attention.get("kind"))
+    if family is not None:
+        schema["attention"] = {**schema["attention"], **family.options}
+    _walk(model_cfg, schema, prefix)
     m = model_cfg
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"{prefix}.num_kv_heads={m.num_kv_heads} must divide {prefix}.num_heads={m.num_heads} "
