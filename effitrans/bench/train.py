@@ -90,7 +90,7 @@ def plain_jax_train_step(model_cfg, train_cfg):
 def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
     import jax
 
-    from effitrans.bench.common import measure_matmul_gflops
+    from effitrans.bench.common import machine_description, measure_matmul_gflops
     from effitrans.train.tasks import tokens_in_batch, train_flops_per_step
     from effitrans.train.trainer import Trainer
 
@@ -115,7 +115,7 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
         r["gflops"] = flops / r["step_time_s"] / 1e9
         r["mfu"] = r["gflops"] / peak
         r["speedup_vs_baseline"] = baseline / r["step_time_s"]
-    report = {"machine": _machine(), "peak_matmul_gflops": peak, "steps_timed": steps,
+    report = {"machine": machine_description(), "peak_matmul_gflops": peak, "steps_timed": steps,
               "config": {"model": config.model.to_dict(), "batch_size": config.train.batch_size,
                          "data": config.data.to_dict()}, "rows": rows}
     print(f"float32 matmul peak (measured in this run): {peak:.1f} GFLOP/s")
@@ -127,16 +127,6 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1, default=str)
     return report
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    import jax
-
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
 
 
 def main(argv) -> None:
