@@ -70,6 +70,9 @@ def main(argv) -> None:
     trainer = Trainer(config, _WORKDIR.value)
     if _MODE.value == "train":
         result = trainer.train()
+        if result["interrupted"]:
+            trainer.checkpointer.close()
+            return                                 # saved; rerun the same command to resume
         state, metrics = result["state"], result["eval"]
     else:
         state = trainer.restore_or_init()

@@ -274,9 +274,12 @@ class Trainer:
                 if self._stop_signal is not None:
                     self._log(f"signal {self._stop_signal} received: saved step {done}, stopping")
                     break
-            self._log(f"finished at step {int(jax.device_get(state['step']))} in "
-                      f"{_format_eta(time.perf_counter() - run_start)}")
-            return {"state": state, "eval": eval_metrics}
+            interrupted = self._stop_signal is not None
+            if not eval_metrics and not interrupted:      # e.g. rerun of a finished run: still report
+                eval_metrics = self.evaluate(state["params"])
+            self._log(f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
+                      f"in {_format_eta(time.perf_counter() - run_start)}")
+            return {"state": state, "eval": eval_metrics, "interrupted": interrupted}
         finally:
             self.checkpointer.wait()
             for s, h in old_handlers.items():

@@ -32,6 +32,7 @@ def _checkpoint_steps(workdir):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
     env = subprocess_env()
@@ -51,3 +52,20 @@ def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
     rerun = subprocess.run(_cmd(crashed), cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     assert "resumed from checkpoint at step" in rerun.stdout
     assert _final_loss(crashed) == pytest.approx(_final_loss(straight), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    env = subprocess_env()
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while not _checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "signal 15 received: saved step" in out
+    stopped_at = int(out.split("signal 15 received: saved step ")[1].split(",")[0])
+    assert stopped_at < STEPS and _checkpoint_steps(tmp_path)[-1] == stopped_at
