@@ -244,7 +244,8 @@ def _backward(cfg: _Config, q, k, v, segs, o, lse, d_out, d_lse):
   return dq, dk, dv
 
 
-def _unblock(cfg: _Config, q, o, lse, v_dtype):
+def _unblock(q, o, lse):
+  """Padded [B, K, G, Tp, Hv] / [B, K, G, Tp] -> out [B, T, N, Hv] in q.dtype, lse [B, N, T]."""
   b, t, n, _ = q.shape
   hv = o.shape[-1]
   out = o[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv).astype(q.dtype)  # [B,T,N,Hv]
@@ -254,12 +255,12 @@ def _unblock(cfg: _Config, q, o, lse, v_dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg: _Config, q, k, v, segs):
   o, lse = _forward(cfg, q, k, v, segs)
-  return _unblock(cfg, q, o, lse, v.dtype)
+  return _unblock(q, o, lse)
 
 
 def _flash_fwd(cfg: _Config, q, k, v, segs):
   o, lse = _forward(cfg, q, k, v, segs)
-  return _unblock(cfg, q, o, lse, v.dtype), (q, k, v, segs, o, lse)
+  return _unblock(q, o, lse), (q, k, v, segs, o, lse)
 
 
 def _flash_bwd(cfg: _Config, res, cts):
