@@ -1,0 +1,323 @@
+"""A batched serving engine: slot-based continuous batching over one preallocated KV cache.
+
+The engine owns a cache for `max_batch` rows of `max_len` tokens (any attention family: the cache is
+whatever `model.init_cache` returns). Each `step()`:
+  1. admits queued requests into free rows with one batched, jitted prefill (prompts right-padded to a
+     power-of-two bucket, so few shapes compile; padding sits after each prompt, where causal attention
+     never looks, and each row's length is then set to its true prompt length) that samples each request's
+     first token. Caches other than PADDABLE_CACHES (ring buffers) are prefilled unpadded, grouped by length;
+  2. runs one jitted decode step for every row (idle rows compute too and are reset to length 0), samples
+     with each row's own temperature / top-k / top-p, and finishes rows that produced a stop token or
+     reached max_new_tokens.
+
+Requests that cannot be served are rejected at submission with a message naming the problem, and the
+engine keeps serving everyone else: a prompt that with its max_new_tokens does not fit the cache, a batch
+larger than the allocated rows, a prefix cache built for another model config (shapes, dtypes or
+family differ), bad sampling parameters or token ids.
+
+Cache protocol this relies on (every family's cache): a pytree whose array leaves all have the batch on
+axis 0, with a `lengths` int32 [B] field and flax.struct's `.replace`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from effitrans.attention.cache import KVCache
+from effitrans.attention.latent import LatentCache
+from effitrans.serve.sampling import check_sampling, sample_tokens
+
+# Caches that hold token t in slot t: padding written after a prompt is never read (it sits past the row's
+# length) and later appends overwrite it. Any other cache (e.g. a sliding-window ring buffer, where padding
+# would overwrite live slots) is prefilled with exact prompt lengths, grouped by length.
+PADDABLE_CACHES = (KVCache, LatentCache)
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request. prefix_cache: an optional batch-1 cache (from `model.init_cache(1, max_len)`
+    and decode calls) that already holds prompt[:n] with n = its length; only prompt[n:] is prefilled."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: Sequence[int] = ()
+    prefix_cache: Any = None
+
+
+@dataclasses.dataclass
+class Result:
+    """status: queued | running | finished | rejected. finish_reason: stop | length. Times: perf_counter s."""
+
+    request_id: int
+    status: str
+    tokens: list = dataclasses.field(default_factory=list)
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    submit_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return None if self.first_token_time is None else self.first_token_time - self.submit_time
+
+    @property
+    def latency(self) -> Optional[float]:
+        return None if self.finish_time is None else self.finish_time - self.submit_time
+
+
+def _bucket(n: int, cap: int, floor: int = 8) -> int:
+    """The power of two >= n (at least `floor`), capped at `cap`."""
+    return int(min(cap, max(floor, 1 << max(0, (n - 1).bit_length()))))
+
+
+def cache_mismatch(cache, expected) -> Optional[str]:
+    """None if `cache` has exactly the structure, shapes and dtypes of `expected` (arrays or ShapeDtypeStructs),
+    else a message naming the first difference."""
+    if jax.tree.structure(cache) != jax.tree.structure(expected):
+        got_types = sorted({type(c).__name__ for c in (cache if isinstance(cache, list) else [cache])})
+        want_types = sorted({type(c).__name__ for c in (expected if isinstance(expected, list) else [expected])})
+        return (f"its structure {got_types} x {len(cache) if isinstance(cache, list) else 1} does not match this "
+                f"engine's {want_types} x {len(expected) if isinstance(expected, list) else 1} (another attention "
+                f"family or layer count?)")
+    got = jax.tree_util.tree_flatten_with_path(cache)[0]
+    want = jax.tree.leaves(expected)
+    for (path, a), b in zip(got, want):
+        if tuple(a.shape) != tuple(b.shape) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
+            return (f"cache{jax.tree_util.keystr(path)} has shape {tuple(a.shape)} {jnp.dtype(a.dtype)}, expected "
+                    f"{tuple(b.shape)} {jnp.dtype(b.dtype)} (a cache from another model config?)")
+    return None
+
+
+# The jitted bodies live at module level with the model's graphdef static, so engines over models of the
+# same structure (same config) share compilations.
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_step(graphdef, state, cache, rows, tokens, suffix_lens, slots, temp, top_k, top_p, rng):
+    """rows: cache for b new requests; tokens [b, P] right-padded; writes the rows into cache[slots]."""
+    model = nnx.merge(graphdef, state)
+    start = rows[0].lengths                                                         # [b]
+    logits, rows = model(tokens, cache=rows, decode=True)                           # [b, P, V]
+    last = jnp.take_along_axis(logits, (suffix_lens - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
+    first = sample_tokens(last, rng, temperature=temp, top_k=top_k, top_p=top_p)
+    rows = [r.replace(lengths=start + suffix_lens) for r in rows]                   # drop the padding
+    cache = jax.tree.map(lambda big, new: big.at[slots].set(new, mode="drop"), cache, rows)
+    return first, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode_step(graphdef, state, cache, tokens, active, temp, top_k, top_p, rng):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(tokens[:, None], cache=cache, decode=True)                # [B, 1, V]
+    nxt = sample_tokens(logits[:, 0], rng, temperature=temp, top_k=top_k, top_p=top_p)
+    cache = [c.replace(lengths=jnp.where(active, c.lengths, 0)) for c in cache]      # idle rows stay empty
+    return nxt, cache
+
+
+class _Slot:
+    def __init__(self, rid: int, request: Request):
+        self.rid, self.request = rid, request
+        self.stop = frozenset(int(t) for t in request.stop_tokens)
+
+
+class ServingEngine:
+    """Continuous-batching generation over `model` (any CausalLM whose attention supports decode)."""
+
+    def __init__(self, model: nnx.Module, *, max_batch: int, max_len: int, cache_dtype=jnp.float32, seed: int = 0):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
+        if not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len={max_len!r} must be an int >= 2")
+        self.max_batch, self.max_len, self.cache_dtype = max_batch, max_len, cache_dtype
+        self.graphdef, self.state = nnx.split(model)
+        self.cache = model.init_cache(max_batch, max_len, cache_dtype)
+        self.row_spec = jax.eval_shape(lambda: model.init_cache(1, max_len, cache_dtype))
+        self.vocab_size = int(jax.eval_shape(lambda s: nnx.merge(self.graphdef, s)(jnp.zeros((1, 1), jnp.int32))[0],
+                                             self.state).shape[-1])
+        self.rng = jax.random.key(seed)
+        self.slots: list[Optional[_Slot]] = [None] * max_batch
+        self.queue: collections.deque = collections.deque()
+        self.results: dict[int, Result] = {}
+        self._next_id = 0
+        self._last = np.zeros(max_batch, np.int32)
+        self._temp = np.zeros(max_batch, np.float32)
+        self._top_k = np.zeros(max_batch, np.int32)
+        self._top_p = np.ones(max_batch, np.float32)
+        self._fresh_cache: dict = {}
+        self._init_cache = lambda b: model.init_cache(b, max_len, cache_dtype)
+        self.pad_prompts = all(isinstance(c, PADDABLE_CACHES) for c in self.cache)
+
+    # -- submission -----------------------------------------------------------------------------------
+
+    def _reject(self, rid: int, message: str) -> int:
+        r = self.results[rid]
+        r.status, r.error, r.finish_time = "rejected", message, time.perf_counter()
+        return rid
+
+    def _problem(self, req: Request) -> Optional[str]:
+        if not isinstance(req, Request):
+            return f"expected a Request, got {type(req).__name__}"
+        prompt = list(req.prompt)
+        if not prompt:
+            return "prompt is empty; it needs at least one token"
+        if not all(isinstance(t, (int, np.integer)) and 0 <= t < self.vocab_size for t in prompt):
+            return f"prompt token ids must be ints in [0, vocab_size={self.vocab_size})"
+        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            return f"max_new_tokens={req.max_new_tokens!r} must be an int >= 1"
+        if len(prompt) + req.max_new_tokens > self.max_len:
+            return (f"request is longer than the cache: prompt {len(prompt)} + max_new_tokens {req.max_new_tokens} "
+                    f"= {len(prompt) + req.max_new_tokens} tokens > max_len={self.max_len}")
+        problem = check_sampling(req.temperature, req.top_k, req.top_p, self.vocab_size)
+        if problem:
+            return problem
+        if req.prefix_cache is not None:
+            problem = cache_mismatch(req.prefix_cache, self.row_spec)
+            if problem:
+                return f"prefix_cache does not fit this engine: {problem}"
+            n = int(np.asarray(req.prefix_cache[0].lengths)[0])
+            if not 0 <= n < len(prompt):
+                return f"prefix_cache holds {n} tokens; it must hold fewer than the prompt's {len(prompt)}"
+        return None
+
+    def submit(self, request: Request) -> int:
+        """Queues a request; returns its id. A request that cannot be served is rejected (see results[id])."""
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.results[rid] = Result(rid, "queued", submit_time=time.perf_counter())
+        problem = self._problem(request)
+        if problem:
+            return self._reject(rid, problem)
+        self.queue.append((rid, request))
+        return rid
+
+    def submit_batch(self, requests: Sequence[Request]) -> list[int]:
+        """Queues a batch; a batch larger than the allocated rows is rejected as a whole (each id says why)."""
+        requests = list(requests)
+        if len(requests) > self.max_batch:
+            ids = []
+            for _ in requests:
+                rid, self._next_id = self._next_id, self._next_id + 1
+                self.results[rid] = Result(rid, "queued", submit_time=time.perf_counter())
+                ids.append(self._reject(rid, f"batch of {len(requests)} requests is larger than the engine's "
+                                              f"allocated batch max_batch={self.max_batch}"))
+            return ids
+        return [self.submit(r) for r in requests]
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    @property
+    def num_active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def has_work(self) -> bool:
+        return bool(self.queue) or self.num_active > 0
+
+    def _emit(self, slot_idx: int, token: int, now: float) -> None:
+        s = self.slots[slot_idx]
+        r = self.results[s.rid]
+        r.tokens.append(int(token))
+        if r.first_token_time is None:
+            r.first_token_time = now
+        self._last[slot_idx] = token
+        reason = "stop" if int(token) in s.stop else ("length" if len(r.tokens) >= s.request.max_new_tokens else None)
+        if reason:
+            r.status, r.finish_reason, r.finish_time = "finished", reason, now
+            self.slots[slot_idx] = None
+
+    def _next_rng(self):
+        self.rng, key = jax.random.split(self.rng)
+        return key
+
+    def _run_prefill(self, group: list, slot_ids: list[int], rows) -> None:
+        """group: [(rid, request)] all fresh (rows None) or one with a prefix cache (rows = its cache)."""
+        n = len(group)
+        starts = [0 if rows is None else int(np.asarray(rows[0].lengths)[0]) for _ in group]
+        suffixes = [list(req.prompt)[s:] for (_, req), s in zip(group, starts)]
+        if rows is None:
+            b = _bucket(n, self.max_batch, floor=1)
+            longest = max(map(len, suffixes))
+            p = _bucket(longest, self.max_len) if self.pad_prompts else longest  # unpadded: all one length
+        else:
+            b, p = 1, len(suffixes[0])          # exact length: start + p never passes max_len
+        tokens = np.zeros((b, p), np.int32)
+        lens = np.ones(b, np.int32)
+        slots = np.full(b, self.max_batch, np.int32)        # out of range: padded rows are dropped
+        temp, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
+        for i, ((rid, req), suf) in enumerate(zip(group, suffixes)):
+            tokens[i, :len(suf)], lens[i], slots[i] = suf, len(suf), slot_ids[i]
+            temp[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
+            self._temp[slot_ids[i]], self._top_k[slot_ids[i]], self._top_p[slot_ids[i]] = temp[i], top_k[i], top_p[i]
+        if rows is None:
+            rows = self._fresh_rows(b)
+        first, self.cache = _prefill_step(self.graphdef, self.state, self.cache, rows, tokens, lens, slots, temp,
+                                          top_k, top_p, self._next_rng())
+        first = np.asarray(first)
+        now = time.perf_counter()
+        for i, (rid, req) in enumerate(group):
+            self.slots[slot_ids[i]] = _Slot(rid, req)
+            self.results[rid].status = "running"
+            self._emit(slot_ids[i], first[i], now)
+
+    def _fresh_rows(self, b: int):
+        """An empty cache for b rows, as the model's init_cache makes it (kept per bucket size)."""
+        if b not in self._fresh_cache:
+            self._fresh_cache[b] = self._init_cache(b)
+        return self._fresh_cache[b]
+
+    def step(self) -> None:
+        """Admits what fits, then decodes one token for every running request."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        fresh, fresh_slots = [], []
+        while self.queue and free:
+            rid, req = self.queue.popleft()
+            slot = free.pop(0)
+            if req.prefix_cache is None:
+                fresh.append((rid, req))
+                fresh_slots.append(slot)
+                continue
+            try:
+                self._run_prefill([(rid, req)], [slot], req.prefix_cache)
+            except Exception as e:  # pylint: disable=broad-except  # one bad request must not stop the loop
+                self.slots[slot] = None
+                self._reject(rid, f"prefill failed: {type(e).__name__}: {e}")
+        if fresh and self.pad_prompts:
+            self._run_prefill(fresh, fresh_slots, None)
+        elif fresh:
+            by_len: dict = {}
+            for item, slot in zip(fresh, fresh_slots):
+                by_len.setdefault(len(list(item[1].prompt)), []).append((item, slot))
+            for group in by_len.values():
+                self._run_prefill([g[0] for g in group], [g[1] for g in group], None)
+        active = np.array([s is not None for s in self.slots])
+        if not active.any():
+            return
+        nxt, self.cache = _decode_step(self.graphdef, self.state, self.cache, self._last, active, self._temp,
+                                       self._top_k, self._top_p, self._next_rng())
+        nxt = np.asarray(nxt)
+        now = time.perf_counter()
+        for i in np.flatnonzero(active):
+            self._emit(int(i), nxt[i], now)
+
+    def run(self, max_steps: Optional[int] = None) -> None:
+        """Steps until every queued and running request is finished (or max_steps)."""
+        steps = 0
+        while self.has_work() and (max_steps is None or steps < max_steps):
+            self.step()
+            steps += 1
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """Submits `requests` (one by one, so any number is fine), runs to completion, returns their results."""
+        ids = [self.submit(r) for r in requests]
+        self.run()
+        return [self.results[i] for i in ids]
