@@ -78,6 +78,12 @@ def rules_table(v):
 ATTENTION_IMPLS = ("reference", "xla", "pallas", "auto")
 
 
+def _funnel_schema():
+    from effitrans.funnel.config import funnel_schema
+
+    return funnel_schema()
+
+
 def _model_schema():
     from effitrans.attention import ATTENTION_FAMILIES
     from effitrans.models.registry import MODELS
@@ -107,6 +113,7 @@ def _model_schema():
             "block_q": block_size,
             "block_k": block_size,
         },
+        "funnel": _funnel_schema(),     # funnel_* models only; keys: configs/funnel_common.py
         # model.attention may also hold the keys its family declares (AttentionFamily.options).
     }
 
@@ -181,6 +188,9 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
         raise ConfigError(f"{prefix}.embed_dim is required when {prefix}.name='encoder_embedding'")
     if m.name != "causal_lm" and "pooling" not in m:
         raise ConfigError(f"{prefix}.pooling is required for encoder models (one of 'cls', 'mean')")
+    from effitrans.funnel.config import check_funnel_config
+
+    check_funnel_config(m, prefix)
 
 
 def validate_config(config, *, num_devices: Optional[int] = None, num_processes: int = 1) -> None:
@@ -198,6 +208,11 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
         resolve_config(config.data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{e}") from None
+    if "funnel" in config.model:          # pooling must leave >= 1 token at the data's sequence lengths
+        from effitrans.funnel.config import check_funnel_config
+
+        check_funnel_config(config.model, "config.model",
+                            [config.data[k] for k in ("seq_len", "query_len", "doc_len") if k in config.data])
     _walk(config.train, TRAIN_SCHEMA, "config.train")
     _walk(config.mesh, MESH_SCHEMA, "config.mesh")
 
@@ -219,7 +234,8 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
         raise ConfigError(f"config.train.batch_size={t.batch_size} must be divisible by the number of processes "
                           f"{num_processes}")
     expected_task = {"causal_lm": "lm", "encoder_classifier": "classification",
-                     "encoder_embedding": "retrieval"}[config.model.name]
+                     "encoder_embedding": "retrieval", "funnel_classifier": "classification",
+                     "funnel_embedding": "retrieval"}[config.model.name]
     if t.task != expected_task:
         raise ConfigError(f"config.train.task={t.task!r} does not fit config.model.name={config.model.name!r} "
                           f"(allowed: {expected_task!r})")

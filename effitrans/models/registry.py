@@ -6,10 +6,23 @@ from flax import nnx
 
 from effitrans.models.transformer import CausalLM, EmbeddingEncoder, EncoderClassifier
 
+
+def _funnel(class_name: str):
+    """Builder of an effitrans.funnel model, imported on use (effitrans.funnel imports this package)."""
+    def build(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+        from effitrans.funnel import encoder
+
+        return getattr(encoder, class_name)(model_cfg, rngs=rngs)
+    build.__name__ = class_name
+    return build
+
+
 MODELS = {
     "causal_lm": CausalLM,
     "encoder_classifier": EncoderClassifier,
     "encoder_embedding": EmbeddingEncoder,
+    "funnel_classifier": _funnel("FunnelEncoderClassifier"),  # + model.funnel group: docs/funnel.md
+    "funnel_embedding": _funnel("FunnelEmbeddingEncoder"),
 }
 
 

@@ -1,0 +1,256 @@
+"""Funnel sweep: latency / FLOPs vs retrieval quality of funnels on encoder_retrieval_small.
+
+    python experiments/funnel_sweep.py                       # the recorded run (~20 min on 2 busy CPU cores)
+    python experiments/funnel_sweep.py --steps=20 --recovery_steps=5 --depth2_layers=3 --out=/tmp/fs  # smoke
+
+Scaled to a shared 2-core CPU (other jobs took most of it): --steps 40 at batch 16 (the config: 600
+at 32), 256 held-out pairs, the reference attention kernel (fastest to compile), recovery (10 steps)
+and from-scratch training at k = round(L/3) only (--recover=all / --scratch=all for every layer).
+
+1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600) and evaluate held-out
+   recall@1 / MRR (512 pairs of unseen passages, effitrans.data.retrieval.retrieval_metrics).
+2. For every funnel layer k in 1..L-1 and stride in --strides: surgery (effitrans.funnel.insert, no
+   retraining), surgery + recovery (--recovery_steps of the normal contrastive training from the dense
+   weights), and (--scratch) the same funnel trained from scratch for --steps.
+3. Latency: median of the jitted embedding forward on one [--batch, 64] batch, funnel and dense
+   alternated call by call in the same process (the machine is shared, so load hits both alike);
+   forward FLOPs from effitrans.funnel.encoder_forward_flops.
+4. Second depth (--depth2_layers, default 3): train it the same way and check the layer/stride rule
+   (k = round(L/3), stride 2) against the other layers, surgery + recovery.
+
+Writes experiments/results/funnel_sweep/{results.json, tradeoff.png} (or --out) with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import encoder_retrieval_small  # noqa: E402
+from effitrans import funnel  # noqa: E402
+from effitrans.bench.common import machine_description  # noqa: E402
+from effitrans.train.trainer import Trainer  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[funnel_sweep {time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def base_config(args, num_layers: int):
+    cfg = encoder_retrieval_small.get_config()
+    cfg.model.num_layers = num_layers
+    cfg.model.attention.impl = args.impl
+    cfg.train.batch_size = args.train_batch
+    cfg.data.eval_batch_size = args.batch              # eval and latency share one compiled shape
+    cfg.data.max_eval_examples = args.max_eval
+    cfg.train.steps = args.steps
+    cfg.train.eval_every = cfg.train.checkpoint_every = args.steps
+    cfg.train.warmup_steps = max(1, min(50, args.steps // 10))
+    cfg.train.log_every = max(1, args.steps // 5)
+    return cfg
+
+
+def with_model(cfg, model_cfg, *, steps=None, lr=None):
+    out = copy.deepcopy(cfg)
+    out.model = model_cfg
+    if steps is not None:
+        out.train.steps = steps
+        out.train.eval_every = out.train.checkpoint_every = steps
+        out.train.warmup_steps = max(1, steps // 10)
+        out.train.log_every = max(1, steps // 3)
+    if lr is not None:
+        out.train.learning_rate = lr
+    return out
+
+
+def quality(ev: dict) -> dict:
+    return {"recall_at_1": 100.0 * ev["eval_recall_at_1"], "mrr": 100.0 * ev["eval_mrr"]}
+
+
+def paired_latency(fn_a, fn_b, repeats: int) -> tuple:
+    """Median seconds of fn_a() and fn_b(), called alternately (both compiled and warmed first)."""
+    for f in (fn_a, fn_b):
+        jax.block_until_ready(f())
+        jax.block_until_ready(f())
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, acc in ((fn_a, ta), (fn_b, tb)):
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            acc.append(time.perf_counter() - t)
+    return float(np.median(ta)), float(np.median(tb))
+
+
+def recover(trainer: Trainer, params, steps: int):
+    """`steps` contrastive updates from `params` (the dense weights), with the trainer's own schedule."""
+    params = jax.tree.map(jnp.copy, params)                    # the train step donates its state
+    state = {"params": params, "opt_state": trainer.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    for step in range(steps):
+        state, _ = trainer.train_step(state, step)
+    return state["params"]
+
+
+def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
+    """Dense training, then surgery (and surgery + recovery) rows for every (layer, stride)."""
+    cfg = base_config(args, num_layers)
+    log(f"depth {num_layers}: training the dense model for {args.steps} steps")
+    dense_trainer = Trainer(cfg, os.path.join(workroot, f"dense{num_layers}"), peak_gflops=1.0, verbose=False)
+    out = dense_trainer.train()
+    dense_params = out["state"]["params"]
+    base = quality(out["eval"])
+    log(f"depth {num_layers} dense: recall@1 {base['recall_at_1']:.2f} MRR {base['mrr']:.2f}")
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(4, 256, size=(args.batch, cfg.data.query_len)), jnp.int32)
+    mask = jnp.ones_like(tokens)
+    dense_fn = lambda: dense_trainer._embed_step(dense_params, tokens, mask)
+    dense_flops = funnel.encoder_forward_flops(cfg.model, args.batch, cfg.data.query_len)
+    rows = [{"depth": num_layers, "method": "dense", "at_layer": None, "stride": 1, **base,
+             "flops_ratio": 1.0, "latency_cut_pct": 0.0}]
+    for stride in strides:
+        for k in layers:
+            fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
+            spec = funnel.spec_from_config(fmodel)
+            flops = funnel.encoder_forward_flops(fmodel, args.batch, cfg.data.query_len, spec) / dense_flops
+            rtrainer = Trainer(with_model(cfg, fmodel, steps=max(1, args.recovery_steps), lr=args.recovery_lr),
+                               os.path.join(workroot, f"rec{num_layers}_{k}_{stride}"), peak_gflops=1.0,
+                               verbose=False)
+            funnel_fn = lambda: rtrainer._embed_step(dense_params, tokens, mask)
+            t_dense, t_funnel = paired_latency(dense_fn, funnel_fn, args.repeats)
+            lat = {"latency_ms": 1e3 * t_funnel, "dense_latency_ms": 1e3 * t_dense,
+                   "latency_cut_pct": 100.0 * (1 - t_funnel / t_dense), "flops_ratio": flops}
+            common = {"depth": num_layers, "at_layer": k, "stride": stride, **lat}
+            q = quality(rtrainer.evaluate(dense_params))
+            rows.append({**common, "method": "surgery", **q})
+            do_recover = args.recovery_steps > 0 and (
+                args.recover == "all" or k == round(num_layers / 3) or (args.recover == "stride2" and stride == 2)
+                or num_layers != args.depth)
+            if do_recover:
+                q = quality(rtrainer.evaluate(recover(rtrainer, dense_params, args.recovery_steps)))
+                rows.append({**common, "method": "surgery+recovery", **q})
+            for r in rows[-(1 + do_recover):]:
+                r["recall_loss_pts"] = base["recall_at_1"] - r["recall_at_1"]
+                log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: recall@1 {r['recall_at_1']:.2f} "
+                    f"(loss {r['recall_loss_pts']:+.2f} pts) MRR {r['mrr']:.2f} | p50 {r['latency_ms']:.2f} ms vs "
+                    f"dense {r['dense_latency_ms']:.2f} ms: cut {r['latency_cut_pct']:.1f}% | FLOPs x{flops:.2f}")
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    markers = {"surgery": "x", "surgery+recovery": "o", "scratch": "s"}
+    colors = {2: "tab:blue", 4: "tab:red"}
+    for ax, key, label in ((axes[0], "latency_cut_pct", "p50 latency cut vs dense (%)"),
+                           (axes[1], "flops_ratio", "forward FLOPs / dense")):
+        for r in rows:
+            if r["method"] == "dense":
+                continue
+            color = colors.get(r["stride"], "k")
+            if markers[r["method"]] == "x":
+                ax.scatter(r[key], r["recall_loss_pts"], marker="x", s=40, c=color,
+                           alpha=1.0 if r["depth"] == rows[0]["depth"] else 0.4)
+            else:
+                first = r["depth"] == rows[0]["depth"]
+                ax.scatter(r[key], r["recall_loss_pts"], marker=markers[r["method"]], s=40,
+                           facecolors=color if first else "none", edgecolors=color)
+            ax.annotate(f"{r['at_layer']}", (r[key], r["recall_loss_pts"]), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")
+        ax.axhline(1.5, ls="--", c="gray", lw=0.8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("recall@1 loss vs dense (points)")
+        ax.grid(alpha=0.3)
+    axes[0].axvline(35, ls=":", c="gray", lw=0.8)
+    handles = [plt.Line2D([], [], ls="", marker=m, c="k", label=n) for n, m in markers.items()]
+    handles += [plt.Line2D([], [], ls="", marker="o", c=c, label=f"stride {s}") for s, c in colors.items()]
+    handles += [plt.Line2D([], [], ls="", marker="o", mfc="none", c="k", label="second depth (hollow / faint)")]
+    axes[1].legend(handles=handles, fontsize=7)
+    fig.suptitle("Funnel on encoder_retrieval_small: quality loss vs cost (labels: funnel layer k)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40, help="dense (and from-scratch) training steps")
+    p.add_argument("--recovery_steps", type=int, default=10)
+    p.add_argument("--recovery_lr", type=float, default=3e-4)
+    p.add_argument("--recover", default="l3", help="all | stride2 (every layer at stride 2) | l3 (k = round(L/3) "
+                                                  "only); the second depth recovers at every point")
+    p.add_argument("--max_eval", type=int, default=256, help="held-out pairs scored (config: 512)")
+    p.add_argument("--train_batch", type=int, default=16, help="training batch (config: 32)")
+    p.add_argument("--impl", default="reference", help="attention kernel (reference compiles fastest on CPU)")
+    p.add_argument("--strides", default="2,4")
+    p.add_argument("--layers", default="", help="funnel layers k to sweep, e.g. 2 (default: every layer 1..L-1)")
+    p.add_argument("--scratch", default="l3", help="all | l3 (only k = round(L/3)) | none")
+    p.add_argument("--batch", type=int, default=32, help="latency batch (x 64 tokens); = eval batch, one compile")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--depth2_layers", type=int, default=3, help="second depth for the rule check; 0 skips")
+    p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "funnel_sweep"))
+    p.add_argument("--replot", action="store_true", help="only redraw tradeoff.png from --out/results.json")
+    args = p.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.out, "results.json")) as f:
+            plot(json.load(f)["rows"], os.path.join(args.out, "tradeoff.png"))
+        return 0
+    strides = [int(s) for s in args.strides.split(",")]
+    workroot = tempfile.mkdtemp(prefix="funnel_sweep_")
+    try:
+        l3 = max(1, round(args.depth / 3))
+        layers = [int(k) for k in args.layers.split(",")] if args.layers else list(range(1, args.depth))
+        rows = sweep_depth(args, args.depth, layers, strides, workroot)
+        if args.scratch != "none":
+            scratch_layers = list(range(1, args.depth)) if args.scratch == "all" else [l3]
+            for stride in strides:
+                for k in scratch_layers:
+                    cfg = base_config(args, args.depth)
+                    fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
+                    t = Trainer(with_model(cfg, fmodel), os.path.join(workroot, f"scr_{k}_{stride}"),
+                                peak_gflops=1.0, verbose=False)
+                    q = quality(t.train()["eval"])
+                    ref = next(r for r in rows if r["at_layer"] == k and r["stride"] == stride)
+                    row = {**{kk: ref[kk] for kk in ("depth", "at_layer", "stride", "latency_ms", "dense_latency_ms",
+                                                      "latency_cut_pct", "flops_ratio")}, "method": "scratch", **q,
+                           "recall_loss_pts": rows[0]["recall_at_1"] - q["recall_at_1"]}
+                    rows.append(row)
+                    log(f"depth {args.depth} k={k} s={stride} scratch: recall@1 {q['recall_at_1']:.2f} "
+                        f"(loss {row['recall_loss_pts']:+.2f} pts) MRR {q['mrr']:.2f}")
+        if args.depth2_layers:
+            d2 = args.depth2_layers
+            k2 = max(1, round(d2 / 3))
+            layers2 = sorted({1, k2, max(1, round(2 * d2 / 3)), d2 - 1} & set(range(1, d2)))
+            rows += sweep_depth(args, d2, layers2, [2], workroot)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    payload = {"command": "python experiments/funnel_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "args": vars(args), "machine": machine_description(), "wall_s": time.perf_counter() - T0,
+               "rows": rows}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    plot(rows, os.path.join(args.out, "tradeoff.png"))
+    log(f"wrote {args.out}/results.json and tradeoff.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
