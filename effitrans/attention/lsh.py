@@ -29,13 +29,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.attention.attention_math import masked_softmax_stats, merge_by_lse
-from effitrans.layers.params import fan_in_normal, init_param
+from effitrans.layers.params import StateParam, fan_in_normal, init_param
 from effitrans.layers.rope import apply_rope
 
 SELF_LOGIT = -1e5
 
 
-class LSHRotations(nnx.Param):
+class LSHRotations(StateParam):
     """Random rotations of the hash; a Param (so it is saved, sharded and restored with the model) that
     the module reads through stop_gradient. Hashing is scale-invariant, so weight decay cannot change it."""
 

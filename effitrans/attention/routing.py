@@ -30,11 +30,11 @@ from flax import nnx
 from effitrans import kernels
 from effitrans.attention.attention_math import layer_norm_no_params, masked_softmax_stats
 from effitrans.kernels import masks
-from effitrans.layers.params import fan_in_normal, init_param
+from effitrans.layers.params import StateParam, fan_in_normal, init_param
 from effitrans.layers.rope import apply_rope
 
 
-class RoutingCentroids(nnx.Param):
+class RoutingCentroids(StateParam):
     """k-means centroids [N, C, H] of the routing heads, updated by EMA (not by gradients)."""
 
 

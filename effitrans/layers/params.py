@@ -42,3 +42,9 @@ def fan_in_normal(fan_in_axes: Sequence[int] = (0,)) -> Initializer:
     """Truncated-normal-free variance scaling with fan-in over `fan_in_axes` (like lecun_normal for einsum weights)."""
     return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes),
                                              out_axis=-1)
+
+
+class StateParam(nnx.Param):
+    """A parameter that gradients do not train: the module keeps it fixed (random LSH rotations) or updates
+    it in its own forward pass (k-means centroids by EMA). It is saved and sharded like any Param; the
+    trainer leaves it out of the optimizer's update and carries the value the forward pass left in it."""

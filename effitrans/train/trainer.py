@@ -24,11 +24,20 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
+from effitrans.layers.params import StateParam
 from effitrans.models import build_model
 from effitrans.train import partitioning
 from effitrans.train.checkpoints import Checkpointer, abstract_like
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer
 from effitrans.train.tasks import BITS_PER_NAT, TASK_LOSSES, tokens_in_batch, train_flops_per_step
+
+
+def _overwrite(tree: dict, values: dict) -> dict:
+    """`tree` (a nested pure dict) with the leaves present in `values` replaced by them."""
+    out = dict(tree)
+    for key, v in values.items():
+        out[key] = _overwrite(tree[key], v) if isinstance(v, dict) else v
+    return out
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,31 +120,34 @@ class Trainer:
 
         def sums_and_grads(params, batch):
             def f(p):
-                s, w, m = loss_fn(nnx.merge(graphdef, p), batch, **loss_kwargs)
-                return s, (w, m)
-            (s, (w, m)), g = jax.value_and_grad(f, has_aux=True)(params)
-            return s, w, m, g
+                model = nnx.merge(graphdef, p)
+                s, w, m = loss_fn(model, batch, **loss_kwargs)
+                # StateParams (e.g. routing centroids) may have been updated by the forward pass.
+                return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateParam)))
+            (s, (w, m, state_params)), g = jax.value_and_grad(f, has_aux=True)(params)
+            return s, w, m, g, state_params
 
         def train_step(state, batch):
             params = state["params"]
             if accum == 1:
-                s, w, m, g = sums_and_grads(params, batch)
+                s, w, m, g, state_params = sums_and_grads(params, batch)
             else:
                 # Micro-batch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
                 micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]),
                                                             0, 1), batch)
 
                 def body(carry, mb):
-                    s, w, m, g = sums_and_grads(params, mb)
-                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), None
+                    s, w, m, g, sp = sums_and_grads(params, mb)
+                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), sp
                 zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params,
-                                                                    jax.tree.map(lambda x: x[0], micro)))
-                (s, w, m, g), _ = jax.lax.scan(body, zeros, micro)
+                                                                    jax.tree.map(lambda x: x[0], micro))[:4])
+                (s, w, m, g), sp_all = jax.lax.scan(body, zeros, micro)
+                state_params = jax.tree.map(lambda x: x[-1], sp_all)   # the last micro-batch's update
             w = jnp.maximum(w, 1.0)
             grads = jax.tree.map(lambda x: x / w, g)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
-            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                         "step": state["step"] + 1}
+            new_params = _overwrite(optax.apply_updates(params, updates), state_params)
+            new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
             metrics = {"loss": s / w, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                        **{k: v / w for k, v in m.items()}}
             return new_state, metrics
