@@ -107,6 +107,7 @@ def test_deterministic_given_key():
     assert not np.allclose(a, c)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_gradients_finite_and_rotations_frozen():
     m = _module(4, 2, 4, True)
     x = jax.random.normal(jax.random.key(1), (2, 14, D), jnp.float32)

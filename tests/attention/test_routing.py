@@ -110,6 +110,7 @@ def test_clusters_equal_reference_from_definition(n, clusters, window, local, ca
     np.testing.assert_allclose(np.asarray(got)[keep], want[keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_ema_updates_in_train_and_freezes_in_eval():
     m = _module(2, 3)
     x, pos, _ = _inputs(12)
@@ -127,6 +128,7 @@ def test_ema_updates_in_train_and_freezes_in_eval():
     np.testing.assert_allclose(np.asarray(new)[0, 0], want, atol=1e-6)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_gradients_finite():
     m = _module(4, 2, local=2, causal=True)
     x, pos, seg = _inputs(12)

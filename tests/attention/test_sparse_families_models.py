@@ -20,6 +20,7 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_selectable_in_lm_and_encoder(kind):
     mha = kind in ("lsh", "routing", "transient_global")
     common = dict(num_kv_heads=4) if mha else {}

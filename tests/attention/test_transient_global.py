@@ -44,6 +44,7 @@ def _module(causal, r=3, g=4, seed=0):
                                     max_distance=32, rngs=nnx.Rngs(params=seed))
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_causal_variant_sees_no_future():
     m = _module(True)
     t = 20
@@ -55,6 +56,7 @@ def test_causal_variant_sees_no_future():
     assert not np.allclose(np.asarray(y1)[:, 13:], np.asarray(y2)[:, 13:])
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_bidirectional_sees_far_tokens_through_globals():
     m = _module(False, r=1, g=4)
     t = 24
@@ -65,6 +67,7 @@ def test_bidirectional_sees_far_tokens_through_globals():
     assert not np.allclose(np.asarray(y1)[:, 0], np.asarray(y2)[:, 0])     # token 0 is far outside radius 1
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_gradients_finite():
     m = _module(False)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.nnx import bridge
@@ -23,6 +24,7 @@ class LinenModel(nn.Module):
         return nn.Dense(5)(x)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_block_inside_linen_module_trains():
     model = LinenModel()
     x = jax.random.normal(jax.random.key(0), (2, 6, 7))

@@ -52,6 +52,7 @@ def test_3d_mesh_matches_single_device_and_shards_params(tmp_path):
     assert tuple(mu.sharding.spec) == ("fsdp", "tensor")
 
 
+@pytest.mark.slow  # > 10 s on 2 cores; CI runs it
 def test_grad_accumulation_equals_full_batch(tmp_path):
     _, _, want = _losses(tiny_lm_experiment(), tmp_path / "full", steps=2)
     _, _, got = _losses(tiny_lm_experiment(grad_accum_steps=4), tmp_path / "accum", steps=2)

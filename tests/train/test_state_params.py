@@ -13,6 +13,7 @@ def _leaves_named(tree, name):
     return [x for p, x in jax.tree_util.tree_leaves_with_path(tree) if name in jax.tree_util.keystr(p)]
 
 
+@pytest.mark.slow  # two short trainings; CI runs it
 @pytest.mark.parametrize("kind,name,should_change", [("lsh", "rotations", False), ("routing", "centroids", True)])
 def test_state_params_are_not_trained_by_the_optimizer(kind, name, should_change, tmp_path):
     cfg = tiny_lm_experiment(weight_decay=0.5)
