@@ -55,22 +55,8 @@ class StridedColumns(masks.Mask):
         return any_, all_
 
 
-@dataclasses.dataclass(frozen=True)
-class SummaryColumns(masks.Mask):
-    """Query i sees key j iff j % block >= block - summary (the last `summary` keys of every block)."""
-
-    block: int
-    summary: int
-
-    def mask_fn(self, q_idx, kv_idx):
-        return (kv_idx % self.block >= self.block - self.summary) & (q_idx >= 0)
-
-    def _any_all(self, qa, qb, ka, kb):
-        l, c = self.block, self.summary
-        same_block = (ka // l) == (kb // l)
-        any_ = np.where(same_block, kb % l >= l - c, True) & (c > 0)
-        all_ = (same_block & (ka % l >= l - c) & (c > 0)) | (c >= l)
-        return any_, all_
+# The fixed pattern's summary columns are the kernel's own mask (shared with masks.Fixed).
+SummaryColumns = masks.SummaryColumns
 
 
 def pattern_masks(kind: str, *, causal: bool, stride: int = 0, block: int = 0,

@@ -191,7 +191,7 @@ class Strided(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class _SummaryColumns(Mask):
+class SummaryColumns(Mask):
   """Keys j with j % block >= block - summary (the last `summary` keys of every block)."""
   block: int
   summary: int
@@ -225,7 +225,7 @@ class Fixed(Mask):
       raise ValueError(f'Fixed: summary must be <= block ({self.block}), got {self.summary!r}.')
 
   def _parts(self) -> Mask:
-    return Causal() & (Chunked(self.block) | _SummaryColumns(self.block, self.summary))
+    return Causal() & (Chunked(self.block) | SummaryColumns(self.block, self.summary))
 
   def mask_fn(self, q_idx, kv_idx):
     return self._parts().mask_fn(q_idx, kv_idx)

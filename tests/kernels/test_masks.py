@@ -15,7 +15,7 @@ BASE_MASKS = [
     M.SlidingWindow(3, 2), M.SlidingWindow(0, 0, offset=2), M.Strided(1), M.Strided(3),
     M.Strided(8), M.GlobalTokens(0), M.GlobalTokens(5), M.Chunked(1), M.Chunked(7),
 ]
-_SUMMARY = [M._SummaryColumns(8, 2), M._SummaryColumns(5, 5)]  # pylint: disable=protected-access
+_SUMMARY = [M.SummaryColumns(8, 2), M.SummaryColumns(5, 5)]
 COMPOSED_MASKS = [
     M.Fixed(8, 2), M.Fixed(5, 0), M.Fixed(4, 4),
     M.GlobalTokens(3) | M.SlidingWindow(6, 0),
