@@ -36,7 +36,7 @@ from flax import nnx, struct
 from effitrans import kernels
 from effitrans.layers.norms import rms_norm
 from effitrans.layers.params import fan_in_normal, init_param
-from effitrans.layers.rope import ROPE_LAYOUTS
+from effitrans.layers.rope import ROPE_LAYOUTS, apply_rope
 
 MLA_PATHS = ("naive", "absorbed", "auto")
 
@@ -110,18 +110,7 @@ def yarn_frequencies(dim: int, base: float, factor: float, original_max_len: int
 
 def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, layout: str) -> jax.Array:
     """RoPE of x [B, T, N, R] at positions [B, T] with given inverse frequencies [R/2]; returns x.dtype."""
-    r = x.shape[-1]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq              # [B, T, R/2]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
-    x32 = x.astype(jnp.float32)
-    if layout == "half":
-        x1, x2 = x32[..., : r // 2], x32[..., r // 2:]                         # [B, T, N, R/2] each
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    else:
-        pairs = x32.reshape(*x.shape[:-1], r // 2, 2)                         # [B, T, N, R/2, 2]
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(x.shape)
-    return out.astype(x.dtype)
+    return apply_rope(x, positions, layout=layout, inv_freq=inv_freq)
 
 
 # ---- the module --------------------------------------------------------------------------------------
