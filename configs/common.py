@@ -27,8 +27,44 @@ def model(**overrides) -> ml_collections.ConfigDict:
     m.attention.impl = "auto"     # kernel: reference | xla | pallas | auto (pallas on TPU/GPU, xla on CPU)
     m.attention.block_q = ml_collections.FieldReference(None, field_type=int)  # kernel query block (None: auto)
     m.attention.block_k = ml_collections.FieldReference(None, field_type=int)  # kernel key block (None: auto)
+    _declare_family_keys(m.attention)
     m.update(overrides)
     return m
+
+
+def _declare_family_keys(attention: ml_collections.ConfigDict) -> None:
+    """Every family's own keys, declared None so any of them can be set from the command line, e.g.
+    `--config.model.attention.kind=sliding_window --config.model.attention.window_left=128`.
+
+    None means the family's default (effitrans/attention/sparse_families.DEFAULTS; latent: its builder).
+    Only the keys of the chosen kind may be set: config validation rejects e.g. window_left with
+    kind='dense' instead of silently ignoring it. Meanings: docs/attention_families.md.
+    """
+    def declare(name, field_type):
+        attention[name] = ml_collections.FieldReference(None, field_type=field_type)
+
+    # latent (MLA)
+    for name in ("kv_lora_rank", "qk_rope_head_dim", "q_lora_rank", "v_head_dim", "yarn_original_max_len"):
+        declare(name, int)
+    declare("mla_path", str)      # naive | absorbed | auto
+    for name in ("yarn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim"):
+        declare(name, float)
+    # sliding_window (Longformer)
+    for name in ("window_left", "window_right", "num_global"):
+        declare(name, int)
+    # sparse_strided / sparse_fixed (Sparse Transformer)
+    for name in ("stride", "block", "summary"):
+        declare(name, int)
+    # lsh (Reformer)
+    for name in ("n_buckets", "n_hashes", "chunk_len"):
+        declare(name, int)
+    # routing (Routing Transformer)
+    for name in ("num_clusters", "routing_window", "num_local_heads", "local_window"):
+        declare(name, int)
+    declare("centroid_decay", float)
+    # transient_global (LongT5)
+    for name in ("local_radius", "global_block", "relative_buckets", "relative_max_distance"):
+        declare(name, int)
 
 
 def train(**overrides) -> ml_collections.ConfigDict:

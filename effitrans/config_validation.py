@@ -164,14 +164,32 @@ def _walk(cfg: Mapping, schema: Mapping, prefix: str) -> None:
             raise ConfigError(f"{path}={value!r} is not allowed: expected {problem}")
 
 
-def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
-    """Checks model keys and the relations between them (e.g. num_heads % num_kv_heads)."""
+def _family_keys_schema(kind) -> dict:
+    """Checks for every family's own attention keys (configs/common.py declares them all, None = default).
+
+    The chosen kind's keys: None or a value its check allows. Any other family's key must stay None, so a
+    key that the chosen kind would ignore (window_left with kind='dense') is an error, not a silent no-op.
+    """
     from effitrans.attention import ATTENTION_FAMILIES
 
+    schema = {}
+    for other, family in ATTENTION_FAMILIES.items():
+        if other == kind:
+            continue
+        for key in family.options:
+            schema[key] = (lambda v, other=other, key=key: None if v is None else
+                           f"None: {key} is a key of kind={other!r}, not of kind={kind!r} (set kind={other!r} "
+                           f"to use it)")
+    chosen = ATTENTION_FAMILIES.get(kind)
+    if chosen is not None:
+        schema.update({key: optional(check) for key, check in chosen.options.items()})
+    return schema
+
+
+def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
+    """Checks model keys and the relations between them (e.g. num_heads % num_kv_heads)."""
     schema = _model_schema()
-    family = ATTENTION_FAMILIES.get(model_cfg.attention.get("kind"))
-    if family is not None:
-        schema["attention"] = {**schema["attention"], **family.options}
+    schema["attention"] = {**schema["attention"], **_family_keys_schema(model_cfg.attention.get("kind"))}
     _walk(model_cfg, schema, prefix)
     m = model_cfg
     if m.num_heads % m.num_kv_heads:

@@ -45,7 +45,10 @@ def _build_latent(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
         if attn_cfg.get(key) is None:
             raise ValueError(f"config.model.attention.{key} is required when config.model.attention.kind='latent' "
                              f"(an int >= 1; DeepSeek-V3: kv_lora_rank=512, qk_rope_head_dim=64)")
-    g = attn_cfg.get
+    def g(key, default=None):  # a declared-but-unset key (None) means the default
+        value = attn_cfg.get(key)
+        return default if value is None else value
+
     return LatentAttention(
         model_cfg.d_model, model_cfg.num_heads, kv_lora_rank=g("kv_lora_rank"), qk_nope_head_dim=model_cfg.head_dim,
         qk_rope_head_dim=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim") or model_cfg.head_dim,

@@ -1,6 +1,10 @@
 """`python -m effitrans.bench attention [--json PATH] [--seq_lens 1024,4096,16384] [--impls ...]`.
 
-One row per implementation x mask x sequence length, with forward and forward+backward time (median
+Two sections (--sections, default both): `kernels`, below, and `families`: every attention family as a
+layer at 1K/4K/8K with time and memory, and the 8K encoder goal check of dense vs transient_global
+(effitrans/bench/attention_families.py). With --json PATH, a PNG of the families is written beside it.
+
+Kernels: one row per implementation x mask x sequence length, with forward and forward+backward time (median
 after compile and warm-up), useful GFLOP/s (only allowed query-key pairs count: 4*B*N*H*pairs for
 the forward, 3x that for forward+backward, recomputation not counted), that as a percentage of a
 float32 matmul measured in the same run, peak memory (ru_maxrss of a fresh process per
@@ -22,6 +26,7 @@ import sys
 
 import numpy as np
 
+from effitrans.bench import attention_families as families_bench
 from effitrans.bench import common
 
 MASK_SPECS = {
@@ -122,12 +127,31 @@ def main(argv=None) -> int:
   parser.add_argument('--dense_max_len', type=int, default=4096,
                       help='skip dense baselines (jax.nn, reference) above this length')
   parser.add_argument('--timeout', type=float, default=600.0, help='per-measurement seconds')
+  parser.add_argument('--sections', default='kernels,families', help='kernels, families, or both')
+  parser.add_argument('--families', default=','.join(families_bench.FAMILY_KEYS),
+                      help=f'attention kinds for the families section, from {list(families_bench.FAMILY_KEYS)}')
+  parser.add_argument('--family_seq_lens', default='1024,4096,8192')
+  parser.add_argument('--goal_seq_len', type=int, default=8192,
+                      help='length of the dense vs transient_global encoder check (0 skips it)')
+  parser.add_argument('--goal_repeats', type=int, default=5, help='alternating rounds of the goal check')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--family_worker', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--goal_worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   if args.worker is not None:
     print(json.dumps(_worker(json.loads(args.worker))))
     return 0
+  if args.family_worker is not None:
+    print(json.dumps(families_bench.layer_worker(json.loads(args.family_worker))))
+    return 0
+  if args.goal_worker is not None:
+    print(json.dumps(families_bench.goal_worker(json.loads(args.goal_worker))))
+    return 0
+  sections = args.sections.split(',')
+  for section in sections:
+    if section not in ('kernels', 'families'):
+      parser.error(f'--sections: unknown section {section!r}; allowed: kernels, families')
 
   import jax  # pylint: disable=import-outside-toplevel
   accel = jax.default_backend() in ('gpu', 'tpu', 'cuda', 'rocm')
@@ -154,7 +178,7 @@ def main(argv=None) -> int:
               max_seconds=args.max_seconds, block_q=args.block_q, block_k=args.block_k)
   b, n, h = args.batch, args.heads, args.head_dim
   rows, notes = [], []
-  for s in seq_lens:
+  for s in (seq_lens if 'kernels' in sections else []):
     dense_ok = s <= args.dense_max_len
     jax_res = {}
     if dense_ok:
@@ -205,17 +229,28 @@ def main(argv=None) -> int:
         row['fwd_x_ref'] = _ratio(row['ref_fwd_ms'], row['fwd_ms'])
         row['fwdbwd_x_ref'] = _ratio(row['ref_fwdbwd_ms'], row['fwdbwd_ms'])
         rows.append(row)
-  print()
-  print(common.format_table(rows, COLUMNS))
-  print(f'\nfloat32 2048^3 matmul: {peak:.1f} GFLOP/s at the start; "mm GF/s" is the same matmul '
+  family_rows, goal_rows = [], []
+  if 'families' in sections:
+    family_rows, goal_rows, family_notes = families_bench.run(args, machine)
+    notes += family_notes
+  if rows:
+    print()
+    print(common.format_table(rows, COLUMNS))
+    print(f'\nfloat32 2048^3 matmul: {peak:.1f} GFLOP/s at the start; "mm GF/s" is the same matmul '
         'measured inside each measurement\'s process (the basis of %mm). '
         f'B={b} N={n} H={h} float32. '
         "x jax / x ref: speed-up over jax.nn.dot_product_attention(implementation='xla') / "
         'reference, same run.')
+  families_bench.print_tables(family_rows, goal_rows)
   for note in notes:
     print('note:', note)
   common.write_json(args.json, rows, machine, matmul_gflops=peak, notes=notes,
-                    config=vars(args) | {'impls': impls, 'masks': mask_names})
+                    family_rows=family_rows, goal_rows=goal_rows,
+                    config=vars(args) | {'impls': impls, 'masks': mask_names, 'sections': sections,
+                                         'family_keys': {k: families_bench.family_keys(k, 8192)
+                                                         for k in families_bench.FAMILY_KEYS}})
+  if args.json and len({r['seq_len'] for r in family_rows}) > 1:
+    families_bench.plot(family_rows, args.json.rsplit('.', 1)[0] + '_families.png')
   return 0
 
 

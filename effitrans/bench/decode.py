@@ -8,7 +8,7 @@ attention's key/value design differs:
     MLA  kv_lora_rank 128 + rope 32 per token (cache 12.8x smaller than MHA); naive expands the whole latent
          cache into per-head keys/values every step, absorbed attends over the latent directly.
 
-Weights are deterministic pseudo-random values (build_model_fast); for each context L the cache is filled with random values up to L (decode cost does not depend on the
+Weights are deterministic pseudo-random values (common.build_model_fast); for each context L the cache is filled with random values up to L (decode cost does not depend on the
 values, and a 16K-token prefill of every variant would dominate the run), then `--steps` tokens are decoded
 greedily by one jitted lax.scan; tokens/s = batch * steps / median wall time. The variants of one context
 are timed round-robin, so load changes on a shared machine hit all of them alike. Each row carries the MHA row
@@ -33,10 +33,7 @@ MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32)
 
 
 def model_config(variant: str, **overrides):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.join(root, "configs"))
-    import common as config_common  # configs/common.py  # pylint: disable=import-outside-toplevel
-
+    config_common = common.config_common()
     kv = {"mha": MODEL["num_heads"], "gqa": 4, "mqa": 1}.get(variant, MODEL["num_heads"])
     m = config_common.model(**{**MODEL, **overrides}, num_kv_heads=kv)
     m.attention.impl = "xla"
@@ -48,32 +45,6 @@ def model_config(variant: str, **overrides):
     return m
 
 
-def build_model_fast(model_cfg):
-    """The model of `model_cfg` with deterministic pseudo-random weights (uniform, fan-in scaled) written by
-    one small compiled function. Decode speed does not depend on the weight values, and drawing them with
-    the real initialisers compiles one threefry program per weight shape, which on a small shared CPU costs
-    more than the measurement itself."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-
-    from effitrans.models import build_model  # pylint: disable=import-outside-toplevel
-
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
-
-    @jax.jit
-    def fill(state):
-        leaves, tree = jax.tree.flatten(state)
-        out = []
-        for i, x in enumerate(leaves):
-            v = jnp.arange(x.size, dtype=jnp.float32) * 0.6180339887 + 0.1234 * i     # golden-ratio sequence
-            scale = 3.46 / max(x.shape[0], 1) ** 0.5                                   # ~unit variance / fan-in
-            out.append((((v % 1.0) - 0.5) * scale).reshape(x.shape).astype(x.dtype))
-        return jax.tree.unflatten(tree, out)
-
-    return nnx.merge(graphdef, fill(abstract))
-
-
 def prepare(variant: str, context: int, *, batch: int, steps: int):
     """Builds the variant, fills its cache up to `context` and compiles its decode; returns (run, info):
     run() decodes `steps` tokens from context and returns the tokens (the cache is reset to `context`)."""
@@ -83,7 +54,7 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
 
     from effitrans.attention import cache_bytes  # pylint: disable=import-outside-toplevel
 
-    model = build_model_fast(model_config(variant))
+    model = common.build_model_fast(model_config(variant))
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, context + steps, jnp.float32)
 

@@ -51,7 +51,7 @@ def _port(attn, m: LatentAttention):
     m.wo[...] = t(attn.o_proj.weight).T.reshape(N, V, D)
 
 
-@pytest.mark.parametrize("q_lora_rank,yarn", [(None, False), pytest.param(12, True, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("q_lora_rank,yarn", [pytest.param(None, False, marks=pytest.mark.slow), pytest.param(12, True, marks=pytest.mark.slow)],
                          ids=["q_full-rope", "q_lora-yarn"])
 def test_matches_hf_deepseek_v3_attention(q_lora_rank, yarn):
     torch.manual_seed(0)

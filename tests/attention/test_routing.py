@@ -101,6 +101,7 @@ def reference_routing(m, x, seg, causal):
 @pytest.mark.parametrize("n,clusters,window,local,causal,t", [
     (3, 3, None, 1, False, 17), (2, 4, 6, 0, True, 16), (4, 2, 9, 2, True, 15),
 ])
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_clusters_equal_reference_from_definition(n, clusters, window, local, causal, t):
     m = _module(n, clusters, window=window, local=local, causal=causal)
     x, pos, seg = _inputs(t)

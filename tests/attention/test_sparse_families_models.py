@@ -37,6 +37,7 @@ def test_selectable_in_lm_and_encoder(kind):
     assert out.shape == (2, 3) and bool(jnp.all(jnp.isfinite(out)))
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_sliding_window_lm_decode_equals_full_forward():
     lm = build_model(tiny_model_config(attention=dict(kind="sliding_window", window_left=3)))
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 61)

@@ -37,7 +37,7 @@ def _port(attn, m: TransientGlobalAttention):
 
 @pytest.mark.parametrize("seq_len,local_radius,global_block,real_lens", [
     pytest.param(24, 3, 4, (24, 24), marks=pytest.mark.slow),   # full mask, S a multiple of both blocks
-    (30, 4, 6, (30, 17)),          # right padding with orphans (17 = 2 * 6 + 5); S % (r + 1) == 0
+    pytest.param(30, 4, 6, (30, 17), marks=pytest.mark.slow),          # right padding with orphans (17 = 2 * 6 + 5); S % (r + 1) == 0
     pytest.param(28, 5, 4, (28, 11), marks=pytest.mark.slow),   # S not a multiple of the local block
 ], ids=["full", "padding-orphans", "ragged-local-block"])
 def test_matches_hf_longt5_transient_global(seq_len, local_radius, global_block, real_lens):

@@ -29,6 +29,7 @@ def test_decoder_returns_full_length(length, truncate_seq):
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_decoder_trains_on_masked_tokens():
     model = _mlm()
     graphdef, params = nnx.split(model, nnx.Param)

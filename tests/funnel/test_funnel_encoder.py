@@ -57,6 +57,7 @@ def test_stride_one_funnel_equals_dense_encoder_exactly(name, pool_q_only):
     np.testing.assert_array_equal(np.asarray(pmask), np.asarray(mask))
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_surgery_changes_no_parameter_and_keeps_dense_model():
     dense = build_model(_embedding_cfg(), seed=2)
     before = jax.tree.map(np.array, _params(dense))
@@ -79,6 +80,7 @@ def test_surgery_changes_no_parameter_and_keeps_dense_model():
     np.testing.assert_array_equal(_run(g, tokens, mask), y_funnel)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_funnel_shapes_three_blocks_and_padding_is_ignored():
     cfg = _embedding_cfg()
     fcfg = funnel.funnel_config(cfg, at_layer=1, stride=2)

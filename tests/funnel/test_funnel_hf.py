@@ -95,7 +95,7 @@ def _llama_layer_forward(block, eps):
 
 
 @pytest.mark.parametrize("truncate_seq,pool_q_only,length", [
-    (True, True, 16),
+    pytest.param(True, True, 16, marks=pytest.mark.slow),
     pytest.param(False, True, 15, marks=pytest.mark.slow),
     pytest.param(False, False, 14, marks=pytest.mark.slow)])
 def test_funnel_model_wiring_matches_hf_with_ported_weights(truncate_seq, pool_q_only, length):

@@ -111,6 +111,7 @@ def test_large_logits():
                                grad_tol=5e-4)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 @settings(max_examples=3, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(q_len=st.integers(1, 64), kv_len=st.integers(1, 64), group=st.sampled_from([1, 2]),
@@ -175,6 +176,7 @@ def _check_direct(platform, *, mask, q_len, kv_len, num_heads, num_kv_heads, hea
                                atol=grad_tol, rtol=rtol(grad_tol), err_msg=name)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_gpu_formulation_gqa_strided_segments():
   # Head dims 24 / 40 get zero-padded to 32 / 64 on this path; segments mask across the batch.
   segs = (random_segment_ids(11, 2, 40), random_segment_ids(12, 2, 56))

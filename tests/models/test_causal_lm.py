@@ -8,7 +8,9 @@ from effitrans.serve import generate
 from tests.helpers import tiny_model_config
 
 
-@pytest.mark.parametrize("num_kv_heads,impl", [(4, "reference"), (2, "reference"), (1, "reference"), (2, "xla")],
+@pytest.mark.parametrize("num_kv_heads,impl", [pytest.param(4, "reference", marks=pytest.mark.slow), (2, "reference"),
+                                                     pytest.param(1, "reference", marks=pytest.mark.slow),
+                                                     pytest.param(2, "xla", marks=pytest.mark.slow)],
                          ids=["MHA", "GQA", "MQA", "GQA-xla"])
 def test_cached_decode_reproduces_full_forward_logits(num_kv_heads, impl):
     cfg = tiny_model_config(num_kv_heads=num_kv_heads, attention={"impl": impl})
@@ -52,6 +54,7 @@ def test_generate_sampling_respects_top_k():
         generate(model, prompt, max_new_tokens=2, temperature=1.0, top_k=0)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_per_layer_ffn_widths_and_untied_head():
     cfg = tiny_model_config(ffn_width=[16, 40], tie_embeddings=False)
     model = build_model(cfg)
@@ -60,6 +63,7 @@ def test_per_layer_ffn_widths_and_untied_head():
     assert logits.shape == (1, 3, cfg.vocab_size) and logits.dtype == jnp.float32
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_bfloat16_compute_keeps_float32_params():
     cfg = tiny_model_config(dtype="bfloat16")
     model = build_model(cfg)

@@ -1,4 +1,5 @@
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -6,6 +7,7 @@ from effitrans.models import build_model
 from tests.helpers import tiny_model_config
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_encoder_ignores_padding_and_is_bidirectional():
     for pooling in ("cls", "mean"):
         cfg = tiny_model_config(name="encoder_classifier", pooling=pooling, num_classes=3)
@@ -22,6 +24,7 @@ def test_encoder_ignores_padding_and_is_bidirectional():
         assert out.shape == (1, 3)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_embedding_encoder_unit_norm():
     cfg = tiny_model_config(name="encoder_embedding", pooling="mean", embed_dim=12)
     model = build_model(cfg)

@@ -94,6 +94,7 @@ def test_keep_masks_layer_and_global():
     assert all(k.all() for k in pruning.keep_masks(scores, 0.0))
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_sliced_equals_masked_and_is_smaller():
     model, cfg = _model()
     tok = jnp.asarray(_tokens())
@@ -126,6 +127,7 @@ def test_pruned_model_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(_logits(loaded, tok)), np.asarray(_logits(small, tok)))
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_distill_reduces_kl():
     teacher, cfg = _model(widths=[32, 32])
     keep = pruning.keep_masks(pruning.neuron_importance(teacher, None, "random"), 0.5)

@@ -43,6 +43,7 @@ def test_continuous_batching_reproduces_greedy_decoding(attention):
     assert all(0 <= r.ttft <= r.latency for r in results)
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_rejections_stop_tokens_and_prefix_cache_while_serving_others():
     cfg = tiny_model_config(num_layers=1)
     model = build_model(cfg, seed=1)

@@ -16,6 +16,7 @@ def test_config_validates_as_shipped(name):
     validate_config(importlib.import_module(name).get_config())
 
 
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 @pytest.mark.parametrize("name", ["encoder_retrieval_small", "listops_small"])
 def test_encoder_configs_train_and_evaluate(name, tmp_path):
     cfg = importlib.import_module(name).get_config()

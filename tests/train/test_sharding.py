@@ -19,6 +19,7 @@ def _losses(cfg, workdir, steps=3):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see tests/conftest.py")
+@pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_3d_mesh_matches_single_device_and_shards_params(tmp_path):
     single = tiny_lm_experiment()
     _, _, want = _losses(single, tmp_path / "one")
