@@ -74,59 +74,103 @@ def three_blocks(x: jax.Array) -> jax.Array:
     return jnp.concatenate([xp[:, :nb], xp[:, 1:nb + 1], xp[:, 2:]], axis=2)
 
 
+def _side_bias(global_bias, block_ids, num_globals: int, *, causal: bool, num_buckets: int, max_distance: int):
+    """Token-to-global bias [N, B, S, G]: it depends on (block id of the token, g) only, so the bucketed
+    table is built once per (block, g) pair ([N, G + 1, G], row 0 for id -1 = padding) and gathered per token."""
+    gq = jnp.arange(-1, num_globals, dtype=jnp.int32)[:, None]                         # [G + 1, 1]
+    rel = jnp.arange(num_globals, dtype=jnp.int32)[None, :] - gq                        # [G + 1, G]
+    bucket = relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets,
+                                      max_distance=max_distance)
+    table = jnp.transpose(jnp.take(global_bias.astype(jnp.float32), bucket, axis=0), (2, 0, 1))  # [N, G + 1, G]
+    return jnp.take(table, block_ids + 1, axis=1)                                      # [N, B, S, G]
+
+
 def transient_global_attention(q, k, v, side_k, side_v, *, local_radius: int, token_seg, block_ids,
                                global_valid, local_bias, global_bias, causal: bool, num_buckets: int,
                                max_distance: int, scale: float):
-    """The TGA softmax. q, k, v [B, S, N, H]; side_k, side_v [B, G, N, H]; token_seg int [B, S] (0 = pad);
-    block_ids [B, S]; global_valid [B, G]; local_bias, global_bias [num_buckets, N]. -> out [B, S, N, H].
+    """The TGA softmax, blockwise. q, k, v [B, S, N, H]; side_k, side_v [B, G, N, H]; token_seg int [B, S]
+    (0 = pad); block_ids [B, S]; global_valid [B, G]; local_bias, global_bias [num_buckets, N].
+    -> out [B, S, N, H]. Equal to `transient_global_reference` (tests/attention/test_transient_global.py).
+
+    Local part: blocks of L = r + 1 queries against their 3 neighbouring key blocks; the relative offset
+    (key - query) of a slot is the same in every block, so its bias is one [N, L, 3L] array. The local and
+    global logits share one softmax without being concatenated: a joint row max, then each part's
+    exp-sum and value product are added (no [.., 3L + G] copy, no per-block copy of the global values).
     """
     bsz, s, n, h = q.shape
     g = side_k.shape[1]
     bl = local_radius + 1
     sp = -(-s // bl) * bl
-    padn = sp - s
-    padseq = lambda a: jnp.pad(a, [(0, 0), (0, padn)] + [(0, 0)] * (a.ndim - 2))
+    padseq = lambda a: jnp.pad(a, [(0, 0), (0, sp - s)] + [(0, 0)] * (a.ndim - 2))
+    nb = sp // bl
     qb = blocks_of(padseq(q), bl)                                                      # [B, nb, L, N, H]
     kb = three_blocks(blocks_of(padseq(k), bl))                                        # [B, nb, 3L, N, H]
     vb = three_blocks(blocks_of(padseq(v), bl))                                        # [B, nb, 3L, N, H]
-    nb = sp // bl
-    qpos = jnp.arange(sp, dtype=jnp.int32).reshape(nb, bl)                              # [nb, L]
-    kpos = (jnp.arange(nb, dtype=jnp.int32)[:, None] - 1) * bl + jnp.arange(3 * bl, dtype=jnp.int32)  # [nb, 3L]
-    seg = padseq(token_seg)                                                             # [B, Sp]; pads -> 0
+    rel = (jnp.arange(3 * bl, dtype=jnp.int32)[None, :] - bl
+           - jnp.arange(bl, dtype=jnp.int32)[:, None])                                 # [L, 3L]: key - query
+    band = jnp.abs(rel) <= local_radius
+    if causal:
+        band &= rel <= 0
+    # Padding (and the zero blocks beyond both ends) has segment 0, which no real query matches.
+    seg = padseq(token_seg)                                                             # [B, Sp]
     qseg = blocks_of(seg, bl)                                                           # [B, nb, L]
     kseg = three_blocks(blocks_of(seg, bl))                                             # [B, nb, 3L]
-    rel = kpos[:, None, :] - qpos[:, :, None]                                           # [nb, L, 3L]
-    local_ok = (jnp.abs(rel) <= local_radius) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < s)
-    if causal:
-        local_ok &= rel <= 0
-    local_ok = local_ok[None] & (qseg[..., None] == kseg[..., None, :]) & (qseg[..., None] != 0)  # [B, nb, L, 3L]
+    local_ok = band & (qseg[..., None] == kseg[..., None, :]) & (qseg[..., None] != 0)  # [B, nb, L, 3L]
     bucket = relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets,
-                                      max_distance=max_distance)                        # [nb, L, 3L]
-    lbias = jnp.take(local_bias.astype(jnp.float32), bucket, axis=0)                   # [nb, L, 3L, N]
-    local_logits = jnp.einsum("BcqNH,BckNH->BcNqk", qb, kb,
-                              preferred_element_type=jnp.float32) * scale               # [B, nb, N, L, 3L]
-    local_logits = local_logits + jnp.moveaxis(lbias, -1, 1)[None]
+                                      max_distance=max_distance)                        # [L, 3L]
+    lbias = jnp.transpose(jnp.take(local_bias.astype(jnp.float32), bucket, axis=0), (2, 0, 1))  # [N, L, 3L]
+    local_logits = jnp.einsum("BcqNH,BckNH->BNcqk", qb, kb,
+                              preferred_element_type=jnp.float32) * scale + lbias[:, None]   # [B, N, nb, L, 3L]
+    local_logits = jnp.where(local_ok[:, None], local_logits, -jnp.inf)
 
     bid = padseq(block_ids + 1) - 1                                                     # [B, Sp]; pads -> -1
-    side_rel = jnp.arange(g, dtype=jnp.int32)[None, None, :] - bid[..., None]           # [B, Sp, G]
     side_ok = global_valid[:, None, :] & (seg != 0)[..., None]                           # [B, Sp, G]
     if causal:
-        side_ok &= side_rel < 0
-    sbucket = relative_position_bucket(side_rel, bidirectional=not causal, num_buckets=num_buckets,
-                                       max_distance=max_distance)                       # [B, Sp, G]
-    sbias = jnp.take(global_bias.astype(jnp.float32), sbucket, axis=0)                 # [B, Sp, G, N]
-    side_logits = jnp.einsum("BcqNH,BgNH->BcNqg", qb, side_k,
-                             preferred_element_type=jnp.float32) * scale                # [B, nb, N, L, G]
-    side_logits = side_logits + jnp.moveaxis(blocks_of(sbias, bl), -1, 2)
-    side_ok = blocks_of(side_ok, bl)                                                    # [B, nb, L, G]
+        side_ok &= jnp.arange(g, dtype=jnp.int32)[None, None, :] < bid[..., None]      # blocks before its own
+    sbias = _side_bias(global_bias, bid, g, causal=causal, num_buckets=num_buckets, max_distance=max_distance)
+    sbias = jnp.swapaxes(sbias, 0, 1).reshape(bsz, n, nb, bl, g)                        # [B, N, nb, L, G]
+    side_logits = jnp.einsum("BcqNH,BgNH->BNcqg", qb, side_k,
+                             preferred_element_type=jnp.float32) * scale + sbias        # [B, N, nb, L, G]
+    side_logits = jnp.where(blocks_of(side_ok, bl)[:, None], side_logits, -jnp.inf)
 
-    logits = jnp.concatenate([local_logits, side_logits], axis=-1)                      # [B, nb, N, L, 3L+G]
-    valid = jnp.concatenate([local_ok, side_ok], axis=-1)[:, :, None]                   # [B, nb, 1, L, 3L+G]
-    p, _ = masked_softmax_stats(logits, valid)
-    vals = jnp.concatenate([vb, jnp.broadcast_to(side_v[:, None], (bsz, nb, g, n, h))], axis=2)  # [B, nb, 3L+G, N, H]
-    out = jnp.einsum("BcNqk,BckNH->BcqNH", p.astype(v.dtype), vals,
-                     preferred_element_type=jnp.float32)                                # [B, nb, L, N, H]
+    # One softmax over [local | global]: the row max only shifts exponents (no gradient needed through it).
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(local_logits, -1), jnp.max(side_logits, -1)))  # [B, N, nb, L]
+    m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
+    e_local = jnp.exp(local_logits - m)                                                 # masked entries -> 0
+    e_side = jnp.exp(side_logits - m)
+    denom = jnp.sum(e_local, -1) + jnp.sum(e_side, -1)                                  # [B, N, nb, L]
+    out = (jnp.einsum("BNcqk,BckNH->BcqNH", e_local.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+           + jnp.einsum("BNcqg,BgNH->BcqNH", e_side.astype(v.dtype), side_v, preferred_element_type=jnp.float32))
+    denom = jnp.moveaxis(denom, 1, -1)[..., None]                                       # [B, nb, L, N, 1]
+    out = out / jnp.where(denom > 0, denom, 1.0)                                        # rows that see nothing -> 0
     return out.reshape(bsz, sp, n, h)[:, :s].astype(q.dtype)
+
+
+def transient_global_reference(q, k, v, side_k, side_v, *, local_radius: int, token_seg, block_ids,
+                               global_valid, local_bias, global_bias, causal: bool, num_buckets: int,
+                               max_distance: int, scale: float):
+    """Dense O(S^2) TGA straight from the definition (the tests' oracle for the blockwise version):
+    one softmax over [all S keys masked to |j - i| <= r and the same segment | all G global tokens]."""
+    s, g = q.shape[1], side_k.shape[1]
+    rel = jnp.arange(s, dtype=jnp.int32)[None, :] - jnp.arange(s, dtype=jnp.int32)[:, None]   # [S, S]: j - i
+    band = (jnp.abs(rel) <= local_radius) & ((rel <= 0) if causal else True)
+    same = (token_seg[:, :, None] == token_seg[:, None, :]) & (token_seg != 0)[:, :, None]
+    local_ok = band[None] & same                                                        # [B, S, S]
+    lbias = jnp.take(local_bias.astype(jnp.float32), relative_position_bucket(
+        rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance), axis=0)  # [S, S, N]
+    side_rel = jnp.arange(g, dtype=jnp.int32)[None, None, :] - block_ids[..., None]     # [B, S, G]
+    side_ok = global_valid[:, None, :] & (token_seg != 0)[..., None] & ((side_rel < 0) if causal else True)
+    sbias = jnp.take(global_bias.astype(jnp.float32), relative_position_bucket(
+        side_rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance), axis=0)  # [B, S, G, N]
+    local_logits = jnp.einsum("BqNH,BkNH->BNqk", q, k, preferred_element_type=jnp.float32) * scale
+    side_logits = jnp.einsum("BqNH,BgNH->BNqg", q, side_k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.concatenate([local_logits + jnp.transpose(lbias, (2, 0, 1))[None],
+                              side_logits + jnp.transpose(sbias, (0, 3, 1, 2))], axis=-1)  # [B, N, S, S + G]
+    valid = jnp.concatenate([local_ok, side_ok], axis=-1)[:, None]                      # [B, 1, S, S + G]
+    p, _ = masked_softmax_stats(logits, valid)
+    out = jnp.einsum("BNqk,BkNH->BqNH", p.astype(v.dtype), jnp.concatenate([v, side_v], axis=1),
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
 
 
 class TransientGlobalAttention(nnx.Module):

@@ -116,3 +116,17 @@ def test_skipped_blocks_are_not_visited():
   assert window == 2 * n - 1
   # Segment ids keep the mask's skips (blocks only turn partial).
   assert xla_flash.visited_block_count(M.Causal(), 512 * n, 512 * n, 512, 512, True) == causal
+
+
+def test_default_blocks_grow_only_where_the_mask_is_dense_enough():
+  from effitrans.kernels import api
+  # Full / causal at 4K: the 512 tiling visits <= 1.15x the 256 tiling's area -> 512 (fewer loop steps).
+  assert api._default_xla_blocks(M.Full(), 4096, 4096, None, None) == (512, 512)
+  assert api._default_xla_blocks(M.Causal(), 4096, 4096, None, None) == (512, 512)
+  # Causal at 1K wastes 20% at 512 and a 256-wide band wastes ~2x: stay at 256.
+  assert api._default_xla_blocks(M.Causal(), 1024, 1024, None, None) == (256, 256)
+  window = M.SlidingWindow(left=255, right=0)
+  assert api._default_xla_blocks(window, 4096, 4096, None, None) == (256, 256)
+  # Short sequences are never padded up to a block; explicit sizes always win.
+  assert api._default_xla_blocks(M.Full(), 100, 36, None, None) == (104, 40)
+  assert api._default_xla_blocks(M.Full(), 4096, 4096, 128, None) == (128, 512)
