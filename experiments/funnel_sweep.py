@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 import encoder_retrieval_small  # noqa: E402
 from effitrans import funnel  # noqa: E402
+from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
 from effitrans.bench.common import machine_description  # noqa: E402
 from effitrans.train.trainer import Trainer  # noqa: E402
 
@@ -97,15 +98,6 @@ def paired_latency(fn_a, fn_b, repeats: int) -> tuple:
     return float(np.median(ta)), float(np.median(tb))
 
 
-def recover(trainer: Trainer, params, steps: int):
-    """`steps` contrastive updates from `params` (the dense weights), with the trainer's own schedule."""
-    params = jax.tree.map(jnp.copy, params)                    # the train step donates its state
-    state = {"params": params, "opt_state": trainer.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    for step in range(steps):
-        state, _ = trainer.train_step(state, step)
-    return state["params"]
-
-
 def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
     """Dense training, then surgery (and surgery + recovery) rows for every (layer, stride)."""
     cfg = base_config(args, num_layers)
@@ -119,6 +111,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
     tokens = jnp.asarray(rng.integers(4, 256, size=(args.batch, cfg.data.query_len)), jnp.int32)
     mask = jnp.ones_like(tokens)
     dense_fn = lambda: dense_trainer._embed_step(dense_params, tokens, mask)
+    teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m)   # the unmodified encoder
     dense_flops = funnel.encoder_forward_flops(cfg.model, args.batch, cfg.data.query_len)
     rows = [{"depth": num_layers, "method": "dense", "at_layer": None, "stride": 1, **base,
              "flops_ratio": 1.0, "latency_cut_pct": 0.0}]
@@ -140,10 +133,17 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
             do_recover = args.recovery_steps > 0 and (
                 args.recover == "all" or k == round(num_layers / 3) or (args.recover == "stride2" and stride == 2)
                 or num_layers != args.depth)
+            n_new = 1
             if do_recover:
-                q = quality(rtrainer.evaluate(recover(rtrainer, dense_params, args.recovery_steps)))
-                rows.append({**common, "method": "surgery+recovery", **q})
-            for r in rows[-(1 + do_recover):]:
+                params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps)
+                rows.append({**common, "method": "surgery+recovery", **quality(rtrainer.evaluate(params))})
+                n_new += 1
+                if args.distill_weight > 0:
+                    params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps,
+                                                        teacher_embed=teacher, distill_weight=args.distill_weight)
+                    rows.append({**common, "method": "surgery+distill", **quality(rtrainer.evaluate(params))})
+                    n_new += 1
+            for r in rows[-n_new:]:
                 r["recall_loss_pts"] = base["recall_at_1"] - r["recall_at_1"]
                 log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: recall@1 {r['recall_at_1']:.2f} "
                     f"(loss {r['recall_loss_pts']:+.2f} pts) MRR {r['mrr']:.2f} | p50 {r['latency_ms']:.2f} ms vs "
@@ -157,7 +157,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    markers = {"surgery": "x", "surgery+recovery": "o", "scratch": "s"}
+    markers = {"surgery": "x", "surgery+recovery": "o", "surgery+distill": "D", "scratch": "s"}
     colors = {2: "tab:blue", 4: "tab:red"}
     for ax, key, label in ((axes[0], "latency_cut_pct", "p50 latency cut vs dense (%)"),
                            (axes[1], "flops_ratio", "forward FLOPs / dense")):
@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="dense (and from-scratch) training steps")
     p.add_argument("--recovery_steps", type=int, default=10)
     p.add_argument("--recovery_lr", type=float, default=3e-4)
+    p.add_argument("--distill_weight", type=float, default=1.0,
+                   help="also recover with InfoNCE + w * KL to the dense model's in-batch scores "
+                        "(effitrans.funnel.recovery); 0 skips those rows")
     p.add_argument("--recover", default="l3", help="all | stride2 (every layer at stride 2) | l3 (k = round(L/3) "
                                                   "only); the second depth recovers at every point")
     p.add_argument("--max_eval", type=int, default=256, help="held-out pairs scored (config: 512)")

@@ -54,3 +54,17 @@ def test_pairs_are_halves_of_one_passage():
         assert joined in val_text
     break
   assert decode(b["query"][0])  # printable
+
+
+def test_capped_eval_set_spreads_over_the_validation_split():
+  corpus = text.load_corpus("pydoc_data.topics")
+  kw = dict(query_len=12, doc_len=20, global_batch_size=8, seed=0, val_fraction=0.1)
+  full = retrieval.TextRetrievalDataset(corpus, **kw)
+  capped = retrieval.TextRetrievalDataset(corpus, max_eval_examples=10, **kw)
+  n = len(full.val_passages)
+  assert capped.num_eval == 10 and n > 100
+  idx = capped.eval_indices
+  assert len(set(idx.tolist())) == 10 and idx[0] == 0 and idx[-1] >= n - n // 10 - 1
+  rows = [r for b in capped.eval_batches() for r, w in zip(b["query"], b["example_weights"]) if w]
+  np.testing.assert_array_equal(np.stack(rows)[:, 1:], full.val_passages[idx, :11])
+  np.testing.assert_array_equal(full.eval_indices, np.arange(n))  # uncapped: every passage, in order
