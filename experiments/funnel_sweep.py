@@ -98,7 +98,14 @@ def paired_latency(fn_a, fn_b, repeats: int) -> tuple:
     return float(np.median(ta)), float(np.median(tb))
 
 
-def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
+def save_partial(args, rows) -> None:
+    """Rows so far to --out/results.partial.json, so a crash or kill loses at most one sweep point."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.partial.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows=()) -> list:
     """Dense training, then surgery (and surgery + recovery) rows for every (layer, stride)."""
     cfg = base_config(args, num_layers)
     log(f"depth {num_layers}: training the dense model for {args.steps} steps")
@@ -148,6 +155,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str) -> list:
                 log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: recall@1 {r['recall_at_1']:.2f} "
                     f"(loss {r['recall_loss_pts']:+.2f} pts) MRR {r['mrr']:.2f} | p50 {r['latency_ms']:.2f} ms vs "
                     f"dense {r['dense_latency_ms']:.2f} ms: cut {r['latency_cut_pct']:.1f}% | FLOPs x{flops:.2f}")
+            save_partial(args, list(done_rows) + rows)
     return rows
 
 
@@ -237,11 +245,12 @@ def main(argv=None) -> int:
                     rows.append(row)
                     log(f"depth {args.depth} k={k} s={stride} scratch: recall@1 {q['recall_at_1']:.2f} "
                         f"(loss {row['recall_loss_pts']:+.2f} pts) MRR {q['mrr']:.2f}")
+                    save_partial(args, rows)
         if args.depth2_layers:
             d2 = args.depth2_layers
             k2 = max(1, round(d2 / 3))
             layers2 = sorted({1, k2, max(1, round(2 * d2 / 3)), d2 - 1} & set(range(1, d2)))
-            rows += sweep_depth(args, d2, layers2, [2], workroot)
+            rows += sweep_depth(args, d2, layers2, [2], workroot, done_rows=rows)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
@@ -251,6 +260,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=2)
     plot(rows, os.path.join(args.out, "tradeoff.png"))
+    if os.path.exists(os.path.join(args.out, "results.partial.json")):
+        os.remove(os.path.join(args.out, "results.partial.json"))
     log(f"wrote {args.out}/results.json and tradeoff.png")
     return 0
 
