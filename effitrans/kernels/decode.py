@@ -10,7 +10,6 @@ Positions: query t of row b sits at position lengths[b] - T + t and sees cache k
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

@@ -6,9 +6,7 @@ Each block is pre-RMSNorm: x += attn(norm(x)); x += glu(norm(x)). Feed-forward w
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

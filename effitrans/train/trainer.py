@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

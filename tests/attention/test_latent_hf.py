@@ -5,7 +5,6 @@ Covers the full-rank and low-rank query paths, interleaved RoPE and YaRN (factor
 both MLA paths, and cached absorbed decoding against HF's full forward.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

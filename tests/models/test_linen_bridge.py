@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from flax import nnx
 from flax.nnx import bridge
 
 from effitrans.models.transformer import Block

@@ -1,7 +1,6 @@
 """Pruning logic on tiny random models: importance, masks, sliced == masked, checkpoints, recovery,
 MatFormer extraction, bad inputs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ from flax import nnx
 
 from effitrans.models import build_model
 from effitrans import pruning
-from effitrans.pruning import importance
 from tests.helpers import tiny_model_config
 
 WIDTHS = [48, 40]

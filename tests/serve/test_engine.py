@@ -1,7 +1,6 @@
 """ServingEngine: continuous batching reproduces greedy decoding; stop tokens; rejections keep the loop serving;
 prefix caches; the load generator's statistics."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
