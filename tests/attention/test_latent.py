@@ -96,7 +96,8 @@ def _latent_cfg(path, num_layers=1, impl="reference", **kw):
 
 
 # auto: naive full forward vs absorbed decode, through the blockwise (xla) kernels.
-@pytest.mark.parametrize("path,impl", [pytest.param("naive", "reference", marks=pytest.mark.slow), ("auto", "xla")])
+@pytest.mark.parametrize("path,impl", [pytest.param("naive", "reference", marks=pytest.mark.slow),
+                                       pytest.param("auto", "xla", marks=pytest.mark.slow)])
 def test_cached_decode_reproduces_full_forward(path, impl):
     model = build_model(_latent_cfg(path, impl=impl, q_lora_rank=6), seed=1)
     tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 61)
