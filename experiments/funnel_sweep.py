@@ -1,17 +1,19 @@
 """Funnel sweep: latency / FLOPs vs retrieval quality of funnels on encoder_retrieval_small.
 
-    python experiments/funnel_sweep.py                       # the recorded run (~20 min on 2 busy CPU cores)
+    # the recorded run (80 min on a quiet 2-core CPU; experiments/results/funnel_sweep/)
+    python experiments/funnel_sweep.py --steps=400 --train_batch=32 --recovery_steps=40 --recover=stride2 \
+        --max_eval=1024 --repeats=10
     python experiments/funnel_sweep.py --steps=20 --recovery_steps=5 --depth2_layers=3 --out=/tmp/fs  # smoke
 
-Scaled to a shared 2-core CPU (other jobs took most of it): --steps 40 at batch 16 (the config: 600
-at 32), 256 held-out pairs, the reference attention kernel (fastest to compile), recovery (10 steps)
-and from-scratch training at k = round(L/3) only (--recover=all / --scratch=all for every layer).
+Defaults are scaled down further (40 steps at batch 16, 256 held-out pairs, 10 recovery steps, recovery
+and from-scratch training at k = round(L/3) only; --recover=all / --scratch=all for every layer).
 
 1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600) and evaluate held-out
-   recall@1 / MRR (512 pairs of unseen passages, effitrans.data.retrieval.retrieval_metrics).
+   recall@1 / MRR (--max_eval held-out pairs spread over the split, effitrans.data.retrieval.retrieval_metrics).
 2. For every funnel layer k in 1..L-1 and stride in --strides: surgery (effitrans.funnel.insert, no
    retraining), surgery + recovery (--recovery_steps of the normal contrastive training from the dense
-   weights), and (--scratch) the same funnel trained from scratch for --steps.
+   weights), surgery + distillation (the same plus --distill_weight x KL to the dense model's in-batch
+   scores, effitrans.funnel.recovery), and (--scratch) the same funnel trained from scratch for --steps.
 3. Latency: median of the jitted embedding forward on one [--batch, 64] batch, funnel and dense
    alternated call by call in the same process (the machine is shared, so load hits both alike);
    forward FLOPs from effitrans.funnel.encoder_forward_flops.
