@@ -2,6 +2,7 @@
 that finds S x S intermediates."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -46,3 +47,15 @@ def largest_intermediate(fn, *args):
         size = int(np.prod(shape)) if shape else 1
         best = max(best, (size, shape))
     return best
+
+
+def assert_no_quadratic_intermediate(module, s: int, d_model: int) -> None:
+    """Traces forward + backward of `module` at length s and checks its largest intermediate is below
+    S^2 / 8 elements (dense attention for the tests' 2 heads would hold 2 S^2, 16x this bound)."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(module)
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
+    size, shape = largest_intermediate(jax.grad(loss), params, jnp.zeros((1, s, d_model), jnp.float32))
+    assert size < s * s // 8, shape

@@ -11,7 +11,7 @@ from flax import nnx
 from effitrans.attention.lsh import SELF_LOGIT, LSHAttention
 from effitrans.config_validation import ConfigError
 from effitrans.models import build_model
-from tests.attention.sparse_family_helpers import dense_attention_np, largest_intermediate
+from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 
 D, N, H = 16, 2, 8
@@ -122,11 +122,7 @@ def test_gradients_finite_and_rotations_frozen():
 def test_no_quadratic_intermediate_at_8k():
     s = 8192
     m = LSHAttention(16, 2, 8, n_buckets=64, n_hashes=2, chunk_len=64, causal=True, rngs=nnx.Rngs(params=0))
-    graphdef, params = nnx.split(m)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
-    size, shape = largest_intermediate(jax.grad(loss), params, jnp.zeros((1, s, 16), jnp.float32))
-    assert size < s * s // 8, shape      # dense attention would hold 2 heads x S x S = 16x this bound
+    assert_no_quadratic_intermediate(m, s, 16)
 
 
 def test_config_errors_name_the_key():

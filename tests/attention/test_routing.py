@@ -12,7 +12,7 @@ from flax import nnx
 from effitrans.attention.routing import RoutingAttention, ema_centroids
 from effitrans.config_validation import ConfigError
 from effitrans.models import build_model
-from tests.attention.sparse_family_helpers import dense_attention_np, largest_intermediate
+from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 
 D, H = 16, 8
@@ -144,11 +144,7 @@ def test_no_quadratic_intermediate_at_8k():
     m = RoutingAttention(16, 2, 8, num_clusters=32, num_local_heads=1, local_window=64, causal=True, impl="xla",
                          rngs=nnx.Rngs(params=0))
     m.eval()
-    graphdef, params = nnx.split(m)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
-    size, shape = largest_intermediate(jax.grad(loss), params, jnp.zeros((1, s, 16), jnp.float32))
-    assert size < s * s // 8, shape      # dense attention would hold 2 heads x S x S = 16x this bound
+    assert_no_quadratic_intermediate(m, s, 16)
 
 
 def test_config_errors_name_the_key():

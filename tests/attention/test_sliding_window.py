@@ -11,7 +11,7 @@ from flax import nnx
 from effitrans.attention.sliding_window import SlidingWindowAttention, WindowCache
 from effitrans.config_validation import ConfigError
 from effitrans.models import build_model
-from tests.attention.sparse_family_helpers import dense_attention_np, largest_intermediate
+from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 
 D, N, K, H = 16, 4, 2, 8
@@ -105,12 +105,7 @@ def test_no_quadratic_intermediate_at_8k():
     s = 8192
     m = SlidingWindowAttention(16, 2, 2, 8, window_left=128, window_right=128, num_global=4, causal=False,
                                impl="xla", rngs=nnx.Rngs(params=0))
-    x = jnp.zeros((1, s, 16), jnp.float32)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    graphdef, params = nnx.split(m)
-    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
-    size, shape = largest_intermediate(jax.grad(loss), params, x)
-    assert size < s * s // 8, shape      # dense attention would hold 2 heads x S x S = 16x this bound
+    assert_no_quadratic_intermediate(m, s, 16)
 
 
 def test_config_errors_name_the_key():

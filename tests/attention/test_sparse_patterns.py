@@ -12,7 +12,7 @@ from effitrans.attention.sparse_patterns import SparsePatternAttention, StridedC
 from effitrans.config_validation import ConfigError
 from effitrans.kernels import masks
 from effitrans.models import build_model
-from tests.attention.sparse_family_helpers import dense_attention_np, largest_intermediate
+from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 
 D, H = 16, 8
@@ -86,11 +86,7 @@ def test_no_quadratic_intermediate_at_8k(pattern):
     s = 8192
     kw = dict(stride=128) if pattern == "strided" else dict(block=128, summary=8)
     m = SparsePatternAttention(16, 2, 2, 8, pattern=pattern, causal=True, impl="xla", rngs=nnx.Rngs(params=0), **kw)
-    graphdef, params = nnx.split(m)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
-    size, shape = largest_intermediate(jax.grad(loss), params, jnp.zeros((1, s, 16), jnp.float32))
-    assert size < s * s // 8, shape      # dense attention would hold 2 heads x S x S = 16x this bound
+    assert_no_quadratic_intermediate(m, s, 16)
 
 
 def test_config_errors_name_the_key():

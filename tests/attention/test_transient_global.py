@@ -13,7 +13,7 @@ from effitrans.attention.transient_global import (TransientGlobalAttention, glob
                                                   transient_global_reference)
 from effitrans.config_validation import ConfigError
 from effitrans.models import build_model
-from tests.attention.sparse_family_helpers import largest_intermediate
+from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate
 from tests.helpers import tiny_model_config
 
 
@@ -114,11 +114,7 @@ def test_no_quadratic_intermediate_at_8k():
     s = 8192
     m = TransientGlobalAttention(16, 2, 8, local_radius=63, global_block=64, causal=False,
                                  rngs=nnx.Rngs(params=0))
-    graphdef, params = nnx.split(m)
-    pos = jnp.arange(s, dtype=jnp.int32)[None]
-    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, positions=pos)[0])
-    size, shape = largest_intermediate(jax.grad(loss), params, jnp.zeros((1, s, 16), jnp.float32))
-    assert size < s * s // 8, shape      # dense attention would hold 2 heads x S x S = 16x this bound
+    assert_no_quadratic_intermediate(m, s, 16)
 
 
 def test_config_errors_name_the_key():
