@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         rows.append(row)
   family_rows, goal_rows = [], []
   if 'families' in sections:
-    family_rows, goal_rows, family_notes = families_bench.run(args, machine)
+    family_rows, goal_rows, family_notes = families_bench.run(args)
     notes += family_notes
   if rows:
     print()

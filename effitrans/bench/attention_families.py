@@ -150,7 +150,7 @@ def goal_worker(spec: dict) -> dict:
       f"{what}_{kind}_times_s": ts for (what, kind), ts in times.items()}
 
 
-def run(args, machine: dict) -> tuple[list[dict], list[dict], list[str]]:
+def run(args) -> tuple[list[dict], list[dict], list[str]]:
   """Both measurements; returns (family rows, goal rows, notes)."""
   kinds = args.families.split(",")
   for kind in kinds:
@@ -197,7 +197,6 @@ def run(args, machine: dict) -> tuple[list[dict], list[dict], list[str]]:
             faster_pct=100 * (1 - t / d),
             goal=(">= 10% faster" if what == "encoder" else ">= 3x"), met=bool(d / t >= goal),
             dense_times_s=res[f"{what}_dense_times_s"], tga_times_s=res[f"{what}_transient_global_times_s"]))
-  del machine
   return rows, goal_rows, notes
 
 
