@@ -62,6 +62,9 @@ def base_config(args, num_layers: int):
     cfg.train.batch_size = args.train_batch
     cfg.data.eval_batch_size = args.batch              # eval and latency share one compiled shape
     cfg.data.max_eval_examples = args.max_eval
+    cfg.data.pairing = args.pairing
+    if args.lr is not None:
+        cfg.train.learning_rate = args.lr
     cfg.train.steps = args.steps
     cfg.train.eval_every = cfg.train.checkpoint_every = args.steps
     cfg.train.warmup_steps = max(1, min(50, args.steps // 10))
@@ -213,7 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="reference", help="attention kernel (reference compiles fastest on CPU)")
     p.add_argument("--strides", default="2,4")
     p.add_argument("--layers", default="", help="funnel layers k to sweep, e.g. 2 (default: every layer 1..L-1)")
-    p.add_argument("--scratch", default="l3", help="all | l3 (only k = round(L/3)) | none")
+    p.add_argument("--scratch", default="l3", help="all | stride2 (every layer at stride 2, k = L/3 at the "
+                                                   "others) | l3 (only k = round(L/3)) | none")
+    p.add_argument("--pairing", default="crops", help="retrieval pairs: crops (config default) | halves")
+    p.add_argument("--lr", type=float, default=None, help="training learning rate (default: the config's)")
     p.add_argument("--batch", type=int, default=32, help="latency batch (x 64 tokens); = eval batch, one compile")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--depth", type=int, default=6)
@@ -232,9 +238,9 @@ def main(argv=None) -> int:
         layers = [int(k) for k in args.layers.split(",")] if args.layers else list(range(1, args.depth))
         rows = sweep_depth(args, args.depth, layers, strides, workroot)
         if args.scratch != "none":
-            scratch_layers = list(range(1, args.depth)) if args.scratch == "all" else [l3]
             for stride in strides:
-                for k in scratch_layers:
+                every = args.scratch == "all" or (args.scratch == "stride2" and stride == 2)
+                for k in [k for k in (range(1, args.depth) if every else [l3]) if k in layers]:
                     cfg = base_config(args, args.depth)
                     fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
                     t = Trainer(with_model(cfg, fmodel), os.path.join(workroot, f"scr_{k}_{stride}"),

@@ -24,6 +24,7 @@ Batch = Dict[str, np.ndarray]
 # random streams of different datasets / train vs eval never coincide.
 TAG_TEXT_LM = 0x7E47
 TAG_RETRIEVAL = 0x2E72
+TAG_RETRIEVAL_EVAL = 0x2E73
 TAG_LISTOPS_TRAIN = 0x0915
 TAG_LISTOPS_EVAL = 0x0916
 TAG_COPY_TRAIN = 0xC097

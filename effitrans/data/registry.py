@@ -8,7 +8,8 @@ explicitly). Any other field is an error, so a typo never goes unnoticed.
   text_lm:            seq_len=512, corpus_path=None, val_fraction=0.05,
                       max_eval_batches=None, eval_batch_size=None
   text_retrieval:     query_len=64, doc_len=64, corpus_path=None, val_fraction=0.05,
-                      max_eval_examples=None, eval_batch_size=None
+                      max_eval_examples=None, eval_batch_size=None, pairing="halves"
+                      (or "crops": independent random crops of one passage)
   listops:            seq_len=2048, min_len=500, max_len=2000, max_depth=10, max_args=10,
                       num_eval_examples=2000, eval_seed=0, eval_batch_size=None
   copy:               seq_len=64, min_copy_len=1, max_copy_len=16, num_symbols=16,
@@ -32,7 +33,7 @@ FIELDS = {
                 "max_eval_batches": None, "eval_batch_size": None},
     "text_retrieval": {"query_len": 64, "doc_len": 64, "corpus_path": None,
                        "val_fraction": 0.05, "max_eval_examples": None,
-                       "eval_batch_size": None},
+                       "eval_batch_size": None, "pairing": "halves"},
     "listops": {"seq_len": 2048, "min_len": 500, "max_len": 2000, "max_depth": 10,
                 "max_args": 10, "num_eval_examples": 2000, "eval_seed": 0,
                 "eval_batch_size": None},

@@ -68,3 +68,48 @@ def test_capped_eval_set_spreads_over_the_validation_split():
   rows = [r for b in capped.eval_batches() for r, w in zip(b["query"], b["example_weights"]) if w]
   np.testing.assert_array_equal(np.stack(rows)[:, 1:], full.val_passages[idx, :11])
   np.testing.assert_array_equal(full.eval_indices, np.arange(n))  # uncapped: every passage, in order
+
+
+def _bytes(row) -> bytes:
+  return bytes(int(x) for x in row[1:])
+
+
+def test_crop_pairs_are_crops_of_one_passage_and_eval_crops_are_fixed():
+  corpus = text.load_corpus("pydoc_data.topics")
+  kw = dict(query_len=12, doc_len=20, global_batch_size=8, seed=3, val_fraction=0.1, pairing="crops")
+  ds = retrieval.TextRetrievalDataset(corpus, **kw)
+  passages = [bytes(p) for p in ds.train_passages]          # each 11 + 19 = 30 bytes
+  starts = set()
+  for step in range(4):
+    b = ds.get_batch(step)
+    assert b["query"].shape == (8, 12) and b["doc"].shape == (8, 20)
+    for qrow, drow in zip(b["query"], b["doc"]):
+      assert qrow[0] == CLS and drow[0] == CLS
+      q, d = _bytes(qrow), _bytes(drow)
+      owners = [p for p in passages if q in p and d in p]
+      assert owners, (q, d)
+      starts.add(owners[0].index(q))
+    # Process slices of a global batch concatenate to it (offsets drawn for the whole batch).
+    halves = [ds.get_batch(step, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["query"] for h in halves]), b["query"])
+    np.testing.assert_array_equal(np.concatenate([h["doc"] for h in halves]), b["doc"])
+  assert len(starts) > 3                                     # query starts range over [0, 19]
+  assert max(starts) <= 19
+  # Eval crops depend only on the seed and the held-out passage: same in a fresh dataset and a second pass.
+  first = list(ds.eval_batches())
+  again = list(retrieval.TextRetrievalDataset(corpus, **kw).eval_batches())
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  val = [bytes(p) for p in ds.val_passages]
+  for qrow, drow, w in zip(first[0]["query"], first[0]["doc"], first[0]["example_weights"]):
+    if w:
+      assert any(_bytes(qrow) in p and _bytes(drow) in p for p in val)
+  assert ds.metadata["pairing"] == "crops"
+
+
+def test_unknown_pairing_is_rejected():
+  corpus = text.load_corpus("pydoc_data.topics")
+  with pytest.raises(ValueError, match="pairing='thirds'; allowed: halves, crops"):
+    retrieval.TextRetrievalDataset(corpus, query_len=12, doc_len=20, global_batch_size=8, seed=0,
+                                   pairing="thirds")
