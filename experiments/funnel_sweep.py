@@ -10,6 +10,8 @@ and from-scratch training at k = round(L/3) only; --recover=all / --scratch=all 
 
 1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600) and evaluate held-out
    recall@1 / MRR (--max_eval held-out pairs spread over the split, effitrans.data.retrieval.retrieval_metrics).
+   Control: the dense model continued for --recovery_steps at --recovery_lr ("dense+recovery"), the
+   yardstick for recovered funnels (part of a recovery's gain is just training longer).
 2. For every funnel layer k in 1..L-1 and stride in --strides: surgery (effitrans.funnel.insert, no
    retraining), surgery + recovery (--recovery_steps of the normal contrastive training from the dense
    weights), surgery + distillation (the same plus --distill_weight x KL to the dense model's in-batch
@@ -127,6 +129,18 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
     dense_flops = funnel.encoder_forward_flops(cfg.model, args.batch, cfg.data.query_len)
     rows = [{"depth": num_layers, "method": "dense", "at_layer": None, "stride": 1, **base,
              "flops_ratio": 1.0, "latency_cut_pct": 0.0}]
+    if args.recovery_steps > 0:
+        # Control: the dense model given the same extra steps as a recovery, so a recovered funnel's gain
+        # from training longer is not mistaken for the funnel's quality.
+        ctrl = Trainer(with_model(cfg, cfg.model, steps=args.recovery_steps, lr=args.recovery_lr),
+                       os.path.join(workroot, f"ctrl{num_layers}"), peak_gflops=1.0, verbose=False)
+        params, _ = funnel_recovery.recover(ctrl, dense_params, args.recovery_steps)
+        q = quality(ctrl.evaluate(params))
+        rows.append({"depth": num_layers, "method": "dense+recovery", "at_layer": None, "stride": 1, **q,
+                     "flops_ratio": 1.0, "latency_cut_pct": 0.0,
+                     "recall_loss_pts": base["recall_at_1"] - q["recall_at_1"]})
+        log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): recall@1 "
+            f"{q['recall_at_1']:.2f} MRR {q['mrr']:.2f}")
     for stride in strides:
         for k in layers:
             fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
@@ -175,7 +189,9 @@ def plot(rows, path):
     for ax, key, label in ((axes[0], "latency_cut_pct", "p50 latency cut vs dense (%)"),
                            (axes[1], "flops_ratio", "forward FLOPs / dense")):
         for r in rows:
-            if r["method"] == "dense":
+            if r["method"] == "dense+recovery" and r["depth"] == rows[0]["depth"]:
+                ax.axhline(r["recall_loss_pts"], ls=":", c="tab:green", lw=1.0)
+            if r["method"] in ("dense", "dense+recovery"):
                 continue
             color = colors.get(r["stride"], "k")
             if markers[r["method"]] == "x":
@@ -195,10 +211,25 @@ def plot(rows, path):
     handles = [plt.Line2D([], [], ls="", marker=m, c="k", label=n) for n, m in markers.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", c=c, label=f"stride {s}") for s, c in colors.items()]
     handles += [plt.Line2D([], [], ls="", marker="o", mfc="none", c="k", label="second depth (hollow / faint)")]
+    handles += [plt.Line2D([], [], ls=":", c="tab:green", label="dense + the same recovery steps (control)")]
     axes[1].legend(handles=handles, fontsize=7)
     fig.suptitle("Funnel on encoder_retrieval_small: quality loss vs cost (labels: funnel layer k)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def markdown_rows(rows) -> str:
+    """The README table of a sweep's rows (also printed by --replot)."""
+    out = ["| depth | k | stride | method | recall@1 % | loss (pts) | MRR % | p50 ms funnel / dense | p50 cut % "
+           "| FLOPs x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dense = r["method"].startswith("dense")
+        out.append(" | ".join([
+            "", str(r["depth"]), "-" if dense else str(r["at_layer"]), "-" if dense else str(r["stride"]),
+            r["method"], f"{r['recall_at_1']:.2f}", "-" if r["method"] == "dense" else f"{r['recall_loss_pts']:+.2f}",
+            f"{r['mrr']:.2f}", "-" if dense else f"{r['latency_ms']:.0f} / {r['dense_latency_ms']:.0f}",
+            "-" if dense else f"{r['latency_cut_pct']:.1f}", f"{r['flops_ratio']:.2f}", ""]).strip())
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -225,11 +256,14 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--depth2_layers", type=int, default=3, help="second depth for the rule check; 0 skips")
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "funnel_sweep"))
-    p.add_argument("--replot", action="store_true", help="only redraw tradeoff.png from --out/results.json")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw tradeoff.png from --out/results.json and print its markdown table")
     args = p.parse_args(argv)
     if args.replot:
         with open(os.path.join(args.out, "results.json")) as f:
-            plot(json.load(f)["rows"], os.path.join(args.out, "tradeoff.png"))
+            rows = json.load(f)["rows"]
+        plot(rows, os.path.join(args.out, "tradeoff.png"))
+        print(markdown_rows(rows))
         return 0
     strides = [int(s) for s in args.strides.split(",")]
     workroot = tempfile.mkdtemp(prefix="funnel_sweep_")
@@ -270,6 +304,7 @@ def main(argv=None) -> int:
     plot(rows, os.path.join(args.out, "tradeoff.png"))
     if os.path.exists(os.path.join(args.out, "results.partial.json")):
         os.remove(os.path.join(args.out, "results.partial.json"))
+    print(markdown_rows(rows))
     log(f"wrote {args.out}/results.json and tradeoff.png")
     return 0
 
