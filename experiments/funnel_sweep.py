@@ -48,6 +48,7 @@ import encoder_retrieval_small  # noqa: E402
 from effitrans import funnel  # noqa: E402
 from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
 from effitrans.bench.common import machine_description  # noqa: E402
+from effitrans.data.retrieval import paired_recall_loss, retrieval_ranks  # noqa: E402
 from effitrans.train.trainer import Trainer  # noqa: E402
 
 T0 = time.perf_counter()
@@ -87,8 +88,22 @@ def with_model(cfg, model_cfg, *, steps=None, lr=None):
     return out
 
 
-def quality(ev: dict) -> dict:
-    return {"recall_at_1": 100.0 * ev["eval_recall_at_1"], "mrr": 100.0 * ev["eval_mrr"]}
+def quality(trainer, params, base_ranks=None) -> tuple:
+    """({recall_at_1, mrr} in %, plus the paired recall@1 loss vs base_ranks with its 95% bootstrap CI
+    when given, effitrans.data.retrieval.paired_recall_loss), ranks of the held-out queries."""
+    ranks = retrieval_ranks(*trainer.eval_embeddings(params))
+    out = {"recall_at_1": 100.0 * float(np.mean(ranks == 1)), "mrr": 100.0 * float(np.mean(1.0 / ranks))}
+    if base_ranks is not None:
+        paired = paired_recall_loss(base_ranks, ranks)
+        out.update(recall_loss_pts=paired["loss_pts"], loss_ci95_pts=[paired["ci_low_pts"], paired["ci_high_pts"]],
+                   queries_lost=paired["base_only"], queries_gained=paired["variant_only"])
+    return out, ranks
+
+
+def describe(r: dict) -> str:
+    lo, hi = r["loss_ci95_pts"]
+    return (f"recall@1 {r['recall_at_1']:.2f} (loss {r['recall_loss_pts']:+.2f} pts, 95% CI [{lo:+.2f}, {hi:+.2f}]) "
+            f"MRR {r['mrr']:.2f}")
 
 
 def paired_latency(fn_a, fn_b, repeats: int) -> tuple:
@@ -119,7 +134,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
     dense_trainer = Trainer(cfg, os.path.join(workroot, f"dense{num_layers}"), peak_gflops=1.0, verbose=False)
     out = dense_trainer.train()
     dense_params = out["state"]["params"]
-    base = quality(out["eval"])
+    base, base_ranks = quality(dense_trainer, dense_params)
     log(f"depth {num_layers} dense: recall@1 {base['recall_at_1']:.2f} MRR {base['mrr']:.2f}")
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(4, 256, size=(args.batch, cfg.data.query_len)), jnp.int32)
@@ -135,12 +150,10 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
         ctrl = Trainer(with_model(cfg, cfg.model, steps=args.recovery_steps, lr=args.recovery_lr),
                        os.path.join(workroot, f"ctrl{num_layers}"), peak_gflops=1.0, verbose=False)
         params, _ = funnel_recovery.recover(ctrl, dense_params, args.recovery_steps)
-        q = quality(ctrl.evaluate(params))
+        q, _ = quality(ctrl, params, base_ranks)
         rows.append({"depth": num_layers, "method": "dense+recovery", "at_layer": None, "stride": 1, **q,
-                     "flops_ratio": 1.0, "latency_cut_pct": 0.0,
-                     "recall_loss_pts": base["recall_at_1"] - q["recall_at_1"]})
-        log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): recall@1 "
-            f"{q['recall_at_1']:.2f} MRR {q['mrr']:.2f}")
+                     "flops_ratio": 1.0, "latency_cut_pct": 0.0})
+        log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): {describe(q)}")
     for stride in strides:
         for k in layers:
             fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
@@ -154,28 +167,27 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
             lat = {"latency_ms": 1e3 * t_funnel, "dense_latency_ms": 1e3 * t_dense,
                    "latency_cut_pct": 100.0 * (1 - t_funnel / t_dense), "flops_ratio": flops}
             common = {"depth": num_layers, "at_layer": k, "stride": stride, **lat}
-            q = quality(rtrainer.evaluate(dense_params))
-            rows.append({**common, "method": "surgery", **q})
+            rows.append({**common, "method": "surgery", **quality(rtrainer, dense_params, base_ranks)[0]})
             do_recover = args.recovery_steps > 0 and (
                 args.recover == "all" or k == round(num_layers / 3) or (args.recover == "stride2" and stride == 2)
                 or num_layers != args.depth)
             n_new = 1
             if do_recover:
                 params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps)
-                rows.append({**common, "method": "surgery+recovery", **quality(rtrainer.evaluate(params))})
+                rows.append({**common, "method": "surgery+recovery",
+                             **quality(rtrainer, params, base_ranks)[0]})
                 n_new += 1
                 if args.distill_weight > 0:
                     params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps,
                                                         teacher_embed=teacher, distill_weight=args.distill_weight)
-                    rows.append({**common, "method": "surgery+distill", **quality(rtrainer.evaluate(params))})
+                    rows.append({**common, "method": "surgery+distill",
+                                 **quality(rtrainer, params, base_ranks)[0]})
                     n_new += 1
             for r in rows[-n_new:]:
-                r["recall_loss_pts"] = base["recall_at_1"] - r["recall_at_1"]
-                log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: recall@1 {r['recall_at_1']:.2f} "
-                    f"(loss {r['recall_loss_pts']:+.2f} pts) MRR {r['mrr']:.2f} | p50 {r['latency_ms']:.2f} ms vs "
+                log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: {describe(r)} | p50 {r['latency_ms']:.2f} ms vs "
                     f"dense {r['dense_latency_ms']:.2f} ms: cut {r['latency_cut_pct']:.1f}% | FLOPs x{flops:.2f}")
             save_partial(args, list(done_rows) + rows)
-    return rows
+    return rows, base_ranks
 
 
 def plot(rows, path):
@@ -194,6 +206,8 @@ def plot(rows, path):
             if r["method"] in ("dense", "dense+recovery"):
                 continue
             color = colors.get(r["stride"], "k")
+            if r.get("loss_ci95_pts"):                                  # paired 95% CI as a thin bar
+                ax.plot([r[key]] * 2, r["loss_ci95_pts"], c=color, lw=0.6, alpha=0.4)
             if markers[r["method"]] == "x":
                 ax.scatter(r[key], r["recall_loss_pts"], marker="x", s=40, c=color,
                            alpha=1.0 if r["depth"] == rows[0]["depth"] else 0.4)
@@ -218,15 +232,20 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def loss_cell(r: dict) -> str:
+    ci = r.get("loss_ci95_pts")
+    return f"{r['recall_loss_pts']:+.2f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+
 def markdown_rows(rows) -> str:
     """The README table of a sweep's rows (also printed by --replot)."""
-    out = ["| depth | k | stride | method | recall@1 % | loss (pts) | MRR % | p50 ms funnel / dense | p50 cut % "
-           "| FLOPs x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| depth | k | stride | method | recall@1 % | loss (pts) [95% CI] | MRR % | p50 ms funnel / dense "
+           "| p50 cut % | FLOPs x |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         dense = r["method"].startswith("dense")
         out.append(" | ".join([
             "", str(r["depth"]), "-" if dense else str(r["at_layer"]), "-" if dense else str(r["stride"]),
-            r["method"], f"{r['recall_at_1']:.2f}", "-" if r["method"] == "dense" else f"{r['recall_loss_pts']:+.2f}",
+            r["method"], f"{r['recall_at_1']:.2f}", "-" if r["method"] == "dense" else loss_cell(r),
             f"{r['mrr']:.2f}", "-" if dense else f"{r['latency_ms']:.0f} / {r['dense_latency_ms']:.0f}",
             "-" if dense else f"{r['latency_cut_pct']:.1f}", f"{r['flops_ratio']:.2f}", ""]).strip())
     return "\n".join(out)
@@ -270,7 +289,7 @@ def main(argv=None) -> int:
     try:
         l3 = max(1, round(args.depth / 3))
         layers = [int(k) for k in args.layers.split(",")] if args.layers else list(range(1, args.depth))
-        rows = sweep_depth(args, args.depth, layers, strides, workroot)
+        rows, base_ranks = sweep_depth(args, args.depth, layers, strides, workroot)
         if args.scratch != "none":
             for stride in strides:
                 every = args.scratch == "all" or (args.scratch == "stride2" and stride == 2)
@@ -279,20 +298,18 @@ def main(argv=None) -> int:
                     fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
                     t = Trainer(with_model(cfg, fmodel), os.path.join(workroot, f"scr_{k}_{stride}"),
                                 peak_gflops=1.0, verbose=False)
-                    q = quality(t.train()["eval"])
+                    q, _ = quality(t, t.train()["state"]["params"], base_ranks)
                     ref = next(r for r in rows if r["at_layer"] == k and r["stride"] == stride)
                     row = {**{kk: ref[kk] for kk in ("depth", "at_layer", "stride", "latency_ms", "dense_latency_ms",
-                                                      "latency_cut_pct", "flops_ratio")}, "method": "scratch", **q,
-                           "recall_loss_pts": rows[0]["recall_at_1"] - q["recall_at_1"]}
+                                                      "latency_cut_pct", "flops_ratio")}, "method": "scratch", **q}
                     rows.append(row)
-                    log(f"depth {args.depth} k={k} s={stride} scratch: recall@1 {q['recall_at_1']:.2f} "
-                        f"(loss {row['recall_loss_pts']:+.2f} pts) MRR {q['mrr']:.2f}")
+                    log(f"depth {args.depth} k={k} s={stride} scratch: {describe(q)}")
                     save_partial(args, rows)
         if args.depth2_layers:
             d2 = args.depth2_layers
             k2 = max(1, round(d2 / 3))
             layers2 = sorted({1, k2, max(1, round(2 * d2 / 3)), d2 - 1} & set(range(1, d2)))
-            rows += sweep_depth(args, d2, layers2, [2], workroot, done_rows=rows)
+            rows += sweep_depth(args, d2, layers2, [2], workroot, done_rows=rows)[0]
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

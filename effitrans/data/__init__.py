@@ -7,7 +7,7 @@ see docs/data.md.
 
 from effitrans.data.listops import ListOpsDataset
 from effitrans.data.registry import DATASET_NAMES, FIELDS, build_dataset, resolve_config
-from effitrans.data.retrieval import TextRetrievalDataset, retrieval_metrics
+from effitrans.data.retrieval import TextRetrievalDataset, paired_recall_loss, retrieval_metrics, retrieval_ranks
 from effitrans.data.synthetic import AssociativeRecallDataset, CopyDataset
 from effitrans.data.text import Corpus, TextLMDataset, load_corpus, split_documents, unigram_entropy_bits
 from effitrans.data.tokenizer import BOS, CLS, EOS, MASK, PAD, VOCAB_SIZE, decode, encode
@@ -16,5 +16,5 @@ __all__ = [
     "AssociativeRecallDataset", "BOS", "CLS", "Corpus", "CopyDataset", "DATASET_NAMES", "EOS",
     "FIELDS", "ListOpsDataset", "MASK", "PAD", "TextLMDataset", "TextRetrievalDataset",
     "VOCAB_SIZE", "build_dataset", "decode", "encode", "load_corpus", "resolve_config",
-    "retrieval_metrics", "split_documents", "unigram_entropy_bits",
+    "paired_recall_loss", "retrieval_metrics", "retrieval_ranks", "split_documents", "unigram_entropy_bits",
 ]

@@ -203,6 +203,12 @@ class Trainer:
     def _evaluate_retrieval(self, params) -> dict:
         from effitrans.data.retrieval import retrieval_metrics
 
+        q, d = self.eval_embeddings(params)
+        metrics = retrieval_metrics(q, d)
+        return {f"eval_{k}": float(v) for k, v in metrics.items()} | {"eval_examples": float(q.shape[0])}
+
+    def eval_embeddings(self, params) -> tuple:
+        """Retrieval: (query, doc) embeddings of the held-out pairs, padding dropped: float [n, embed_dim] x 2."""
         qs, ds = [], []
         for local in self.dataset.eval_batches(process_index=jax.process_index(),
                                                process_count=jax.process_count()):
@@ -210,8 +216,7 @@ class Trainer:
             keep = np.asarray(jax.device_get(b["example_weights"])) > 0
             qs.append(np.asarray(jax.device_get(self._embed_step(params, b["query"], b["query_mask"])))[keep])
             ds.append(np.asarray(jax.device_get(self._embed_step(params, b["doc"], b["doc_mask"])))[keep])
-        metrics = retrieval_metrics(np.concatenate(qs), np.concatenate(ds))
-        return {f"eval_{k}": float(v) for k, v in metrics.items()} | {"eval_examples": float(sum(map(len, qs)))}
+        return np.concatenate(qs), np.concatenate(ds)
 
     # ---- the loop ---------------------------------------------------------------------------------
 

@@ -113,3 +113,29 @@ def test_unknown_pairing_is_rejected():
   with pytest.raises(ValueError, match="pairing='thirds'; allowed: halves, crops"):
     retrieval.TextRetrievalDataset(corpus, query_len=12, doc_len=20, global_batch_size=8, seed=0,
                                    pairing="thirds")
+
+
+def test_ranks_match_metrics_and_paired_loss_by_hand():
+  rng = np.random.default_rng(1)
+  q, d = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
+  ranks = retrieval.retrieval_ranks(q, d, chunk=9)
+  m = retrieval.retrieval_metrics(q, d)
+  assert m["recall_at_1"] == np.mean(ranks == 1) and m["mrr"] == pytest.approx(np.mean(1 / ranks))
+  base = np.array([1, 1, 1, 1, 2, 3, 1, 5])         # hits: 1 1 1 1 0 0 1 0
+  var = np.array([1, 1, 2, 1, 1, 3, 4, 7])          # hits: 1 1 0 1 1 0 0 0
+  out = retrieval.paired_recall_loss(base, var, samples=2000)
+  # per-query base - variant: 0 0 1 0 -1 0 1 0 -> mean 1/8
+  assert out["loss_pts"] == pytest.approx(12.5) and (out["base_only"], out["variant_only"]) == (2, 1)
+  assert out["ci_low_pts"] < 12.5 < out["ci_high_pts"]
+  # On many queries the bootstrap interval matches the normal one, mean +- 1.96 sd / sqrt(n).
+  base = rng.integers(1, 3, size=3000)
+  var = np.where(rng.random(3000) < 0.1, 3 - base, base)   # 10% of queries flip between hit and miss
+  out = retrieval.paired_recall_loss(base, var)
+  diff = 100.0 * ((base == 1).astype(float) - (var == 1))
+  half = 1.96 * diff.std() / np.sqrt(diff.size)
+  assert out["loss_pts"] == pytest.approx(diff.mean())
+  assert out["ci_high_pts"] - out["ci_low_pts"] == pytest.approx(2 * half, rel=0.1)
+  same = retrieval.paired_recall_loss(base, base)     # identical models: zero loss, zero width
+  assert same["loss_pts"] == same["ci_low_pts"] == same["ci_high_pts"] == 0.0
+  with pytest.raises(ValueError, match="equal-length"):
+    retrieval.paired_recall_loss(base, var[:-1])
