@@ -1,17 +1,19 @@
 """Funnel sweep: latency / FLOPs vs retrieval quality of funnels on encoder_retrieval_small.
 
-    # the recorded run (80 min on a quiet 2-core CPU; experiments/results/funnel_sweep/)
-    python experiments/funnel_sweep.py --steps=400 --train_batch=32 --recovery_steps=40 --recover=stride2 \
-        --max_eval=1024 --repeats=10
+    # the recorded run (76 min on a quiet 2-core CPU; experiments/results/funnel_sweep/)
+    python experiments/funnel_sweep.py --steps=200 --train_batch=32 --recovery_steps=40 --recover=stride2 \
+        --scratch=stride2 --max_eval=1024 --repeats=10
     python experiments/funnel_sweep.py --steps=20 --recovery_steps=5 --depth2_layers=3 --out=/tmp/fs  # smoke
 
 Defaults are scaled down further (40 steps at batch 16, 256 held-out pairs, 10 recovery steps, recovery
 and from-scratch training at k = round(L/3) only; --recover=all / --scratch=all for every layer).
 
-1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600) and evaluate held-out
-   recall@1 / MRR (--max_eval held-out pairs spread over the split, effitrans.data.retrieval.retrieval_metrics).
+1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600; --pairing, default the
+   config's "crops") and rank --max_eval held-out pairs spread over the split. Every later row's recall@1
+   loss is paired against these ranks on the same queries, with a 95% bootstrap interval
+   (effitrans.data.retrieval.paired_recall_loss).
    Control: the dense model continued for --recovery_steps at --recovery_lr ("dense+recovery"), the
-   yardstick for recovered funnels (part of a recovery's gain is just training longer).
+   yardstick for recovered funnels (a recovery's effect includes that of the extra training itself).
 2. For every funnel layer k in 1..L-1 and stride in --strides: surgery (effitrans.funnel.insert, no
    retraining), surgery + recovery (--recovery_steps of the normal contrastive training from the dense
    weights), surgery + distillation (the same plus --distill_weight x KL to the dense model's in-batch
