@@ -50,7 +50,7 @@ import encoder_retrieval_small  # noqa: E402
 from effitrans import funnel  # noqa: E402
 from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
 from effitrans.bench.common import machine_description  # noqa: E402
-from effitrans.data.retrieval import paired_recall_loss, retrieval_ranks  # noqa: E402
+from effitrans.data.retrieval import metrics_from_ranks, paired_recall_loss, retrieval_ranks  # noqa: E402
 from effitrans.train.trainer import Trainer  # noqa: E402
 
 T0 = time.perf_counter()
@@ -94,7 +94,8 @@ def quality(trainer, params, base_ranks=None) -> tuple:
     """({recall_at_1, mrr} in %, plus the paired recall@1 loss vs base_ranks with its 95% bootstrap CI
     when given, effitrans.data.retrieval.paired_recall_loss), ranks of the held-out queries."""
     ranks = retrieval_ranks(*trainer.eval_embeddings(params))
-    out = {"recall_at_1": 100.0 * float(np.mean(ranks == 1)), "mrr": 100.0 * float(np.mean(1.0 / ranks))}
+    m = metrics_from_ranks(ranks, ks=(1,))
+    out = {"recall_at_1": 100.0 * m["recall_at_1"], "mrr": 100.0 * m["mrr"]}
     if base_ranks is not None:
         paired = paired_recall_loss(base_ranks, ranks)
         out.update(recall_loss_pts=paired["loss_pts"], loss_ci95_pts=[paired["ci_low_pts"], paired["ci_high_pts"]],

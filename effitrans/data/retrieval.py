@@ -120,8 +120,8 @@ class TextRetrievalDataset:
     # Evenly spaced, distinct, sorted indices into val_passages (all of them when num_eval = len).
     self.eval_indices = np.floor(
         np.arange(self.num_eval) * (len(self.val_passages) / self.num_eval)).astype(np.int64)
-    self._eval_offsets = self._crop_offsets(
-        batching.make_rng(batching.TAG_RETRIEVAL_EVAL, self.seed), self.num_eval)
+    self._eval_offsets = (None if pairing != "crops" else self._crop_offsets(
+        batching.make_rng(batching.TAG_RETRIEVAL_EVAL, self.seed), self.num_eval))
 
   def _crop_offsets(self, rng: np.random.Generator, k: int) -> tuple:
     """("crops") query starts in [0, W - qb] and doc starts in [0, W - db], int [k] each."""
@@ -243,7 +243,12 @@ def retrieval_metrics(query_emb, doc_emb, *, weights=None, ks: Sequence[int] = (
   Returns:
     {"recall_at_{k}": float for k in ks, "mrr": float, "num_queries": int}.
   """
-  ranks = retrieval_ranks(query_emb, doc_emb, weights=weights, chunk=chunk)
+  return metrics_from_ranks(retrieval_ranks(query_emb, doc_emb, weights=weights, chunk=chunk), ks)
+
+
+def metrics_from_ranks(ranks, ks: Sequence[int] = (1, 5, 10)) -> dict:
+  """{"recall_at_{k}", "mrr", "num_queries"} of positive ranks int [n] (as ``retrieval_ranks``)."""
+  ranks = np.asarray(ranks)
   out = {f"recall_at_{k}": float(np.mean(ranks <= k)) for k in ks}
   out["mrr"] = float(np.mean(1.0 / ranks))
   out["num_queries"] = int(ranks.shape[0])
