@@ -13,7 +13,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 import ml_collections  # noqa: E402
 
 
@@ -21,17 +20,35 @@ def get_config(arg=None):
     del arg
     data = ml_collections.ConfigDict()
     data.name = "text_retrieval"
-    data.query_len = 64                 # bytes of the query (first half), CLS included
-    data.doc_len = 64                   # bytes of the document (second half), CLS included
+    data.query_len = 64  # bytes of the query (first half), CLS included
+    data.doc_len = 64  # bytes of the document (second half), CLS included
     data.corpus_path = ml_collections.FieldReference(None, field_type=str)
     data.val_fraction = 0.05
-    data.max_eval_examples = 512        # held-out pairs scored against each other
-    data.pairing = "crops"              # or "halves": query = first half, doc = second half (much harder)
+    data.max_eval_examples = 512  # held-out pairs scored against each other
+    data.pairing = "crops"  # or "halves": query = first half, doc = second half (much harder)
     data.eval_batch_size = ml_collections.FieldReference(None, field_type=int)
     return common.experiment(
-        common.model(name="encoder_embedding", num_layers=6, d_model=192, num_heads=6, num_kv_heads=6,
-                     head_dim=32, ffn_width=512, pooling="mean", embed_dim=128),
+        common.model(
+            name="encoder_embedding",
+            num_layers=6,
+            d_model=192,
+            num_heads=6,
+            num_kv_heads=6,
+            head_dim=32,
+            ffn_width=512,
+            pooling="mean",
+            embed_dim=128,
+        ),
         data,
-        common.train(task="retrieval", steps=600, batch_size=32, learning_rate=3e-4, warmup_steps=50,
-                     checkpoint_every=200, eval_every=200, log_every=20),
-        common.mesh())
+        common.train(
+            task="retrieval",
+            steps=600,
+            batch_size=32,
+            learning_rate=3e-4,
+            warmup_steps=50,
+            checkpoint_every=200,
+            eval_every=200,
+            log_every=20,
+        ),
+        common.mesh(),
+    )

@@ -16,8 +16,8 @@ import funnel_common  # noqa: E402
 
 def get_config(arg=None):
     del arg
-    config = encoder_retrieval_small.get_config()        # data, train and mesh as the dense model
-    config.model.name = "funnel_embedding"              # the funnel version of encoder_embedding
+    config = encoder_retrieval_small.get_config()  # data, train and mesh as the dense model
+    config.model.name = "funnel_embedding"  # the funnel version of encoder_embedding
     # 6 layers: 2 at full length (64 bytes), then 4 on the pooled sequence (CLS + 32 windows of 2 bytes).
     config.model.funnel = funnel_common.funnel(block_layers=[2, 4], strides=[2])
     return config

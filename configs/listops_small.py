@@ -5,7 +5,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 import ml_collections  # noqa: E402
 
 
@@ -13,18 +12,36 @@ def get_config(arg=None):
     del arg
     data = ml_collections.ConfigDict()
     data.name = "listops"
-    data.seq_len = 512                  # padded length (CLS included)
-    data.min_len = 100                  # generated expression lengths, in tokens
+    data.seq_len = 512  # padded length (CLS included)
+    data.min_len = 100  # generated expression lengths, in tokens
     data.max_len = 500
-    data.max_depth = 10                 # LRA spec
-    data.max_args = 10                  # LRA spec
+    data.max_depth = 10  # LRA spec
+    data.max_args = 10  # LRA spec
     data.num_eval_examples = 512
-    data.eval_seed = 0                  # the held-out set is generated from this seed, apart from training
+    data.eval_seed = 0  # the held-out set is generated from this seed, apart from training
     data.eval_batch_size = ml_collections.FieldReference(None, field_type=int)
     return common.experiment(
-        common.model(name="encoder_classifier", num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
-                     head_dim=32, ffn_width=512, pooling="cls", num_classes=10),
+        common.model(
+            name="encoder_classifier",
+            num_layers=4,
+            d_model=128,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=32,
+            ffn_width=512,
+            pooling="cls",
+            num_classes=10,
+        ),
         data,
-        common.train(task="classification", steps=2000, batch_size=32, learning_rate=1e-3, warmup_steps=100,
-                     checkpoint_every=500, eval_every=500, log_every=50),
-        common.mesh())
+        common.train(
+            task="classification",
+            steps=2000,
+            batch_size=32,
+            learning_rate=1e-3,
+            warmup_steps=100,
+            checkpoint_every=500,
+            eval_every=500,
+            log_every=50,
+        ),
+        common.mesh(),
+    )

@@ -8,7 +8,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 import ml_collections  # noqa: E402
 
 
@@ -24,6 +23,14 @@ def get_config(arg=None):
     return common.experiment(
         common.model(d_model=512, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=64, ffn_width=1536),
         data,
-        common.train(steps=600, batch_size=8, learning_rate=1e-3, warmup_steps=60, checkpoint_every=50,
-                     eval_every=200, log_every=5),
-        common.mesh())
+        common.train(
+            steps=600,
+            batch_size=8,
+            learning_rate=1e-3,
+            warmup_steps=60,
+            checkpoint_every=50,
+            eval_every=200,
+            log_every=5,
+        ),
+        common.mesh(),
+    )

@@ -7,9 +7,10 @@ a typo never silently falls back to a default. Every error names the key, the va
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
-Check = Callable[[Any], Optional[str]]
+Check = Callable[[Any], str | None]
 
 
 class ConfigError(ValueError):
@@ -17,6 +18,7 @@ class ConfigError(ValueError):
 
 
 # ---- small value checks: each returns None if ok, else a description of what is allowed -------------
+
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
@@ -30,6 +32,7 @@ def float_at_least(lo: float, strict: bool = False) -> Check:
     def check(v):
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > lo if strict else v >= lo)
         return None if ok else f"a number {'>' if strict else '>='} {lo}"
+
     return check
 
 
@@ -113,7 +116,7 @@ def _model_schema():
             "block_q": block_size,
             "block_k": block_size,
         },
-        "funnel": _funnel_schema(),     # funnel_* models only; keys: configs/funnel_common.py
+        "funnel": _funnel_schema(),  # funnel_* models only; keys: configs/funnel_common.py
         # model.attention may also hold the keys its family declares (AttentionFamily.options).
     }
 
@@ -177,9 +180,11 @@ def _family_keys_schema(kind) -> dict:
         if other == kind:
             continue
         for key in family.options:
-            schema[key] = (lambda v, other=other, key=key: None if v is None else
-                           f"None: {key} is a key of kind={other!r}, not of kind={kind!r} (set kind={other!r} "
-                           f"to use it)")
+            schema[key] = lambda v, other=other, key=key: (
+                None
+                if v is None
+                else f"None: {key} is a key of kind={other!r}, not of kind={kind!r} (set kind={other!r} to use it)"
+            )
     chosen = ATTENTION_FAMILIES.get(kind)
     if chosen is not None:
         schema.update({key: optional(check) for key, check in chosen.options.items()})
@@ -193,13 +198,17 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     _walk(model_cfg, schema, prefix)
     m = model_cfg
     if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"{prefix}.num_kv_heads={m.num_kv_heads} must divide {prefix}.num_heads={m.num_heads} "
-                          f"(allowed: {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]})")
+        raise ConfigError(
+            f"{prefix}.num_kv_heads={m.num_kv_heads} must divide {prefix}.num_heads={m.num_heads} "
+            f"(allowed: {[d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0]})"
+        )
     if m.get("rope_base") is not None and m.head_dim % 2:
         raise ConfigError(f"{prefix}.head_dim={m.head_dim} must be even when RoPE is used (rope_base set)")
     if not _is_int(m.ffn_width) and len(m.ffn_width) != m.num_layers:
-        raise ConfigError(f"{prefix}.ffn_width has {len(m.ffn_width)} entries but {prefix}.num_layers="
-                          f"{m.num_layers}; give one width per layer or a single int")
+        raise ConfigError(
+            f"{prefix}.ffn_width has {len(m.ffn_width)} entries but {prefix}.num_layers="
+            f"{m.num_layers}; give one width per layer or a single int"
+        )
     if m.name == "encoder_classifier" and "num_classes" not in m:
         raise ConfigError(f"{prefix}.num_classes is required when {prefix}.name='encoder_classifier'")
     if m.name == "encoder_embedding" and "embed_dim" not in m:
@@ -211,7 +220,7 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     check_funnel_config(m, prefix)
 
 
-def validate_config(config, *, num_devices: Optional[int] = None, num_processes: int = 1) -> None:
+def validate_config(config, *, num_devices: int | None = None, num_processes: int = 1) -> None:
     """Validates all four groups of an experiment config and the relations across them."""
     for group in ("model", "data", "train", "mesh"):
         if group not in config:
@@ -226,34 +235,50 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
         resolve_config(config.data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{e}") from None
-    if "funnel" in config.model:          # pooling must leave >= 1 token at the data's sequence lengths
+    if "funnel" in config.model:  # pooling must leave >= 1 token at the data's sequence lengths
         from effitrans.funnel.config import check_funnel_config
 
-        check_funnel_config(config.model, "config.model",
-                            [config.data[k] for k in ("seq_len", "query_len", "doc_len") if k in config.data])
+        check_funnel_config(
+            config.model,
+            "config.model",
+            [config.data[k] for k in ("seq_len", "query_len", "doc_len") if k in config.data],
+        )
     _walk(config.train, TRAIN_SCHEMA, "config.train")
     _walk(config.mesh, MESH_SCHEMA, "config.mesh")
 
     t, mesh = config.train, config.mesh
     mesh_size = mesh.data * mesh.fsdp * mesh.tensor
     if num_devices is not None and mesh_size > num_devices:
-        raise ConfigError(f"config.mesh data={mesh.data} x fsdp={mesh.fsdp} x tensor={mesh.tensor} = {mesh_size} "
-                          f"devices, but only {num_devices} are available (allowed: a product <= {num_devices})")
+        raise ConfigError(
+            f"config.mesh data={mesh.data} x fsdp={mesh.fsdp} x tensor={mesh.tensor} = {mesh_size} "
+            f"devices, but only {num_devices} are available (allowed: a product <= {num_devices})"
+        )
     batch_parallel = mesh.data * mesh.fsdp
     micro = t.batch_size // t.grad_accum_steps
     if t.batch_size % t.grad_accum_steps:
-        raise ConfigError(f"config.train.batch_size={t.batch_size} must be divisible by "
-                          f"config.train.grad_accum_steps={t.grad_accum_steps}")
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} must be divisible by "
+            f"config.train.grad_accum_steps={t.grad_accum_steps}"
+        )
     if micro % batch_parallel:
-        raise ConfigError(f"config.train.batch_size={t.batch_size} (micro-batch {micro} with grad_accum_steps="
-                          f"{t.grad_accum_steps}) must be divisible by the data-parallel size data x fsdp = "
-                          f"{batch_parallel}")
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} (micro-batch {micro} with grad_accum_steps="
+            f"{t.grad_accum_steps}) must be divisible by the data-parallel size data x fsdp = "
+            f"{batch_parallel}"
+        )
     if t.batch_size % num_processes:
-        raise ConfigError(f"config.train.batch_size={t.batch_size} must be divisible by the number of processes "
-                          f"{num_processes}")
-    expected_task = {"causal_lm": "lm", "encoder_classifier": "classification",
-                     "encoder_embedding": "retrieval", "funnel_classifier": "classification",
-                     "funnel_embedding": "retrieval"}[config.model.name]
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} must be divisible by the number of processes {num_processes}"
+        )
+    expected_task = {
+        "causal_lm": "lm",
+        "encoder_classifier": "classification",
+        "encoder_embedding": "retrieval",
+        "funnel_classifier": "classification",
+        "funnel_embedding": "retrieval",
+    }[config.model.name]
     if t.task != expected_task:
-        raise ConfigError(f"config.train.task={t.task!r} does not fit config.model.name={config.model.name!r} "
-                          f"(allowed: {expected_task!r})")
+        raise ConfigError(
+            f"config.train.task={t.task!r} does not fit config.model.name={config.model.name!r} "
+            f"(allowed: {expected_task!r})"
+        )

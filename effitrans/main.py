@@ -15,8 +15,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (optionally file.py:arg).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file (optionally file.py:arg).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.jsonl.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to run.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt for --mode=generate (default: config.train.sample_prompt).")
@@ -38,8 +39,9 @@ def _init_distributed() -> None:
     # CPU processes need gloo for cross-process collectives; the setting does not affect GPU/TPU backends.
     # (Asking jax.default_backend() here would initialise the backend before distributed.initialize.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
 
 
 def sample_text(trainer, params, prompt: str, num_tokens: int) -> str:
@@ -51,18 +53,19 @@ def sample_text(trainer, params, prompt: str, num_tokens: int) -> str:
 
     ids = jnp.asarray(tokenizer.encode(prompt))[None, :]
     out = generate(trainer.model_from(params), ids, max_new_tokens=num_tokens)
-    return tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CPU_DEVICES.value:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
+        )
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO; keep the progress lines readable
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; keep the progress lines readable
     _init_distributed()
     from effitrans.train.trainer import Trainer
 
@@ -72,7 +75,7 @@ def main(argv) -> None:
         result = trainer.train()
         if result["interrupted"]:
             trainer.checkpointer.close()
-            return                                 # saved; rerun the same command to resume
+            return  # saved; rerun the same command to resume
         state, metrics = result["state"], result["eval"]
     else:
         state = trainer.restore_or_init()
@@ -95,8 +98,11 @@ def parse_flags(argv):
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         detail = str(e).strip().strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        sys.exit(f"effitrans.main: bad config override {' '.join(bad) or '(in --config file)'}: key {detail} "
-                 f"does not exist or cannot take that value. Keys that do not exist in the config file cannot be set; values must keep the key's type.")
+        sys.exit(
+            f"effitrans.main: bad config override {' '.join(bad) or '(in --config file)'}: key {detail} "
+            f"does not exist or cannot take that value. Keys that do not exist in the config file cannot be set; "
+            "values must keep the key's type."
+        )
 
 
 def run() -> None:

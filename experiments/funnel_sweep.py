@@ -42,15 +42,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
+import encoder_retrieval_small  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import encoder_retrieval_small  # noqa: E402
 from effitrans import funnel  # noqa: E402
-from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
 from effitrans.bench.common import machine_description  # noqa: E402
 from effitrans.data.retrieval import metrics_from_ranks, paired_recall_loss, retrieval_ranks  # noqa: E402
+from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
 from effitrans.train.trainer import Trainer  # noqa: E402
 
 T0 = time.perf_counter()
@@ -65,7 +65,7 @@ def base_config(args, num_layers: int):
     cfg.model.num_layers = num_layers
     cfg.model.attention.impl = args.impl
     cfg.train.batch_size = args.train_batch
-    cfg.data.eval_batch_size = args.batch              # eval and latency share one compiled shape
+    cfg.data.eval_batch_size = args.batch  # eval and latency share one compiled shape
     cfg.data.max_eval_examples = args.max_eval
     cfg.data.pairing = args.pairing
     if args.lr is not None:
@@ -98,15 +98,21 @@ def quality(trainer, params, base_ranks=None) -> tuple:
     out = {"recall_at_1": 100.0 * m["recall_at_1"], "mrr": 100.0 * m["mrr"]}
     if base_ranks is not None:
         paired = paired_recall_loss(base_ranks, ranks)
-        out.update(recall_loss_pts=paired["loss_pts"], loss_ci95_pts=[paired["ci_low_pts"], paired["ci_high_pts"]],
-                   queries_lost=paired["base_only"], queries_gained=paired["variant_only"])
+        out.update(
+            recall_loss_pts=paired["loss_pts"],
+            loss_ci95_pts=[paired["ci_low_pts"], paired["ci_high_pts"]],
+            queries_lost=paired["base_only"],
+            queries_gained=paired["variant_only"],
+        )
     return out, ranks
 
 
 def describe(r: dict) -> str:
     lo, hi = r["loss_ci95_pts"]
-    return (f"recall@1 {r['recall_at_1']:.2f} (loss {r['recall_loss_pts']:+.2f} pts, 95% CI [{lo:+.2f}, {hi:+.2f}]) "
-            f"MRR {r['mrr']:.2f}")
+    return (
+        f"recall@1 {r['recall_at_1']:.2f} (loss {r['recall_loss_pts']:+.2f} pts, 95% CI [{lo:+.2f}, {hi:+.2f}]) "
+        f"MRR {r['mrr']:.2f}"
+    )
 
 
 def paired_latency(fn_a, fn_b, repeats: int) -> tuple:
@@ -143,83 +149,141 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
     tokens = jnp.asarray(rng.integers(4, 256, size=(args.batch, cfg.data.query_len)), jnp.int32)
     mask = jnp.ones_like(tokens)
     dense_fn = lambda: dense_trainer._embed_step(dense_params, tokens, mask)
-    teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m)   # the unmodified encoder
+    teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m)  # the unmodified encoder
     dense_flops = funnel.encoder_forward_flops(cfg.model, args.batch, cfg.data.query_len)
-    rows = [{"depth": num_layers, "method": "dense", "at_layer": None, "stride": 1, **base,
-             "flops_ratio": 1.0, "latency_cut_pct": 0.0}]
+    rows = [
+        {
+            "depth": num_layers,
+            "method": "dense",
+            "at_layer": None,
+            "stride": 1,
+            **base,
+            "flops_ratio": 1.0,
+            "latency_cut_pct": 0.0,
+        }
+    ]
     if args.recovery_steps > 0:
         # Control: the dense model given the same extra steps as a recovery, so a recovered funnel's gain
         # from training longer is not mistaken for the funnel's quality.
-        ctrl = Trainer(with_model(cfg, cfg.model, steps=args.recovery_steps, lr=args.recovery_lr),
-                       os.path.join(workroot, f"ctrl{num_layers}"), peak_gflops=1.0, verbose=False)
+        ctrl = Trainer(
+            with_model(cfg, cfg.model, steps=args.recovery_steps, lr=args.recovery_lr),
+            os.path.join(workroot, f"ctrl{num_layers}"),
+            peak_gflops=1.0,
+            verbose=False,
+        )
         params, _ = funnel_recovery.recover(ctrl, dense_params, args.recovery_steps)
         q, _ = quality(ctrl, params, base_ranks)
-        rows.append({"depth": num_layers, "method": "dense+recovery", "at_layer": None, "stride": 1, **q,
-                     "flops_ratio": 1.0, "latency_cut_pct": 0.0})
+        rows.append(
+            {
+                "depth": num_layers,
+                "method": "dense+recovery",
+                "at_layer": None,
+                "stride": 1,
+                **q,
+                "flops_ratio": 1.0,
+                "latency_cut_pct": 0.0,
+            }
+        )
         log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): {describe(q)}")
     for stride in strides:
         for k in layers:
             fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
             spec = funnel.spec_from_config(fmodel)
             flops = funnel.encoder_forward_flops(fmodel, args.batch, cfg.data.query_len, spec) / dense_flops
-            rtrainer = Trainer(with_model(cfg, fmodel, steps=max(1, args.recovery_steps), lr=args.recovery_lr),
-                               os.path.join(workroot, f"rec{num_layers}_{k}_{stride}"), peak_gflops=1.0,
-                               verbose=False)
-            funnel_fn = lambda: rtrainer._embed_step(dense_params, tokens, mask)
+            rtrainer = Trainer(
+                with_model(cfg, fmodel, steps=max(1, args.recovery_steps), lr=args.recovery_lr),
+                os.path.join(workroot, f"rec{num_layers}_{k}_{stride}"),
+                peak_gflops=1.0,
+                verbose=False,
+            )
+            funnel_fn = lambda rtrainer=rtrainer: rtrainer._embed_step(dense_params, tokens, mask)
             t_dense, t_funnel = paired_latency(dense_fn, funnel_fn, args.repeats)
-            lat = {"latency_ms": 1e3 * t_funnel, "dense_latency_ms": 1e3 * t_dense,
-                   "latency_cut_pct": 100.0 * (1 - t_funnel / t_dense), "flops_ratio": flops}
+            lat = {
+                "latency_ms": 1e3 * t_funnel,
+                "dense_latency_ms": 1e3 * t_dense,
+                "latency_cut_pct": 100.0 * (1 - t_funnel / t_dense),
+                "flops_ratio": flops,
+            }
             common = {"depth": num_layers, "at_layer": k, "stride": stride, **lat}
             rows.append({**common, "method": "surgery", **quality(rtrainer, dense_params, base_ranks)[0]})
             do_recover = args.recovery_steps > 0 and (
-                args.recover == "all" or k == round(num_layers / 3) or (args.recover == "stride2" and stride == 2)
-                or num_layers != args.depth)
+                args.recover == "all"
+                or k == round(num_layers / 3)
+                or (args.recover == "stride2" and stride == 2)
+                or num_layers != args.depth
+            )
             n_new = 1
             if do_recover:
                 params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps)
-                rows.append({**common, "method": "surgery+recovery",
-                             **quality(rtrainer, params, base_ranks)[0]})
+                rows.append({**common, "method": "surgery+recovery", **quality(rtrainer, params, base_ranks)[0]})
                 n_new += 1
                 if args.distill_weight > 0:
-                    params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps,
-                                                        teacher_embed=teacher, distill_weight=args.distill_weight)
-                    rows.append({**common, "method": "surgery+distill",
-                                 **quality(rtrainer, params, base_ranks)[0]})
+                    params, _ = funnel_recovery.recover(
+                        rtrainer,
+                        dense_params,
+                        args.recovery_steps,
+                        teacher_embed=teacher,
+                        distill_weight=args.distill_weight,
+                    )
+                    rows.append({**common, "method": "surgery+distill", **quality(rtrainer, params, base_ranks)[0]})
                     n_new += 1
             for r in rows[-n_new:]:
-                log(f"depth {num_layers} k={k} s={stride} {r['method']:>16}: {describe(r)} | p50 {r['latency_ms']:.2f} ms vs "
-                    f"dense {r['dense_latency_ms']:.2f} ms: cut {r['latency_cut_pct']:.1f}% | FLOPs x{flops:.2f}")
+                log(
+                    f"depth {num_layers} k={k} s={stride} {r['method']:>16}: {describe(r)} "
+                    f"| p50 {r['latency_ms']:.2f} ms vs dense {r['dense_latency_ms']:.2f} ms: "
+                    f"cut {r['latency_cut_pct']:.1f}% | FLOPs x{flops:.2f}"
+                )
             save_partial(args, list(done_rows) + rows)
     return rows, base_ranks
 
 
 def plot(rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     markers = {"surgery": "x", "surgery+recovery": "o", "surgery+distill": "D", "scratch": "s"}
     colors = {2: "tab:blue", 4: "tab:red"}
-    for ax, key, label in ((axes[0], "latency_cut_pct", "p50 latency cut vs dense (%)"),
-                           (axes[1], "flops_ratio", "forward FLOPs / dense")):
+    for ax, key, label in (
+        (axes[0], "latency_cut_pct", "p50 latency cut vs dense (%)"),
+        (axes[1], "flops_ratio", "forward FLOPs / dense"),
+    ):
         for r in rows:
             if r["method"] == "dense+recovery" and r["depth"] == rows[0]["depth"]:
                 ax.axhline(r["recall_loss_pts"], ls=":", c="tab:green", lw=1.0)
             if r["method"] in ("dense", "dense+recovery"):
                 continue
             color = colors.get(r["stride"], "k")
-            if r.get("loss_ci95_pts"):                                  # paired 95% CI as a thin bar
+            if r.get("loss_ci95_pts"):  # paired 95% CI as a thin bar
                 ax.plot([r[key]] * 2, r["loss_ci95_pts"], c=color, lw=0.6, alpha=0.4)
             if markers[r["method"]] == "x":
-                ax.scatter(r[key], r["recall_loss_pts"], marker="x", s=40, c=color,
-                           alpha=1.0 if r["depth"] == rows[0]["depth"] else 0.4)
+                ax.scatter(
+                    r[key],
+                    r["recall_loss_pts"],
+                    marker="x",
+                    s=40,
+                    c=color,
+                    alpha=1.0 if r["depth"] == rows[0]["depth"] else 0.4,
+                )
             else:
                 first = r["depth"] == rows[0]["depth"]
-                ax.scatter(r[key], r["recall_loss_pts"], marker=markers[r["method"]], s=40,
-                           facecolors=color if first else "none", edgecolors=color)
-            ax.annotate(f"{r['at_layer']}", (r[key], r["recall_loss_pts"]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+                ax.scatter(
+                    r[key],
+                    r["recall_loss_pts"],
+                    marker=markers[r["method"]],
+                    s=40,
+                    facecolors=color if first else "none",
+                    edgecolors=color,
+                )
+            ax.annotate(
+                f"{r['at_layer']}",
+                (r[key], r["recall_loss_pts"]),
+                fontsize=6,
+                xytext=(2, 2),
+                textcoords="offset points",
+            )
         ax.axhline(1.5, ls="--", c="gray", lw=0.8)
         ax.set_xlabel(label)
         ax.set_ylabel("recall@1 loss vs dense (points)")
@@ -242,15 +306,31 @@ def loss_cell(r: dict) -> str:
 
 def markdown_rows(rows) -> str:
     """The README table of a sweep's rows (also printed by --replot)."""
-    out = ["| depth | k | stride | method | recall@1 % | loss (pts) [95% CI] | MRR % | p50 ms funnel / dense "
-           "| p50 cut % | FLOPs x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| depth | k | stride | method | recall@1 % | loss (pts) [95% CI] | MRR % | p50 ms funnel / dense "
+        "| p50 cut % | FLOPs x |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         dense = r["method"].startswith("dense")
-        out.append(" | ".join([
-            "", str(r["depth"]), "-" if dense else str(r["at_layer"]), "-" if dense else str(r["stride"]),
-            r["method"], f"{r['recall_at_1']:.2f}", "-" if r["method"] == "dense" else loss_cell(r),
-            f"{r['mrr']:.2f}", "-" if dense else f"{r['latency_ms']:.0f} / {r['dense_latency_ms']:.0f}",
-            "-" if dense else f"{r['latency_cut_pct']:.1f}", f"{r['flops_ratio']:.2f}", ""]).strip())
+        out.append(
+            " | ".join(
+                [
+                    "",
+                    str(r["depth"]),
+                    "-" if dense else str(r["at_layer"]),
+                    "-" if dense else str(r["stride"]),
+                    r["method"],
+                    f"{r['recall_at_1']:.2f}",
+                    "-" if r["method"] == "dense" else loss_cell(r),
+                    f"{r['mrr']:.2f}",
+                    "-" if dense else f"{r['latency_ms']:.0f} / {r['dense_latency_ms']:.0f}",
+                    "-" if dense else f"{r['latency_cut_pct']:.1f}",
+                    f"{r['flops_ratio']:.2f}",
+                    "",
+                ]
+            ).strip()
+        )
     return "\n".join(out)
 
 
@@ -259,18 +339,29 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="dense (and from-scratch) training steps")
     p.add_argument("--recovery_steps", type=int, default=10)
     p.add_argument("--recovery_lr", type=float, default=3e-4)
-    p.add_argument("--distill_weight", type=float, default=1.0,
-                   help="also recover with InfoNCE + w * KL to the dense model's in-batch scores "
-                        "(effitrans.funnel.recovery); 0 skips those rows")
-    p.add_argument("--recover", default="l3", help="all | stride2 (every layer at stride 2) | l3 (k = round(L/3) "
-                                                  "only); the second depth recovers at every point")
+    p.add_argument(
+        "--distill_weight",
+        type=float,
+        default=1.0,
+        help="also recover with InfoNCE + w * KL to the dense model's in-batch scores "
+        "(effitrans.funnel.recovery); 0 skips those rows",
+    )
+    p.add_argument(
+        "--recover",
+        default="l3",
+        help="all | stride2 (every layer at stride 2) | l3 (k = round(L/3) "
+        "only); the second depth recovers at every point",
+    )
     p.add_argument("--max_eval", type=int, default=256, help="held-out pairs scored (config: 512)")
     p.add_argument("--train_batch", type=int, default=16, help="training batch (config: 32)")
     p.add_argument("--impl", default="reference", help="attention kernel (reference compiles fastest on CPU)")
     p.add_argument("--strides", default="2,4")
     p.add_argument("--layers", default="", help="funnel layers k to sweep, e.g. 2 (default: every layer 1..L-1)")
-    p.add_argument("--scratch", default="l3", help="all | stride2 (every layer at stride 2, k = L/3 at the "
-                                                   "others) | l3 (only k = round(L/3)) | none")
+    p.add_argument(
+        "--scratch",
+        default="l3",
+        help="all | stride2 (every layer at stride 2, k = L/3 at the others) | l3 (only k = round(L/3)) | none",
+    )
     p.add_argument("--pairing", default="crops", help="retrieval pairs: crops (config default) | halves")
     p.add_argument("--lr", type=float, default=None, help="training learning rate (default: the config's)")
     p.add_argument("--batch", type=int, default=32, help="latency batch (x 64 tokens); = eval batch, one compile")
@@ -278,8 +369,11 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--depth2_layers", type=int, default=3, help="second depth for the rule check; 0 skips")
     p.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "funnel_sweep"))
-    p.add_argument("--replot", action="store_true",
-                   help="only redraw tradeoff.png from --out/results.json and print its markdown table")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only redraw tradeoff.png from --out/results.json and print its markdown table",
+    )
     args = p.parse_args(argv)
     if args.replot:
         with open(os.path.join(args.out, "results.json")) as f:
@@ -299,12 +393,30 @@ def main(argv=None) -> int:
                 for k in [k for k in (range(1, args.depth) if every else [l3]) if k in layers]:
                     cfg = base_config(args, args.depth)
                     fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
-                    t = Trainer(with_model(cfg, fmodel), os.path.join(workroot, f"scr_{k}_{stride}"),
-                                peak_gflops=1.0, verbose=False)
+                    t = Trainer(
+                        with_model(cfg, fmodel),
+                        os.path.join(workroot, f"scr_{k}_{stride}"),
+                        peak_gflops=1.0,
+                        verbose=False,
+                    )
                     q, _ = quality(t, t.train()["state"]["params"], base_ranks)
                     ref = next(r for r in rows if r["at_layer"] == k and r["stride"] == stride)
-                    row = {**{kk: ref[kk] for kk in ("depth", "at_layer", "stride", "latency_ms", "dense_latency_ms",
-                                                      "latency_cut_pct", "flops_ratio")}, "method": "scratch", **q}
+                    row = {
+                        **{
+                            kk: ref[kk]
+                            for kk in (
+                                "depth",
+                                "at_layer",
+                                "stride",
+                                "latency_ms",
+                                "dense_latency_ms",
+                                "latency_cut_pct",
+                                "flops_ratio",
+                            )
+                        },
+                        "method": "scratch",
+                        **q,
+                    }
                     rows.append(row)
                     log(f"depth {args.depth} k={k} s={stride} scratch: {describe(q)}")
                     save_partial(args, rows)
@@ -316,9 +428,13 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
-    payload = {"command": "python experiments/funnel_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "args": vars(args), "machine": machine_description(), "wall_s": time.perf_counter() - T0,
-               "rows": rows}
+    payload = {
+        "command": "python experiments/funnel_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "machine": machine_description(),
+        "wall_s": time.perf_counter() - T0,
+        "rows": rows,
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(payload, f, indent=2)
     plot(rows, os.path.join(args.out, "tradeoff.png"))

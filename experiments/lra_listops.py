@@ -39,13 +39,39 @@ LRA_PAPER_LISTOPS = {"dense": 36.37, "sparse_fixed": 17.07, "sliding_window": 35
 
 GRIDS = {
     # 2-core CPU: short sequences, a small model, few steps (chance ~ 10 classes; majority ~ 17-20%).
-    "cpu": dict(seq_len=256, min_len=64, max_len=250, num_layers=2, d_model=64, num_heads=4, head_dim=16,
-                ffn_width=128, batch_size=16, steps=120, learning_rate=2e-3, warmup_steps=12,
-                num_eval_examples=256, log_every=10),
+    "cpu": dict(
+        seq_len=256,
+        min_len=64,
+        max_len=250,
+        num_layers=2,
+        d_model=64,
+        num_heads=4,
+        head_dim=16,
+        ffn_width=128,
+        batch_size=16,
+        steps=120,
+        learning_rate=2e-3,
+        warmup_steps=12,
+        num_eval_examples=256,
+        log_every=10,
+    ),
     # LRA paper: lengths 500-2000, 4 layers, 512 wide, 8 heads, FFN 1024 (their ListOps model); 5K steps.
-    "full": dict(seq_len=2048, min_len=500, max_len=2000, num_layers=4, d_model=512, num_heads=8, head_dim=64,
-                 ffn_width=1024, batch_size=32, steps=5000, learning_rate=5e-4, warmup_steps=1000,
-                 num_eval_examples=2000, log_every=100),
+    "full": dict(
+        seq_len=2048,
+        min_len=500,
+        max_len=2000,
+        num_layers=4,
+        d_model=512,
+        num_heads=8,
+        head_dim=64,
+        ffn_width=1024,
+        batch_size=32,
+        steps=5000,
+        learning_rate=5e-4,
+        warmup_steps=1000,
+        num_eval_examples=2000,
+        log_every=100,
+    ),
 }
 
 
@@ -55,10 +81,10 @@ def family_options(kind: str, seq_len: int) -> dict:
     return {
         "dense": {},
         "sliding_window": {"window_left": w, "window_right": w, "num_global": 1},
-        "sparse_strided": {"stride": max(int(seq_len ** 0.5), 4)},
-        "sparse_fixed": {"block": max(int(seq_len ** 0.5), 4), "summary": 2},
+        "sparse_strided": {"stride": max(int(seq_len**0.5), 4)},
+        "sparse_fixed": {"block": max(int(seq_len**0.5), 4), "summary": 2},
         "lsh": {"n_buckets": max(seq_len // 32, 2), "n_hashes": 2, "chunk_len": 32},
-        "routing": {"num_clusters": max(int(seq_len ** 0.5) // 4, 2), "local_window": w // 2},
+        "routing": {"num_clusters": max(int(seq_len**0.5) // 4, 2), "local_window": w // 2},
         "transient_global": {"local_radius": w // 2 - 1, "global_block": 16},
     }[kind]
 
@@ -96,12 +122,19 @@ def run_one(kind: str, grid: dict, seed: int, out_path: str) -> None:
         result = Trainer(cfg, workdir).train()
         wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]     # first logged row includes compile
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]  # first logged row includes compile
     step = float(np.median(times)) if times else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    row = {"kind": kind, "eval_accuracy": result["eval"].get("eval_accuracy"),
-           "eval_loss": result["eval"].get("eval_loss"), "step_time_s": step, "steps_per_s": 1.0 / step,
-           "peak_rss_mb": peak_mb, "wall_s": wall, "attention": family_options(kind, grid["seq_len"])}
+    row = {
+        "kind": kind,
+        "eval_accuracy": result["eval"].get("eval_accuracy"),
+        "eval_loss": result["eval"].get("eval_loss"),
+        "step_time_s": step,
+        "steps_per_s": 1.0 / step,
+        "peak_rss_mb": peak_mb,
+        "wall_s": wall,
+        "attention": family_options(kind, grid["seq_len"]),
+    }
     with open(out_path, "w") as f:
         json.dump(row, f)
 
@@ -117,10 +150,15 @@ def plot(rows, path, title):
     for r in rows:
         size = 2000.0 * r["peak_rss_mb"] / max(mems)
         ax.scatter(r["steps_per_s"], 100 * r["eval_accuracy"], s=size, alpha=0.45)
-        ax.annotate(f"{r['kind']}\n{r['peak_rss_mb']:.0f} MB", (r["steps_per_s"], 100 * r["eval_accuracy"]),
-                    ha="center", va="center", fontsize=8)
+        ax.annotate(
+            f"{r['kind']}\n{r['peak_rss_mb']:.0f} MB",
+            (r["steps_per_s"], 100 * r["eval_accuracy"]),
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
     accs = [100 * r["eval_accuracy"] for r in rows]
-    ax.set_ylim(min(accs) - 4, max(accs) + 4)                  # room for the bubbles
+    ax.set_ylim(min(accs) - 4, max(accs) + 4)  # room for the bubbles
     sps = [r["steps_per_s"] for r in rows]
     ax.set_xlim(min(sps) - 0.15 * (max(sps) - min(sps) + 0.1), max(sps) + 0.15 * (max(sps) - min(sps) + 0.1))
     ax.set_xlabel("training steps / s (median)")
@@ -132,8 +170,10 @@ def plot(rows, path, title):
 
 
 def plot_title(grid):
-    return (f"ListOps, seq {grid['seq_len']}, {grid['num_layers']} layers x d{grid['d_model']}, "
-            f"{grid['steps']} steps x batch {grid['batch_size']} (bubble = peak RSS)")
+    return (
+        f"ListOps, seq {grid['seq_len']}, {grid['num_layers']} layers x d{grid['d_model']}, "
+        f"{grid['steps']} steps x batch {grid['batch_size']} (bubble = peak RSS)"
+    )
 
 
 def main(argv=None):
@@ -166,29 +206,47 @@ def main(argv=None):
     for kind in kinds:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             row_path = f.name
-        cmd = [sys.executable, os.path.abspath(__file__), f"--run_one={kind}", f"--row_path={row_path}",
-               f"--seed={args.seed}"] + (["--full"] if args.full else []) + (
-                   [f"--steps={args.steps}"] if args.steps else [])
+        cmd = (
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--run_one={kind}",
+                f"--row_path={row_path}",
+                f"--seed={args.seed}",
+            ]
+            + (["--full"] if args.full else [])
+            + ([f"--steps={args.steps}"] if args.steps else [])
+        )
         print(f"[lra_listops {time.perf_counter() - t0:6.0f}s] {kind} ...", flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL)
         rows.append(json.load(open(row_path)))
         os.unlink(row_path)
         r = rows[-1]
-        print(f"[lra_listops {time.perf_counter() - t0:6.0f}s] {kind}: acc {100 * r['eval_accuracy']:.2f}% | "
-              f"{1000 * r['step_time_s']:.1f} ms/step | peak {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"[lra_listops {time.perf_counter() - t0:6.0f}s] {kind}: acc {100 * r['eval_accuracy']:.2f}% | "
+            f"{1000 * r['step_time_s']:.1f} ms/step | peak {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     from effitrans.bench.common import machine_description
 
     command = "python experiments/lra_listops.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command.strip(), "machine": machine_description(), "grid": grid,
-              "rows": rows, "lra_paper_listops": LRA_PAPER_LISTOPS}
+    result = {
+        "command": command.strip(),
+        "machine": machine_description(),
+        "grid": grid,
+        "rows": rows,
+        "lra_paper_listops": LRA_PAPER_LISTOPS,
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(rows, os.path.join(args.out, "listops.png"), plot_title(grid))
     print("| kind | accuracy % | ms / step | steps / s | peak RSS MB |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {100 * r['eval_accuracy']:.2f} | {1000 * r['step_time_s']:.1f} | "
-              f"{r['steps_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['kind']} | {100 * r['eval_accuracy']:.2f} | {1000 * r['step_time_s']:.1f} | "
+            f"{r['steps_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())                                   # compile + warm up
+    jax.block_until_ready(fn())  # compile + warm up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -58,6 +58,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 # ---- evaluation with masks as arguments (one compilation for the whole grid) -----------------------
+
 
 def make_masked_eval(model):
     """(inputs [B, T], targets [B, T], weights [B, T], masks) -> (nll sum, weight sum) in one jitted fn."""
@@ -71,14 +72,25 @@ def make_masked_eval(model):
 
     def run(batches, masks=None):
         widths = pruning.ffn_widths_of(model)
-        masks = [jnp.ones((w,), jnp.float32) for w in widths] if masks is None else \
-            [jnp.asarray(m, jnp.float32) for m in masks]
+        masks = (
+            [jnp.ones((w,), jnp.float32) for w in widths]
+            if masks is None
+            else [jnp.asarray(m, jnp.float32) for m in masks]
+        )
         s = w = 0.0
         for b in batches:
-            a, c = jax.device_get(f(state, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
-                                    jnp.asarray(b["weights"], jnp.float32), masks))
+            a, c = jax.device_get(
+                f(
+                    state,
+                    jnp.asarray(b["inputs"]),
+                    jnp.asarray(b["targets"]),
+                    jnp.asarray(b["weights"], jnp.float32),
+                    masks,
+                )
+            )
             s, w = s + float(a), w + float(c)
         return float(np.exp(s / w))
+
     return run
 
 
@@ -87,10 +99,16 @@ def windows_batches(stream: np.ndarray, n: int, length: int, batch: int, spread:
     need = length + 1
     if stream.size < need:
         raise ValueError(f"stream of {stream.size} tokens is shorter than one window of {need}")
-    starts = (np.linspace(0, stream.size - need, n).astype(int) if spread else np.arange(n) * length)
-    rows = np.stack([stream[s:s + need] for s in starts]).astype(np.int32)           # [n, length + 1]
-    return [{"inputs": rows[i:i + batch, :-1], "targets": rows[i:i + batch, 1:],
-             "weights": np.ones((min(batch, n - i), length), np.float32)} for i in range(0, n, batch)]
+    starts = np.linspace(0, stream.size - need, n).astype(int) if spread else np.arange(n) * length
+    rows = np.stack([stream[s : s + need] for s in starts]).astype(np.int32)  # [n, length + 1]
+    return [
+        {
+            "inputs": rows[i : i + batch, :-1],
+            "targets": rows[i : i + batch, 1:],
+            "weights": np.ones((min(batch, n - i), length), np.float32),
+        }
+        for i in range(0, n, batch)
+    ]
 
 
 def grid(model, calib_tokens, eval_batches, ratios, criteria, *, batch_size, seed):
@@ -107,8 +125,9 @@ def grid(model, calib_tokens, eval_batches, ratios, criteria, *, batch_size, see
         if c in pruning.ACTIVATION_CRITERIA:
             scores[c] = pruning.scores_from_statistics(model, stats, c)
         else:
-            scores[c] = pruning.neuron_importance(model, calib_tokens, c, key=jax.random.key(seed),
-                                                  batch_size=batch_size)
+            scores[c] = pruning.neuron_importance(
+                model, calib_tokens, c, key=jax.random.key(seed), batch_size=batch_size
+            )
         log(f"scores {c} in {time.perf_counter() - t:.1f}s")
     rows = []
     for ratio in ratios:
@@ -123,8 +142,15 @@ def grid(model, calib_tokens, eval_batches, ratios, criteria, *, batch_size, see
 def goals_rmax(rows, ratios):
     """Does r_max beat random and magnitude at every ratio?"""
     by = {(r["criterion"], r["ratio"]): r["perplexity"] for r in rows}
-    per = {str(q): {"rmax": by[("rmax", q)], "random": by[("random", q)], "magnitude": by[("magnitude", q)],
-                    "beats_both": by[("rmax", q)] < min(by[("random", q)], by[("magnitude", q)])} for q in ratios}
+    per = {
+        str(q): {
+            "rmax": by[("rmax", q)],
+            "random": by[("random", q)],
+            "magnitude": by[("magnitude", q)],
+            "beats_both": by[("rmax", q)] < min(by[("random", q)], by[("magnitude", q)]),
+        }
+        for q in ratios
+    }
     return {"met": all(v["beats_both"] for v in per.values()), "per_ratio": per}
 
 
@@ -138,9 +164,15 @@ def ffn_timing(model, keep_by_ratio, *, tokens: int, repeats: int):
         out = []
         for b, k in zip(model.blocks, keep):
             idx = np.flatnonzero(k)
-            out.append((jnp.asarray(np.asarray(b.ffn.gate[...])[:, idx]), jnp.asarray(np.asarray(b.ffn.up[...])[:, idx]),
-                        jnp.asarray(np.asarray(b.ffn.down[...])[idx])))
+            out.append(
+                (
+                    jnp.asarray(np.asarray(b.ffn.gate[...])[:, idx]),
+                    jnp.asarray(np.asarray(b.ffn.up[...])[:, idx]),
+                    jnp.asarray(np.asarray(b.ffn.down[...])[idx]),
+                )
+            )
         return out
+
     dense_w = weights([np.ones(b.ffn.width, bool) for b in model.blocks])
     rows = []
     for ratio, keep in keep_by_ratio.items():
@@ -149,12 +181,23 @@ def ffn_timing(model, keep_by_ratio, *, tokens: int, repeats: int):
         td, ts = [], []
         for _ in range(2):
             td.append(median_time(lambda: f(x, dense_w), repeats))
-            ts.append(median_time(lambda: f(x, w), repeats))
+            ts.append(median_time(lambda w=w: f(x, w), repeats))
         td, ts = float(np.median(td)), float(np.median(ts))
-        rows.append({"ratio": ratio, "ffn_dense_s": td, "ffn_sliced_s": ts, "ffn_time_ratio": ts / td,
-                     "ffn_time_drop": 1 - ts / td, "goal_drop": 0.8 * ratio, "met": 1 - ts / td >= 0.8 * ratio})
-        log(f"ffn time at ratio {ratio:.1f}: {ts * 1e3:.1f} ms vs dense {td * 1e3:.1f} ms -> "
-            f"drop {100 * (1 - ts / td):.1f}% (goal >= {80 * ratio:.0f}%)")
+        rows.append(
+            {
+                "ratio": ratio,
+                "ffn_dense_s": td,
+                "ffn_sliced_s": ts,
+                "ffn_time_ratio": ts / td,
+                "ffn_time_drop": 1 - ts / td,
+                "goal_drop": 0.8 * ratio,
+                "met": 1 - ts / td >= 0.8 * ratio,
+            }
+        )
+        log(
+            f"ffn time at ratio {ratio:.1f}: {ts * 1e3:.1f} ms vs dense {td * 1e3:.1f} ms -> "
+            f"drop {100 * (1 - ts / td):.1f}% (goal >= {80 * ratio:.0f}%)"
+        )
     return rows
 
 
@@ -167,16 +210,18 @@ def make_greedy_decoder(model, prompt_len: int, new_tokens: int):
     def run(state, prompt):
         m = nnx.merge(graphdef, state)
         cache = m.init_cache(prompt.shape[0], prompt_len + new_tokens)
-        logits, cache = m(prompt, cache=cache, decode=True)                       # [B, T0, V]
+        logits, cache = m(prompt, cache=cache, decode=True)  # [B, T0, V]
         first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
         def step(carry, _):
             tok, cache = carry
-            logits, cache = m(tok[:, None], cache=cache, decode=True)            # [B, 1, V]
+            logits, cache = m(tok[:, None], cache=cache, decode=True)  # [B, 1, V]
             nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
             return (nxt, cache), nxt
+
         _, toks = jax.lax.scan(step, (first, cache), None, length=new_tokens - 1)
         return toks
+
     return lambda prompt: run(state, prompt)
 
 
@@ -208,18 +253,26 @@ def model_timing(models: dict, *, prompt, forward_tokens: int, new_tokens: int, 
     base = None
     for name, m in models.items():
         lat, gen = float(np.median(times[name][0])), float(np.median(times[name][1]))
-        row = {"model": name, "params": pruning.num_params(m), "forward_s": lat,
-               "decode_tokens_per_s": new_tokens / gen, "rounds": repeats}
+        row = {
+            "model": name,
+            "params": pruning.num_params(m),
+            "forward_s": lat,
+            "decode_tokens_per_s": new_tokens / gen,
+            "rounds": repeats,
+        }
         base = row if base is None else base
         row["forward_ratio"] = lat / base["forward_s"]
         row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         rows.append(row)
-        log(f"{name}: {row['params']:,} params | forward {lat * 1e3:.0f} ms ({row['forward_ratio']:.3f}x dense) | "
-            f"decode {row['decode_tokens_per_s']:.1f} tok/s ({row['decode_speedup']:.3f}x)")
+        log(
+            f"{name}: {row['params']:,} params | forward {lat * 1e3:.0f} ms ({row['forward_ratio']:.3f}x dense) | "
+            f"decode {row['decode_tokens_per_s']:.1f} tok/s ({row['decode_speedup']:.3f}x)"
+        )
     return rows
 
 
 # ---- part 1: SmolLM2 ------------------------------------------------------------------------------
+
 
 def smollm2_data(args):
     """(model, tokenizer, cfg, corpus pieces, calibration [N, T], eval batches, train stream)."""
@@ -236,57 +289,83 @@ def smollm2_data(args):
     rng = np.random.default_rng(args.seed)
     calib_pick = rng.choice(calib_docs, size=min(40, len(calib_docs)), replace=False)
     train_stream = enc(sorted(calib_pick))
-    calib = np.stack([train_stream[s:s + args.calib_len] for s in
-                      rng.integers(0, train_stream.size - args.calib_len, args.calib_seqs)])
+    calib = np.stack(
+        [
+            train_stream[s : s + args.calib_len]
+            for s in rng.integers(0, train_stream.size - args.calib_len, args.calib_seqs)
+        ]
+    )
     evalb = windows_batches(val_stream, args.eval_windows, args.eval_len, batch=2)
-    log(f"tokens: validation stream {val_stream.size:,} ({len(val_idx)} docs), calibration {calib.size:,}, "
-        f"eval {args.eval_windows} x {args.eval_len}")
+    log(
+        f"tokens: validation stream {val_stream.size:,} ({len(val_idx)} docs), calibration {calib.size:,}, "
+        f"eval {args.eval_windows} x {args.eval_len}"
+    )
     return model, tok, cfg, corpus, tutorial, val_idx, val_stream, enc, calib, evalb, train_stream
 
 
 def recover(args, part, model, cfg, scores, evalb, train_stream, dense):
     """Distillation recovery of the sliced model for each --recover_criteria x --recover_ratios."""
     part.setdefault("recovery", [])
-    get_batch = pruning.token_batches(train_stream, batch_size=args.recover_batch, seq_len=args.recover_len,
-                                      seed=args.seed)
+    get_batch = pruning.token_batches(
+        train_stream, batch_size=args.recover_batch, seq_len=args.recover_len, seed=args.seed
+    )
     for crit, ratio in [(c, r) for c in args.recover_criteria for r in args.recover_ratios]:
         keep = pruning.keep_masks(scores[crit], ratio)
         small, small_cfg = pruning.slice_model(model, cfg, keep)
         before = make_masked_eval(small)(evalb)
-        dcfg = pruning.distill_config(steps=args.recover_steps, learning_rate=args.recover_lr,
-                                      warmup_steps=max(1, args.recover_steps // 10),
-                                      log_every=max(1, args.recover_steps // 5))
+        dcfg = pruning.distill_config(
+            steps=args.recover_steps,
+            learning_rate=args.recover_lr,
+            warmup_steps=max(1, args.recover_steps // 10),
+            log_every=max(1, args.recover_steps // 5),
+        )
         t = time.perf_counter()
         rec, hist = pruning.distill(small, model, get_batch, dcfg, log=log)
         after = make_masked_eval(rec)(evalb)
-        row = {"criterion": crit, "ratio": ratio, "perplexity_before": before, "perplexity_after": after,
-               "after_over_dense": after / dense, "within_15pct": after <= 1.15 * dense,
-               "steps": args.recover_steps, "tokens_per_step": args.recover_batch * args.recover_len,
-               "learning_rate": args.recover_lr, "seconds": time.perf_counter() - t, "history": hist}
+        row = {
+            "criterion": crit,
+            "ratio": ratio,
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "after_over_dense": after / dense,
+            "within_15pct": after <= 1.15 * dense,
+            "steps": args.recover_steps,
+            "tokens_per_step": args.recover_batch * args.recover_len,
+            "learning_rate": args.recover_lr,
+            "seconds": time.perf_counter() - t,
+            "history": hist,
+        }
         part["recovery"].append(row)
-        log(f"recovery of {crit} at {ratio:.1f}: perplexity {before:.3f} -> {after:.3f} (dense {dense:.3f}, "
-            f"{after / dense:.3f}x)")
+        log(
+            f"recovery of {crit} at {ratio:.1f}: perplexity {before:.3f} -> {after:.3f} (dense {dense:.3f}, "
+            f"{after / dense:.3f}x)"
+        )
 
 
 def run_smollm2_recovery(args, results, loaded=None):
     """Only the recovery runs (appended to an earlier smollm2 part's results)."""
-    model, tok, cfg, corpus, tutorial, val_idx, val_stream, enc, calib, evalb, train_stream = \
-        loaded or smollm2_data(args)
+    model, tok, cfg, corpus, tutorial, val_idx, val_stream, enc, calib, evalb, train_stream = loaded or smollm2_data(
+        args
+    )
     part = results.setdefault("smollm2", {})
     dense = make_masked_eval(model)(evalb)
     stats = pruning.activation_statistics(model, calib, batch_size=2)
     scores = {}
     for c in args.recover_criteria:
-        scores[c] = (pruning.scores_from_statistics(model, stats, c) if c in pruning.ACTIVATION_CRITERIA else
-                     pruning.neuron_importance(model, calib, c, key=jax.random.key(args.seed), batch_size=2))
+        scores[c] = (
+            pruning.scores_from_statistics(model, stats, c)
+            if c in pruning.ACTIVATION_CRITERIA
+            else pruning.neuron_importance(model, calib, c, key=jax.random.key(args.seed), batch_size=2)
+        )
     recover(args, part, model, cfg, scores, evalb, train_stream, dense)
     write(results)
 
 
 def run_smollm2_timing(args, results, loaded=None):
     """Only the speed measurements (feed-forward, full forward, decode) of r_max-sliced models."""
-    model, tok, cfg, corpus, tutorial, val_idx, val_stream, enc, calib, evalb, train_stream = \
-        loaded or smollm2_data(args)
+    model, tok, cfg, corpus, tutorial, val_idx, val_stream, enc, calib, evalb, train_stream = loaded or smollm2_data(
+        args
+    )
     part = results.setdefault("smollm2", {})
     stats = pruning.activation_statistics(model, calib, batch_size=2)
     scores = {"rmax": pruning.scores_from_statistics(model, stats, "rmax")}
@@ -300,11 +379,19 @@ def timing(args, part, model, cfg, scores, val_stream):
     models = {"dense": model}
     for r in args.latency_ratios:
         models[f"rmax {int(r * 100)}%"] = pruning.slice_model(model, cfg, keeps[r])[0]
-    part["model_timing"] = model_timing(models, prompt=val_stream, forward_tokens=args.time_tokens,
-                                        new_tokens=args.decode_tokens, repeats=args.repeats)
-    part["params"] = {"dense": pruning.num_params(model), "dense_ffn": pruning.ffn_params(model),
-                      **{f"rmax {int(r * 100)}%": pruning.num_params(model) - pruning.ffn_params(model) +
-                         sum(3 * cfg.d_model * int(k.sum()) for k in keeps[r]) for r in args.ratios}}
+    part["model_timing"] = model_timing(
+        models, prompt=val_stream, forward_tokens=args.time_tokens, new_tokens=args.decode_tokens, repeats=args.repeats
+    )
+    part["params"] = {
+        "dense": pruning.num_params(model),
+        "dense_ffn": pruning.ffn_params(model),
+        **{
+            f"rmax {int(r * 100)}%": pruning.num_params(model)
+            - pruning.ffn_params(model)
+            + sum(3 * cfg.d_model * int(k.sum()) for k in keeps[r])
+            for r in args.ratios
+        },
+    }
 
 
 def run_smollm2(args, results):
@@ -315,16 +402,29 @@ def run_smollm2(args, results):
     tut_stream = enc(tutorial)
     ppl_tut = ev(windows_batches(tut_stream, args.headline_windows, args.headline_len, batch=2))
     ppl_val = ev(windows_batches(val_stream, args.headline_windows, args.headline_len, batch=2))
-    log(f"SmolLM2-135M perplexity: tutorial prose {ppl_tut:.2f}, held-out validation docs {ppl_val:.2f} "
-        f"({args.headline_windows} x {args.headline_len} tokens each)")
-    head = {"tutorial_perplexity": ppl_tut, "validation_perplexity": ppl_val,
-            "tokens_each": args.headline_windows * args.headline_len, "window": args.headline_len, "tutorial_docs": len(tutorial),
-            "validation_docs": len(val_idx)}
+    log(
+        f"SmolLM2-135M perplexity: tutorial prose {ppl_tut:.2f}, held-out validation docs {ppl_val:.2f} "
+        f"({args.headline_windows} x {args.headline_len} tokens each)"
+    )
+    head = {
+        "tutorial_perplexity": ppl_tut,
+        "validation_perplexity": ppl_val,
+        "tokens_each": args.headline_windows * args.headline_len,
+        "window": args.headline_len,
+        "tutorial_docs": len(tutorial),
+        "validation_docs": len(val_idx),
+    }
 
     dense, scores, rows = grid(model, calib, evalb, args.ratios, args.criteria, batch_size=2, seed=args.seed)
-    part = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)", "headline": head, "dense_perplexity": dense,
-            "eval_tokens": args.eval_windows * args.eval_len, "calibration_tokens": int(calib.size),
-            "grid": rows, "rmax_beats_random_and_magnitude": goals_rmax(rows, args.ratios)}
+    part = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+        "headline": head,
+        "dense_perplexity": dense,
+        "eval_tokens": args.eval_windows * args.eval_len,
+        "calibration_tokens": int(calib.size),
+        "grid": rows,
+        "rmax_beats_random_and_magnitude": goals_rmax(rows, args.ratios),
+    }
     results["smollm2"] = part
     write(results)
 
@@ -338,6 +438,7 @@ def run_smollm2(args, results):
 
 
 # ---- part 2: lm_small (trained here by the spine) ---------------------------------------------------
+
 
 def lm_small_config(args):
     import lm_small
@@ -365,8 +466,10 @@ def run_lm_small(args, results):
 
     cfg = lm_small_config(args)
     workdir = os.path.join(args.workdir, "lm_small")
-    log(f"training lm_small with the spine's Trainer: {args.lm_steps} steps x {args.lm_batch} x {args.lm_seq} "
-        f"bytes (workdir {workdir}; reruns resume)")
+    log(
+        f"training lm_small with the spine's Trainer: {args.lm_steps} steps x {args.lm_batch} x {args.lm_seq} "
+        f"bytes (workdir {workdir}; reruns resume)"
+    )
     trainer = Trainer(cfg, workdir, peak_gflops=args.peak_gflops)
     out = trainer.train()
     model = trainer.model_from(out["state"]["params"])
@@ -374,11 +477,16 @@ def run_lm_small(args, results):
     evalb = lm_eval_batches(ds)
     calib = np.concatenate([ds.get_batch(10_000 + i)["inputs"] for i in range(args.lm_calib_batches)])
     dense, scores, rows = grid(model, calib, evalb, args.ratios, args.criteria, batch_size=4, seed=args.seed)
-    part = {"model": f"lm_small (spine Trainer, {args.lm_steps} steps x {args.lm_batch} x {args.lm_seq} bytes)",
-            "train_eval": out["eval"], "dense_perplexity_per_byte": dense,
-            "dense_bits_per_byte": float(np.log2(dense)), "eval_bytes": int(sum(b["weights"].sum() for b in evalb)),
-            "calibration_tokens": int(calib.size), "grid": rows,
-            "rmax_beats_random_and_magnitude": goals_rmax(rows, args.ratios)}
+    part = {
+        "model": f"lm_small (spine Trainer, {args.lm_steps} steps x {args.lm_batch} x {args.lm_seq} bytes)",
+        "train_eval": out["eval"],
+        "dense_perplexity_per_byte": dense,
+        "dense_bits_per_byte": float(np.log2(dense)),
+        "eval_bytes": int(sum(b["weights"].sum() for b in evalb)),
+        "calibration_tokens": int(calib.size),
+        "grid": rows,
+        "rmax_beats_random_and_magnitude": goals_rmax(rows, args.ratios),
+    }
     results["lm_small"] = part
     write(results)
     part["recovery"] = []
@@ -386,14 +494,29 @@ def run_lm_small(args, results):
         keep = pruning.keep_masks(scores[crit], ratio)
         small, _ = pruning.slice_model(model, cfg.model, keep)
         before = make_masked_eval(small)(evalb)
-        dcfg = pruning.distill_config(steps=args.lm_recover_steps, learning_rate=3e-4, warmup_steps=2,
-                                      log_every=max(1, args.lm_recover_steps // 5))
+        dcfg = pruning.distill_config(
+            steps=args.lm_recover_steps,
+            learning_rate=3e-4,
+            warmup_steps=2,
+            log_every=max(1, args.lm_recover_steps // 5),
+        )
         rec, hist = pruning.distill(small, model, lambda s: ds.get_batch(20_000 + s), dcfg, log=log)
         after = make_masked_eval(rec)(evalb)
-        part["recovery"].append({"criterion": crit, "ratio": ratio, "perplexity_before": before,
-                                 "perplexity_after": after, "after_over_dense": after / dense,
-                                 "within_15pct": after <= 1.15 * dense, "steps": args.lm_recover_steps})
-        log(f"lm_small recovery of {crit} at {ratio:.1f}: per-byte perplexity {before:.3f} -> {after:.3f} (dense {dense:.3f})")
+        part["recovery"].append(
+            {
+                "criterion": crit,
+                "ratio": ratio,
+                "perplexity_before": before,
+                "perplexity_after": after,
+                "after_over_dense": after / dense,
+                "within_15pct": after <= 1.15 * dense,
+                "steps": args.lm_recover_steps,
+            }
+        )
+        log(
+            f"lm_small recovery of {crit} at {ratio:.1f}: per-byte perplexity {before:.3f} -> {after:.3f} "
+            f"(dense {dense:.3f})"
+        )
     keeps = {r: pruning.keep_masks(scores["rmax"], r) for r in args.ratios}
     part["ffn_timing"] = ffn_timing(model, keeps, tokens=args.time_tokens, repeats=args.repeats)
     write(results)
@@ -406,26 +529,36 @@ def run_matformer(args, results, dense_model=None, dense_scores=None):
     widths = pruning.nested_widths(full, (0.25, 0.5, 0.75, 1.0))
     log(f"MatFormer lm_small: widths {widths}, {args.lm_steps} steps (one sampled width per step)")
     from effitrans.data import build_dataset
+
     model, hist = pruning.train_matformer(cfg, widths, log=log)
     ds = build_dataset(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.train.seed)
     evalb = lm_eval_batches(ds)
     rows = []
-    mix = [widths[0], widths[-1], widths[1], widths[-1]][:cfg.model.num_layers]
+    mix = [widths[0], widths[-1], widths[1], widths[-1]][: cfg.model.num_layers]
     for w in widths + [mix]:
         sub, sub_cfg = pruning.extract(model, cfg.model, w)
         ppl = make_masked_eval(sub)(evalb)
-        row = {"widths": sub_cfg.ffn_width, "params": pruning.num_params(sub), "perplexity_per_byte": ppl,
-               "bits_per_byte": float(np.log2(ppl))}
+        row = {
+            "widths": sub_cfg.ffn_width,
+            "params": pruning.num_params(sub),
+            "perplexity_per_byte": ppl,
+            "bits_per_byte": float(np.log2(ppl)),
+        }
         if dense_model is not None and isinstance(w, int):
             ratio = 1 - w / full
             if ratio < 1:
                 keep = pruning.keep_masks(dense_scores["rmax"], ratio)
                 row["dense_rmax_pruned_perplexity"] = make_masked_eval(dense_model)(evalb, keep)
         rows.append(row)
-        log(f"MatFormer sub-model widths {sub_cfg.ffn_width}: {row['params']:,} params, "
-            f"{row['bits_per_byte']:.3f} bits/byte" +
-            (f" (dense lm_small r_max-pruned to the same width: {np.log2(row['dense_rmax_pruned_perplexity']):.3f})"
-             if "dense_rmax_pruned_perplexity" in row else ""))
+        log(
+            f"MatFormer sub-model widths {sub_cfg.ffn_width}: {row['params']:,} params, "
+            f"{row['bits_per_byte']:.3f} bits/byte"
+            + (
+                f" (dense lm_small r_max-pruned to the same width: {np.log2(row['dense_rmax_pruned_perplexity']):.3f})"
+                if "dense_rmax_pruned_perplexity" in row
+                else ""
+            )
+        )
     results["matformer"] = {"widths": widths, "steps": args.lm_steps, "history": hist, "submodels": rows}
     write(results)
 
@@ -444,12 +577,15 @@ def write(results):
 
 def plot(results):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for ax, key, title in ((axes[0, 0], "smollm2", "SmolLM2-135M: held-out CPython docs"),
-                           (axes[0, 1], "lm_small", "lm_small (byte LM): held-out bytes")):
+    for ax, key, title in (
+        (axes[0, 0], "smollm2", "SmolLM2-135M: held-out CPython docs"),
+        (axes[0, 1], "lm_small", "lm_small (byte LM): held-out bytes"),
+    ):
         part = results.get(key)
         if not part:
             ax.set_visible(False)
@@ -458,11 +594,23 @@ def plot(results):
         crits = sorted({r["criterion"] for r in part["grid"]})
         for c in crits:
             rs = [r for r in part["grid"] if r["criterion"] == c]
-            ax.plot([r["ratio"] for r in rs], [r["perplexity"] for r in rs], marker="o", label=c,
-                    lw=2.5 if c == "rmax" else 1.2)
+            ax.plot(
+                [r["ratio"] for r in rs],
+                [r["perplexity"] for r in rs],
+                marker="o",
+                label=c,
+                lw=2.5 if c == "rmax" else 1.2,
+            )
         for r in part.get("recovery", []):
-            ax.scatter([r["ratio"]], [r["perplexity_after"]], marker="*", s=200, c="k", zorder=5,
-                       label=f"{r['criterion']} + recovery")
+            ax.scatter(
+                [r["ratio"]],
+                [r["perplexity_after"]],
+                marker="*",
+                s=200,
+                c="k",
+                zorder=5,
+                label=f"{r['criterion']} + recovery",
+            )
         ax.axhline(dense, color="gray", ls="--", label="dense")
         ax.axhline(1.15 * dense, color="gray", ls=":", label="dense + 15%")
         ax.set_yscale("log")
@@ -486,16 +634,27 @@ def plot(results):
     mf = results.get("matformer")
     if mf:
         subs = [s for s in mf["submodels"] if len(set(s["widths"])) == 1]
-        ax.plot([s["widths"][0] for s in subs], [s["bits_per_byte"] for s in subs], marker="o",
-                label="MatFormer sub-models")
+        ax.plot(
+            [s["widths"][0] for s in subs], [s["bits_per_byte"] for s in subs], marker="o", label="MatFormer sub-models"
+        )
         pr = [s for s in subs if "dense_rmax_pruned_perplexity" in s]
         if pr:
-            ax.plot([s["widths"][0] for s in pr], [np.log2(s["dense_rmax_pruned_perplexity"]) for s in pr],
-                    marker="s", label="dense lm_small, r_max-pruned (no recovery)")
+            ax.plot(
+                [s["widths"][0] for s in pr],
+                [np.log2(s["dense_rmax_pruned_perplexity"]) for s in pr],
+                marker="s",
+                label="dense lm_small, r_max-pruned (no recovery)",
+            )
         for s in mf["submodels"]:
             if len(set(s["widths"])) > 1:
-                ax.scatter([np.mean(s["widths"])], [s["bits_per_byte"]], marker="*", s=150, c="k",
-                           label=f"mix-and-match {s['widths']} (mean width)")
+                ax.scatter(
+                    [np.mean(s["widths"])],
+                    [s["bits_per_byte"]],
+                    marker="*",
+                    s=150,
+                    c="k",
+                    label=f"mix-and-match {s['widths']} (mean width)",
+                )
         ax.set_xlabel("feed-forward width")
         ax.set_ylabel("bits per byte (held-out)")
         ax.set_title("MatFormer lm_small sub-widths")
@@ -537,20 +696,26 @@ def main(argv=None):
     p.add_argument("--lm_recover_steps", type=int, default=20)
     p.add_argument("--peak_gflops", type=float, default=None)
     p.add_argument("--workdir", default="/tmp/effitrans_prune_smollm2")
-    p.add_argument("--results_name", default="results.json",
-                   help="file under experiments/results/prune_smollm2 to write (earlier parts are read from "
-                        "results.json), so two parts can run side by side")
+    p.add_argument(
+        "--results_name",
+        default="results.json",
+        help="file under experiments/results/prune_smollm2 to write (earlier parts are read from "
+        "results.json), so two parts can run side by side",
+    )
     args = p.parse_args(argv)
     global RESULTS_NAME
     RESULTS_NAME = args.results_name
     for r in args.ratios + args.recover_ratios + args.latency_ratios:
         pruning.check_ratio(r)
     parts = args.parts.split(",")
-    results = {"command": "python experiments/prune_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "args": vars(args), "machine": machine_description()}
+    results = {
+        "command": "python experiments/prune_smollm2.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "machine": machine_description(),
+    }
     path = os.path.join(OUT, "results.json")
     if os.path.exists(path) and set(parts) != {"smollm2", "lm_small", "matformer"}:
-        with open(path) as f:                   # a partial rerun keeps the other parts' results
+        with open(path) as f:  # a partial rerun keeps the other parts' results
             old = json.load(f)
         results.update({k: v for k, v in old.items() if k in ("smollm2", "lm_small", "matformer")})
         results["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]

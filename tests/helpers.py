@@ -12,8 +12,7 @@ import common  # noqa: E402  (configs/common.py)
 
 def tiny_model_config(**overrides):
     """A 2-layer model small enough for exact comparisons in milliseconds."""
-    base = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, ffn_width=48,
-                vocab_size=61)
+    base = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, ffn_width=48, vocab_size=61)
     base.update(overrides)
     attention = base.pop("attention", None)
     cfg = common.model(**base)

@@ -9,7 +9,7 @@ family are validated by the same code before anything is built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from flax import nnx
 
@@ -29,9 +29,19 @@ class AttentionFamily:
 
 def _build_dense(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     return DenseAttention(
-        model_cfg.d_model, model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim,
-        causal=causal, impl=attn_cfg.impl, rope_base=model_cfg.rope_base, rope_layout=model_cfg.rope_layout,
-        block_q=attn_cfg.get("block_q"), block_k=attn_cfg.get("block_k"), rngs=rngs, dtype=dtype)
+        model_cfg.d_model,
+        model_cfg.num_heads,
+        model_cfg.num_kv_heads,
+        model_cfg.head_dim,
+        causal=causal,
+        impl=attn_cfg.impl,
+        rope_base=model_cfg.rope_base,
+        rope_layout=model_cfg.rope_layout,
+        block_q=attn_cfg.get("block_q"),
+        block_k=attn_cfg.get("block_k"),
+        rngs=rngs,
+        dtype=dtype,
+    )
 
 
 ATTENTION_FAMILIES: dict[str, AttentionFamily] = {
@@ -43,31 +53,50 @@ def _build_latent(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
     """MLA: model.head_dim is the per-head no-RoPE query/key dim; kv_lora_rank and qk_rope_head_dim are required."""
     for key in ("kv_lora_rank", "qk_rope_head_dim"):
         if attn_cfg.get(key) is None:
-            raise ValueError(f"config.model.attention.{key} is required when config.model.attention.kind='latent' "
-                             f"(an int >= 1; DeepSeek-V3: kv_lora_rank=512, qk_rope_head_dim=64)")
+            raise ValueError(
+                f"config.model.attention.{key} is required when config.model.attention.kind='latent' "
+                f"(an int >= 1; DeepSeek-V3: kv_lora_rank=512, qk_rope_head_dim=64)"
+            )
+
     def g(key, default=None):  # a declared-but-unset key (None) means the default
         value = attn_cfg.get(key)
         return default if value is None else value
 
     return LatentAttention(
-        model_cfg.d_model, model_cfg.num_heads, kv_lora_rank=g("kv_lora_rank"), qk_nope_head_dim=model_cfg.head_dim,
-        qk_rope_head_dim=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim") or model_cfg.head_dim,
-        q_lora_rank=g("q_lora_rank"), causal=causal, path=g("mla_path", "auto"), impl=attn_cfg.impl,
-        rope_base=model_cfg.rope_base or 10000.0, rope_layout=model_cfg.rope_layout,
-        yarn_factor=g("yarn_factor"), yarn_original_max_len=g("yarn_original_max_len", 4096),
-        yarn_beta_fast=g("yarn_beta_fast", 32.0), yarn_beta_slow=g("yarn_beta_slow", 1.0),
-        yarn_mscale=g("yarn_mscale", 1.0), yarn_mscale_all_dim=g("yarn_mscale_all_dim", 0.0),
-        norm_eps=model_cfg.norm_eps, block_q=g("block_q"), block_k=g("block_k"), rngs=rngs, dtype=dtype)
+        model_cfg.d_model,
+        model_cfg.num_heads,
+        kv_lora_rank=g("kv_lora_rank"),
+        qk_nope_head_dim=model_cfg.head_dim,
+        qk_rope_head_dim=g("qk_rope_head_dim"),
+        v_head_dim=g("v_head_dim") or model_cfg.head_dim,
+        q_lora_rank=g("q_lora_rank"),
+        causal=causal,
+        path=g("mla_path", "auto"),
+        impl=attn_cfg.impl,
+        rope_base=model_cfg.rope_base or 10000.0,
+        rope_layout=model_cfg.rope_layout,
+        yarn_factor=g("yarn_factor"),
+        yarn_original_max_len=g("yarn_original_max_len", 4096),
+        yarn_beta_fast=g("yarn_beta_fast", 32.0),
+        yarn_beta_slow=g("yarn_beta_slow", 1.0),
+        yarn_mscale=g("yarn_mscale", 1.0),
+        yarn_mscale_all_dim=g("yarn_mscale_all_dim", 0.0),
+        norm_eps=model_cfg.norm_eps,
+        block_q=g("block_q"),
+        block_k=g("block_k"),
+        rngs=rngs,
+        dtype=dtype,
+    )
 
 
 def _latent_options():
     from effitrans import config_validation as cv
 
     return {
-        "kv_lora_rank": cv.int_at_least(1),             # C: latent width cached per token (required)
-        "qk_rope_head_dim": cv.int_at_least(2),         # R: decoupled RoPE dims, one key shared by all heads (required)
+        "kv_lora_rank": cv.int_at_least(1),  # C: latent width cached per token (required)
+        "qk_rope_head_dim": cv.int_at_least(2),  # R: decoupled RoPE dims, one key shared by all heads (required)
         "q_lora_rank": cv.optional(cv.int_at_least(1)),  # None: full-rank query projection
-        "v_head_dim": cv.optional(cv.int_at_least(1)),   # None: model.head_dim
+        "v_head_dim": cv.optional(cv.int_at_least(1)),  # None: model.head_dim
         "mla_path": cv.one_of("naive", "absorbed", "auto"),  # auto: naive for full passes, absorbed for decode
         "yarn_factor": cv.optional(cv.float_at_least(1.0)),  # None: plain RoPE; else YaRN context extension
         "yarn_original_max_len": cv.int_at_least(1),
@@ -97,8 +126,9 @@ register_family("latent", AttentionFamily(_build_latent, _latent_options(), supp
 
 from effitrans.attention import sparse_families as _sf  # noqa: E402  (sparse / routed / TGA families, issue 4)
 
-register_family("sliding_window", AttentionFamily(_sf.build_sliding_window, _sf.sliding_window_options(),
-                                                  supports_decode=True))
+register_family(
+    "sliding_window", AttentionFamily(_sf.build_sliding_window, _sf.sliding_window_options(), supports_decode=True)
+)
 register_family("sparse_strided", AttentionFamily(_sf.build_sparse_strided, _sf.sparse_strided_options()))
 register_family("sparse_fixed", AttentionFamily(_sf.build_sparse_fixed, _sf.sparse_fixed_options()))
 register_family("lsh", AttentionFamily(_sf.build_lsh, _sf.lsh_options()))
@@ -108,5 +138,14 @@ register_family("transient_global", AttentionFamily(_sf.build_transient_global, 
 # Decode caches: dense -> KVCache, latent -> LatentCache ([latent | rope key] per token), sliding_window ->
 # a ring buffer of the window (WindowCache, effitrans/attention/sliding_window.py).
 
-__all__ = ["AttentionFamily", "ATTENTION_FAMILIES", "DenseAttention", "KVCache", "LatentAttention", "LatentCache",
-           "build_attention", "cache_bytes", "register_family"]
+__all__ = [
+    "AttentionFamily",
+    "ATTENTION_FAMILIES",
+    "DenseAttention",
+    "KVCache",
+    "LatentAttention",
+    "LatentCache",
+    "build_attention",
+    "cache_bytes",
+    "register_family",
+]

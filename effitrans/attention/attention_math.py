@@ -19,13 +19,12 @@ def masked_softmax_stats(logits: jax.Array, valid: jax.Array):
     valid entry gets p = 0 and lse = -inf, with finite (zero) gradients (the kernels' convention).
     """
     masked = jnp.where(valid, logits, -jnp.inf)
-    m = jnp.max(masked, axis=-1, keepdims=True)                                   # [..., 1]
+    m = jnp.max(masked, axis=-1, keepdims=True)  # [..., 1]
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.where(valid, jnp.exp(jnp.where(valid, logits, 0.0) - m), 0.0)         # [..., S]
-    denom = jnp.sum(e, axis=-1, keepdims=True)                                    # [..., 1]
+    e = jnp.where(valid, jnp.exp(jnp.where(valid, logits, 0.0) - m), 0.0)  # [..., S]
+    denom = jnp.sum(e, axis=-1, keepdims=True)  # [..., 1]
     p = e / jnp.where(denom > 0, denom, 1.0)
-    lse = jnp.where(denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + m[..., 0],
-                    -jnp.inf)
+    lse = jnp.where(denom[..., 0] > 0, jnp.log(jnp.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + m[..., 0], -jnp.inf)
     return p, lse
 
 
@@ -37,7 +36,7 @@ def merge_by_lse(outs: jax.Array, lses: jax.Array, axis: int = 0):
     """
     m = jnp.max(lses, axis=axis, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m)                                                          # 0 where lse = -inf
+    w = jnp.exp(lses - m)  # 0 where lse = -inf
     total = jnp.sum(w, axis=axis, keepdims=True)
     wn = w / jnp.where(total > 0, total, 1.0)
     out = jnp.sum(outs * wn[..., None].astype(outs.dtype), axis=axis)
@@ -45,8 +44,9 @@ def merge_by_lse(outs: jax.Array, lses: jax.Array, axis: int = 0):
     return out, jnp.squeeze(lse, axis)
 
 
-def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32,
-                             max_distance: int = 128) -> jax.Array:
+def relative_position_bucket(
+    relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
+) -> jax.Array:
     """T5's bucketing of relative positions (memory - query): exact for small |d|, log-spaced up to
     max_distance, one bucket beyond. Returns int32 in [0, num_buckets)."""
     rp = relative_position.astype(jnp.int32)
@@ -60,8 +60,9 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
     max_exact = num_buckets // 2
     is_small = rp < max_exact
     safe = jnp.maximum(rp, 1).astype(jnp.float32)
-    large = max_exact + (jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
-                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = max_exact + (
+        jnp.log(safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, rp, large)
 

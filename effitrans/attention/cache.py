@@ -24,21 +24,32 @@ class KVCache:
     lengths: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, v_head_dim: int | None = None,
-              dtype=jnp.float32) -> "KVCache":
+    def zeros(
+        cls,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int | None = None,
+        dtype=jnp.float32,
+    ) -> KVCache:
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        return cls(k=jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype),
-                   v=jnp.zeros((batch, max_len, num_kv_heads, v_head_dim), dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+        return cls(
+            k=jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, max_len, num_kv_heads, v_head_dim), dtype),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
 
     @property
     def max_len(self) -> int:
         return self.k.shape[1]
 
-    def append(self, k_new: jax.Array, v_new: jax.Array) -> "KVCache":
+    def append(self, k_new: jax.Array, v_new: jax.Array) -> KVCache:
         """Writes k_new [B, T, K, H], v_new at each row's current length; returns the updated cache."""
-        def write(buf, new, start):                         # buf [L, K, H], new [T, K, H]
+
+        def write(buf, new, start):  # buf [L, K, H], new [T, K, H]
             return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
+
         k = jax.vmap(write)(self.k, k_new, self.lengths)
         v = jax.vmap(write)(self.v, v_new, self.lengths)
         return KVCache(k=k, v=v, lengths=self.lengths + k_new.shape[1])

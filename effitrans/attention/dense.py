@@ -7,8 +7,6 @@ as cache bytes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,10 +23,22 @@ class DenseAttention(nnx.Module):
     Weights: q [D, N, H], k and v [D, K, H], o [N, H, D].
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool,
-                 impl: str = "auto", rope_base: Optional[float] = 10000.0, rope_layout: str = "half",
-                 block_q: Optional[int] = None, block_k: Optional[int] = None, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        causal: bool,
+        impl: str = "auto",
+        rope_base: float | None = 10000.0,
+        rope_layout: str = "half",
+        block_q: int | None = None,
+        block_k: int | None = None,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         if rope_layout not in ROPE_LAYOUTS:
@@ -42,8 +52,7 @@ class DenseAttention(nnx.Module):
         self.q = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
         self.k = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
         self.v = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
-        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"),
-                            fan_in_normal((0, 1)))
+        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
 
     def _rope(self, x, positions):
         if self.rope_base is None:
@@ -53,9 +62,17 @@ class DenseAttention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache: Optional[KVCache] = None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        decode: bool = False,
+    ):
         """x [B, T, D], positions int [B, T] -> (y [B, T, D], cache).
 
         kv_x [B, S, D] (with kv_positions [B, S]) takes keys/values from another sequence, e.g. a funnel's
@@ -68,9 +85,9 @@ class DenseAttention(nnx.Module):
         src_positions = positions if kv_x is None else kv_positions
         if kv_x is not None and kv_positions is None:
             raise ValueError("kv_x was given without kv_positions; pass the positions of the key/value tokens")
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)             # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", src, c(self.k)), src_positions)      # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", src, c(self.v))                                 # [B, S, K, H]
+        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
+        k = self._rope(jnp.einsum("BSD,DKH->BSKH", src, c(self.k)), src_positions)  # [B, S, K, H]
+        v = jnp.einsum("BSD,DKH->BSKH", src, c(self.v))  # [B, S, K, H]
 
         if decode:
             if cache is None:
@@ -78,11 +95,13 @@ class DenseAttention(nnx.Module):
             if kv_x is not None:
                 raise ValueError("decode=True with kv_x is not supported: a cache holds self-attention keys")
             cache = cache.append(k, v)
-            out = kernels.decode_attention(q, cache.k, cache.v, lengths=cache.lengths,
-                                           impl=self.impl if self.impl != "pallas" else "auto")
+            out = kernels.decode_attention(
+                q, cache.k, cache.v, lengths=cache.lengths, impl=self.impl if self.impl != "pallas" else "auto"
+            )
         else:
             mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
-            out = kernels.attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl,
-                                    block_q=self.block_q, block_k=self.block_k)        # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))                                  # [B, T, D]
+            out = kernels.attention(
+                q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, block_q=self.block_q, block_k=self.block_k
+            )  # [B, T, N, H]
+        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
         return y, cache

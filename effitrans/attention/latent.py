@@ -26,7 +26,6 @@ Einsum letters (DESIGN.md plus): C latent width, R rope head dim, V value head d
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +42,7 @@ MLA_PATHS = ("naive", "absorbed", "auto")
 
 # ---- the cache ---------------------------------------------------------------------------------------
 
+
 @struct.dataclass
 class LatentCache:
     """What MLA caches per token: the normalised latent and the rotated shared rope key.
@@ -55,24 +55,27 @@ class LatentCache:
     lengths: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, kv_lora_rank: int, rope_head_dim: int,
-              dtype=jnp.float32) -> "LatentCache":
-        return cls(kv=jnp.zeros((batch, max_len, kv_lora_rank + rope_head_dim), dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+    def zeros(cls, batch: int, max_len: int, kv_lora_rank: int, rope_head_dim: int, dtype=jnp.float32) -> LatentCache:
+        return cls(
+            kv=jnp.zeros((batch, max_len, kv_lora_rank + rope_head_dim), dtype), lengths=jnp.zeros((batch,), jnp.int32)
+        )
 
     @property
     def max_len(self) -> int:
         return self.kv.shape[1]
 
-    def append(self, kv_new: jax.Array) -> "LatentCache":
+    def append(self, kv_new: jax.Array) -> LatentCache:
         """Writes kv_new [B, T, C + R] at each row's current length; returns the updated cache."""
-        def write(buf, new, start):                          # buf [L, C+R], new [T, C+R]
+
+        def write(buf, new, start):  # buf [L, C+R], new [T, C+R]
             return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0))
+
         kv = jax.vmap(write)(self.kv, kv_new, self.lengths)
         return LatentCache(kv=kv, lengths=self.lengths + kv_new.shape[1])
 
 
 # ---- YaRN and RoPE with explicit frequencies ----------------------------------------------------------
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature term: 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
@@ -89,11 +92,13 @@ def rope_inv_freq(dim: int, base: float) -> np.ndarray:
 _get_mscale = yarn_mscale  # LatentAttention.__init__ has an argument of the same name
 
 
-def yarn_frequencies(dim: int, base: float, factor: float, original_max_len: int, beta_fast: float = 32.0,
-                     beta_slow: float = 1.0) -> np.ndarray:
+def yarn_frequencies(
+    dim: int, base: float, factor: float, original_max_len: int, beta_fast: float = 32.0, beta_slow: float = 1.0
+) -> np.ndarray:
     """YaRN inverse frequencies [dim/2]: extrapolated (plain RoPE) for wavelengths that rotate more than
     beta_fast times over the original context, interpolated (divided by factor) below beta_slow, a
     linear ramp between (the "NTK-by-parts" rule, as in DeepSeek-V3 / HF transformers)."""
+
     def correction_dim(num_rotations):
         return dim * math.log(original_max_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -102,9 +107,9 @@ def yarn_frequencies(dim: int, base: float, factor: float, original_max_len: int
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0.0, 1.0)  # [dim/2]
-    extrapolation = rope_inv_freq(dim, base)                    # [dim/2]
+    extrapolation = rope_inv_freq(dim, base)  # [dim/2]
     interpolation = extrapolation / factor
-    keep = 1.0 - ramp                                                          # 1: extrapolate
+    keep = 1.0 - ramp  # 1: extrapolate
     return (interpolation * (1.0 - keep) + extrapolation * keep).astype(np.float32)
 
 
@@ -115,6 +120,7 @@ def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, layout: str)
 
 # ---- the module --------------------------------------------------------------------------------------
 
+
 class LatentAttention(nnx.Module):
     """MLA with the shared attention protocol (`__call__`, `init_cache`).
 
@@ -122,16 +128,39 @@ class LatentAttention(nnx.Module):
     wkv_a [D, C+R], kv_norm [C], wk_b [C, N, H], wv_b [C, N, V], wo [N, V, D].
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, kv_lora_rank: int, qk_nope_head_dim: int,
-                 qk_rope_head_dim: int, v_head_dim: int, q_lora_rank: Optional[int] = None,
-                 causal: bool = True, path: str = "auto", impl: str = "auto", rope_base: float = 10000.0,
-                 rope_layout: str = "half", yarn_factor: Optional[float] = None,
-                 yarn_original_max_len: int = 4096, yarn_beta_fast: float = 32.0, yarn_beta_slow: float = 1.0,
-                 yarn_mscale: float = 1.0, yarn_mscale_all_dim: float = 0.0, norm_eps: float = 1e-6,
-                 block_q: Optional[int] = None, block_k: Optional[int] = None, rngs: nnx.Rngs,
-                 dtype=jnp.float32):
-        for name, v in (("kv_lora_rank", kv_lora_rank), ("qk_nope_head_dim", qk_nope_head_dim),
-                        ("qk_rope_head_dim", qk_rope_head_dim), ("v_head_dim", v_head_dim)):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        q_lora_rank: int | None = None,
+        causal: bool = True,
+        path: str = "auto",
+        impl: str = "auto",
+        rope_base: float = 10000.0,
+        rope_layout: str = "half",
+        yarn_factor: float | None = None,
+        yarn_original_max_len: int = 4096,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_mscale: float = 1.0,
+        yarn_mscale_all_dim: float = 0.0,
+        norm_eps: float = 1e-6,
+        block_q: int | None = None,
+        block_k: int | None = None,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        for name, v in (
+            ("kv_lora_rank", kv_lora_rank),
+            ("qk_nope_head_dim", qk_nope_head_dim),
+            ("qk_rope_head_dim", qk_rope_head_dim),
+            ("v_head_dim", v_head_dim),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")
         if qk_rope_head_dim % 2:
@@ -151,14 +180,15 @@ class LatentAttention(nnx.Module):
         self.block_q, self.block_k, self.dtype = block_q, block_k, dtype
 
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
-        self.scale = qk_dim ** -0.5
+        self.scale = qk_dim**-0.5
         rope_gain = 1.0
         # Inverse frequencies [R/2] as a static tuple (not a Variable: they are not trained or checkpointed).
         if yarn_factor is None:
             inv_freq = rope_inv_freq(qk_rope_head_dim, rope_base)
         else:
-            inv_freq = yarn_frequencies(qk_rope_head_dim, rope_base, yarn_factor, yarn_original_max_len,
-                                        yarn_beta_fast, yarn_beta_slow)
+            inv_freq = yarn_frequencies(
+                qk_rope_head_dim, rope_base, yarn_factor, yarn_original_max_len, yarn_beta_fast, yarn_beta_slow
+            )
         self.inv_freq = tuple(float(f) for f in inv_freq)
         if yarn_factor is not None:
             # As DeepSeek-V3 / HF: logits scale by mscale(mscale_all_dim)^2; cos and sin (the rope parts of q
@@ -196,53 +226,61 @@ class LatentAttention(nnx.Module):
     def queries(self, x, positions):
         """x [B, T, D] -> (q_nope [B, T, N, H], q_rope [B, T, N, R] rotated)."""
         if self.q_lora_rank is None:
-            q = jnp.einsum("BTD,DNK->BTNK", x, self._w(self.wq))                    # [B, T, N, H+R]
+            q = jnp.einsum("BTD,DNK->BTNK", x, self._w(self.wq))  # [B, T, N, H+R]
         else:
-            q_lat = jnp.einsum("BTD,DL->BTL", x, self._w(self.wq_a))                # [B, T, L]
+            q_lat = jnp.einsum("BTD,DL->BTL", x, self._w(self.wq_a))  # [B, T, L]
             q_lat = rms_norm(q_lat, self.q_norm[...], self.norm_eps)
-            q = jnp.einsum("BTL,LNK->BTNK", q_lat, self._w(self.wq_b))              # [B, T, N, H+R]
-        return q[..., :self.nope_dim], self._rope(q[..., self.nope_dim:], positions)
+            q = jnp.einsum("BTL,LNK->BTNK", q_lat, self._w(self.wq_b))  # [B, T, N, H+R]
+        return q[..., : self.nope_dim], self._rope(q[..., self.nope_dim :], positions)
 
     def latents(self, x, positions):
         """x [B, S, D] -> what the cache stores: [B, S, C + R] = [RMSNorm(latent) | RoPE(k_rope)]."""
-        kv = jnp.einsum("BSD,DC->BSC", x, self._w(self.wkv_a))                     # [B, S, C+R]
-        c = rms_norm(kv[..., :self.kv_lora_rank], self.kv_norm[...], self.norm_eps)  # [B, S, C]
-        k_rope = self._rope(kv[..., None, self.kv_lora_rank:], positions)          # [B, S, 1, R]
-        return jnp.concatenate([c, k_rope[:, :, 0]], axis=-1)                       # [B, S, C+R]
+        kv = jnp.einsum("BSD,DC->BSC", x, self._w(self.wkv_a))  # [B, S, C+R]
+        c = rms_norm(kv[..., : self.kv_lora_rank], self.kv_norm[...], self.norm_eps)  # [B, S, C]
+        k_rope = self._rope(kv[..., None, self.kv_lora_rank :], positions)  # [B, S, 1, R]
+        return jnp.concatenate([c, k_rope[:, :, 0]], axis=-1)  # [B, S, C+R]
 
     def _expand(self, kv):
         """Naive path: latents [B, S, C+R] -> per-head k [B, S, N, H+R], v [B, S, N, V]."""
-        c, k_rope = kv[..., :self.kv_lora_rank], kv[..., self.kv_lora_rank:]       # [B, S, C], [B, S, R]
-        k_nope = jnp.einsum("BSC,CNH->BSNH", c, self._w(self.wk_b))                # [B, S, N, H]
-        v = jnp.einsum("BSC,CNV->BSNV", c, self._w(self.wv_b))                     # [B, S, N, V]
+        c, k_rope = kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank :]  # [B, S, C], [B, S, R]
+        k_nope = jnp.einsum("BSC,CNH->BSNH", c, self._w(self.wk_b))  # [B, S, N, H]
+        v = jnp.einsum("BSC,CNV->BSNV", c, self._w(self.wv_b))  # [B, S, N, V]
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], self.rope_dim))  # [B, S, N, R]
         return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
     def _absorbed_query(self, q_nope, q_rope):
         """[B, T, N, H], [B, T, N, R] -> q over latents [B, T, N, C+R] (W_uk folded into the query)."""
-        q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._w(self.wk_b))           # [B, T, N, C]
+        q_lat = jnp.einsum("BTNH,CNH->BTNC", q_nope, self._w(self.wk_b))  # [B, T, N, C]
         return jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
 
     def _absorbed_output(self, out_lat):
         """Attention output over latents [B, T, N, C(+R)] -> per-head values [B, T, N, V] (W_uv folded)."""
-        return jnp.einsum("BTNC,CNV->BTNV", out_lat[..., :self.kv_lora_rank], self._w(self.wv_b))
+        return jnp.einsum("BTNC,CNV->BTNV", out_lat[..., : self.kv_lora_rank], self._w(self.wv_b))
 
     # -- protocol -----------------------------------------------------------------------------------
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> LatentCache:
         return LatentCache.zeros(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype=dtype)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache: Optional[LatentCache] = None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache: LatentCache | None = None,
+        decode: bool = False,
+    ):
         """x [B, T, D], positions int [B, T] -> (y [B, T, D], cache). Same protocol as DenseAttention."""
         if kv_x is not None and kv_positions is None:
             raise ValueError("kv_x was given without kv_positions; pass the positions of the key/value tokens")
         x = x.astype(self.dtype)
         src = x if kv_x is None else kv_x.astype(self.dtype)
         src_positions = positions if kv_x is None else kv_positions
-        q_nope, q_rope = self.queries(x, positions)                                # [B,T,N,H], [B,T,N,R]
-        kv = self.latents(src, src_positions)                                      # [B, S, C+R]
+        q_nope, q_rope = self.queries(x, positions)  # [B,T,N,H], [B,T,N,R]
+        kv = self.latents(src, src_positions)  # [B, S, C+R]
         absorbed = self.path == "absorbed" or (self.path == "auto" and decode)
 
         if decode:
@@ -252,30 +290,37 @@ class LatentAttention(nnx.Module):
                 raise ValueError("decode=True with kv_x is not supported: a cache holds self-attention keys")
             cache = cache.append(kv)
             impl = self.impl if self.impl != "pallas" else "auto"
-            cached = cache.kv.astype(self.dtype)                                   # [B, L, C+R]
+            cached = cache.kv.astype(self.dtype)  # [B, L, C+R]
             if absorbed:
-                q = self._absorbed_query(q_nope, q_rope)                           # [B, T, N, C+R]
+                q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
                 # One kv head; the values are the same array (its first C columns are the latent), so
                 # the cache is read once and never copied; the R extra output columns are dropped.
-                out_lat = kernels.decode_attention(q, cached[:, :, None], cached[:, :, None],
-                                                   lengths=cache.lengths, scale=self.scale, impl=impl)
-                out = self._absorbed_output(out_lat)                               # [B, T, N, V]
+                out_lat = kernels.decode_attention(
+                    q, cached[:, :, None], cached[:, :, None], lengths=cache.lengths, scale=self.scale, impl=impl
+                )
+                out = self._absorbed_output(out_lat)  # [B, T, N, V]
             else:
-                k, v = self._expand(cached)                                        # [B, L, N, H+R], [B, L, N, V]
-                q = jnp.concatenate([q_nope, q_rope], axis=-1)                     # [B, T, N, H+R]
+                k, v = self._expand(cached)  # [B, L, N, H+R], [B, L, N, V]
+                q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
                 out = kernels.decode_attention(q, k, v, lengths=cache.lengths, scale=self.scale, impl=impl)
         else:
             mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
-            kw = dict(mask=mask, segment_ids=segment_ids, scale=self.scale, impl=self.impl,
-                      block_q=self.block_q, block_k=self.block_k)
+            kw = dict(
+                mask=mask,
+                segment_ids=segment_ids,
+                scale=self.scale,
+                impl=self.impl,
+                block_q=self.block_q,
+                block_k=self.block_k,
+            )
             if absorbed:
-                q = self._absorbed_query(q_nope, q_rope)                           # [B, T, N, C+R]
+                q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
                 out = self._absorbed_output(kernels.attention(q, kv[:, :, None], kv[:, :, None], **kw))
             else:
                 k, v = self._expand(kv)
-                q = jnp.concatenate([q_nope, q_rope], axis=-1)                     # [B, T, N, H+R]
-                out = kernels.attention(q, k, v, **kw)                             # [B, T, N, V]
-        y = jnp.einsum("BTNV,NVD->BTD", out, self._w(self.wo))                     # [B, T, D]
+                q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
+                out = kernels.attention(q, k, v, **kw)  # [B, T, N, V]
+        y = jnp.einsum("BTNV,NVD->BTD", out, self._w(self.wo))  # [B, T, D]
         return y, cache
 
 

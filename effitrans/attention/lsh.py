@@ -22,8 +22,6 @@ Costs: O(n_hashes * S * 2 * chunk_len) logits per head, plus sorts; nothing S x 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,13 +43,22 @@ def lsh_buckets(x: jax.Array, rotations: jax.Array, n_buckets: int) -> jax.Array
     if n_buckets == 1:
         b, s, n, _ = x.shape
         return jnp.zeros((b, n, rotations.shape[1], s), jnp.int32)
-    rot = jnp.einsum("BSNH,HRF->BNRSF", x.astype(jnp.float32), rotations.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)                                  # [B, N, R, S, nb/2]
+    rot = jnp.einsum(
+        "BSNH,HRF->BNRSF", x.astype(jnp.float32), rotations.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )  # [B, N, R, S, nb/2]
     return jnp.argmax(jnp.concatenate([rot, -rot], axis=-1), axis=-1).astype(jnp.int32)
 
 
-def lsh_attention(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, n_buckets: int, chunk_len: int,
-                  causal: bool, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+def lsh_attention(
+    qk: jax.Array,
+    v: jax.Array,
+    buckets: jax.Array,
+    *,
+    n_buckets: int,
+    chunk_len: int,
+    causal: bool,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """qk [B, S, N, H] (shared query/key vectors), v [B, S, N, H], buckets [B, N, R, S] -> out [B, S, N, H].
 
     S need not be a multiple of chunk_len: the sorted order is padded with dummy keys that sort last and
@@ -68,37 +75,35 @@ def lsh_attention(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, n_buckets:
     if segment_ids is not None:
         buckets = jnp.where((seg == 0)[:, None, None, :], n_buckets, buckets)
     bk = jnp.pad(buckets, [(0, 0), (0, 0), (0, 0), (0, sp - s)], constant_values=n_buckets)  # [B, N, R, Sp]
-    perm = jnp.argsort(bk * sp + pos, axis=-1).astype(jnp.int32)                           # [B, N, R, Sp]
-    rank = jnp.argsort(perm, axis=-1).astype(jnp.int32)                                    # [B, N, R, Sp]
-    chunk_of = rank // chunk_len                                                           # [B, N, R, Sp]
+    perm = jnp.argsort(bk * sp + pos, axis=-1).astype(jnp.int32)  # [B, N, R, Sp]
+    rank = jnp.argsort(perm, axis=-1).astype(jnp.int32)  # [B, N, R, Sp]
+    chunk_of = rank // chunk_len  # [B, N, R, Sp]
 
-    q = qk.astype(jnp.float32) * (h ** -0.5)
-    k = qk.astype(jnp.float32) / jnp.maximum(jnp.linalg.norm(qk.astype(jnp.float32), axis=-1, keepdims=True),
-                                             1e-6)
+    q = qk.astype(jnp.float32) * (h**-0.5)
+    k = qk.astype(jnp.float32) / jnp.maximum(jnp.linalg.norm(qk.astype(jnp.float32), axis=-1, keepdims=True), 1e-6)
     padtok = lambda a: jnp.pad(a, [(0, 0), (0, sp - s)] + [(0, 0)] * (a.ndim - 2))
-    q, k, vv = padtok(q), padtok(k), padtok(v.astype(jnp.float32))                         # [B, Sp, N, H]
-    segp = jnp.pad(seg, [(0, 0), (0, sp - s)], constant_values=-1)                         # [B, Sp]
+    q, k, vv = padtok(q), padtok(k), padtok(v.astype(jnp.float32))  # [B, Sp, N, H]
+    segp = jnp.pad(seg, [(0, 0), (0, sp - s)], constant_values=-1)  # [B, Sp]
 
-    def gather_tok(a, idx):                 # a [B, Sp, N, H], idx [B, N, R, Sp] -> [B, N, R, Sp, H]
+    def gather_tok(a, idx):  # a [B, Sp, N, H], idx [B, N, R, Sp] -> [B, N, R, Sp, H]
         return jnp.take_along_axis(jnp.moveaxis(a, 2, 1)[:, :, None], idx[..., None], axis=3)
 
-    def look_back(a):                       # [B, N, R, nc, C, ...] -> [B, N, R, nc, 2C, ...]
+    def look_back(a):  # [B, N, R, nc, C, ...] -> [B, N, R, nc, 2C, ...]
         if nc == 1:
             return a
         return jnp.concatenate([a, jnp.roll(a, 1, axis=3)], axis=4)
 
     chunks = lambda a: a.reshape(*a.shape[:3], nc, chunk_len, *a.shape[4:])
-    sq = chunks(gather_tok(q, perm))                                                       # [B, N, R, nc, C, H]
-    sk = look_back(chunks(gather_tok(k, perm)))                                            # [B, N, R, nc, 2C, H]
-    sv = look_back(chunks(gather_tok(vv, perm)))                                           # [B, N, R, nc, 2C, H]
-    qpos = chunks(perm)                                                                    # [B, N, R, nc, C]
-    kpos = look_back(chunks(perm))                                                         # [B, N, R, nc, 2C]
+    sq = chunks(gather_tok(q, perm))  # [B, N, R, nc, C, H]
+    sk = look_back(chunks(gather_tok(k, perm)))  # [B, N, R, nc, 2C, H]
+    sv = look_back(chunks(gather_tok(vv, perm)))  # [B, N, R, nc, 2C, H]
+    qpos = chunks(perm)  # [B, N, R, nc, C]
+    kpos = look_back(chunks(perm))  # [B, N, R, nc, 2C]
 
-    logits = jnp.einsum("BNRcqH,BNRckH->BNRcqk", sq, sk,
-                        precision=jax.lax.Precision.HIGHEST)                               # [B, N, R, nc, C, 2C]
-    qi, ki = qpos[..., :, None], kpos[..., None, :]                                        # [..., C, 1], [..., 1, 2C]
-    seg_b = segp[:, None, None, :]                                                         # [B, 1, 1, Sp]
-    qseg = jnp.take_along_axis(seg_b, perm, axis=-1)                                       # [B, N, R, Sp]
+    logits = jnp.einsum("BNRcqH,BNRckH->BNRcqk", sq, sk, precision=jax.lax.Precision.HIGHEST)  # [B, N, R, nc, C, 2C]
+    qi, ki = qpos[..., :, None], kpos[..., None, :]  # [..., C, 1], [..., 1, 2C]
+    seg_b = segp[:, None, None, :]  # [B, 1, 1, Sp]
+    qseg = jnp.take_along_axis(seg_b, perm, axis=-1)  # [B, N, R, Sp]
     valid = (ki < s) & (chunks(qseg)[..., :, None] == look_back(chunks(qseg))[..., None, :])
     if causal:
         valid &= ki <= qi
@@ -112,27 +117,40 @@ def lsh_attention(qk: jax.Array, v: jax.Array, buckets: jax.Array, *, n_buckets:
         count = count + seen.astype(jnp.float32)
     logits = logits - jnp.log(jnp.maximum(count, 1.0))
     logits = jnp.where(qi == ki, SELF_LOGIT, logits)
-    p, lse = masked_softmax_stats(logits, valid)                                           # lse [B, N, R, nc, C]
-    out = jnp.einsum("BNRcqk,BNRckH->BNRcqH", p, sv,
-                     precision=jax.lax.Precision.HIGHEST)                                  # [B, N, R, nc, C, H]
+    p, lse = masked_softmax_stats(logits, valid)  # lse [B, N, R, nc, C]
+    out = jnp.einsum("BNRcqk,BNRckH->BNRcqH", p, sv, precision=jax.lax.Precision.HIGHEST)  # [B, N, R, nc, C, H]
     out = out.reshape(b, n, r, sp, h)
     lse = lse.reshape(b, n, r, sp)
     undo = lambda a, extra: jnp.take_along_axis(a, rank.reshape(*rank.shape, *([1] * extra)), axis=3)
-    out = undo(out, 1)                                                                     # [B, N, R, Sp, H]
-    lse = undo(lse, 0)                                                                     # [B, N, R, Sp]
-    out, _ = merge_by_lse(out, lse, axis=2)                                                # [B, N, Sp, H]
-    return jnp.moveaxis(out, 1, 2)[:, :s].astype(v.dtype)                                  # [B, S, N, H]
+    out = undo(out, 1)  # [B, N, R, Sp, H]
+    lse = undo(lse, 0)  # [B, N, R, Sp]
+    out, _ = merge_by_lse(out, lse, axis=2)  # [B, N, Sp, H]
+    return jnp.moveaxis(out, 1, 2)[:, :s].astype(v.dtype)  # [B, S, N, H]
 
 
 class LSHAttention(nnx.Module):
     """Reformer attention. Weights: qk [D, N, H], v [D, N, H], o [N, H, D], rotations [H, R, n_buckets/2]."""
 
-    def __init__(self, d_model: int, num_heads: int, head_dim: int, *, n_buckets: int, n_hashes: int,
-                 chunk_len: int, causal: bool, rope_base: Optional[float] = 10000.0, rope_layout: str = "half",
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        n_buckets: int,
+        n_hashes: int,
+        chunk_len: int,
+        causal: bool,
+        rope_base: float | None = 10000.0,
+        rope_layout: str = "half",
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
         if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
-            raise ValueError(f"config.model.attention.n_buckets={n_buckets} must be 1 or an even number >= 2 "
-                             f"(angular LSH takes argmax over [xR; -xR])")
+            raise ValueError(
+                f"config.model.attention.n_buckets={n_buckets} must be 1 or an even number >= 2 "
+                f"(angular LSH takes argmax over [xR; -xR])"
+            )
         if n_hashes < 1:
             raise ValueError(f"config.model.attention.n_hashes={n_hashes} must be >= 1")
         if chunk_len < 1:
@@ -146,14 +164,23 @@ class LSHAttention(nnx.Module):
         self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
         self.rotations = LSHRotations(
             jax.random.normal(rngs.params(), (head_dim, n_hashes, max(n_buckets // 2, 1)), jnp.float32),
-            logical_axes=(None, None, None))
+            logical_axes=(None, None, None),
+        )
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         raise ValueError("lsh attention does not support decode (no cache)")
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache=None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache=None,
+        decode: bool = False,
+    ):
         """x [B, S, D], positions [B, S] -> (y [B, S, D], None)."""
         if kv_x is not None:
             raise ValueError("lsh attention is shared-QK self-attention; kv_x is not supported")
@@ -161,12 +188,19 @@ class LSHAttention(nnx.Module):
             raise ValueError("lsh attention does not support decode (no cache)")
         c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        qk = jnp.einsum("BSD,DNH->BSNH", x, c(self.qk))                                    # [B, S, N, H]
+        qk = jnp.einsum("BSD,DNH->BSNH", x, c(self.qk))  # [B, S, N, H]
         if self.rope_base is not None:
             qk = apply_rope(qk, positions, base=self.rope_base, layout=self.rope_layout)
-        v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))                                      # [B, S, N, H]
+        v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))  # [B, S, N, H]
         buckets = lsh_buckets(qk, jax.lax.stop_gradient(self.rotations[...]), self.n_buckets)  # [B, N, R, S]
-        out = lsh_attention(qk, v, buckets, n_buckets=self.n_buckets, chunk_len=self.chunk_len,
-                            causal=self.causal, segment_ids=segment_ids)                   # [B, S, N, H]
-        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))                                    # [B, S, D]
+        out = lsh_attention(
+            qk,
+            v,
+            buckets,
+            n_buckets=self.n_buckets,
+            chunk_len=self.chunk_len,
+            causal=self.causal,
+            segment_ids=segment_ids,
+        )  # [B, S, N, H]
+        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))  # [B, S, D]
         return y, None

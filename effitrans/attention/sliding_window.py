@@ -18,8 +18,6 @@ grow with the sequence; decode is supported without global tokens.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -45,9 +43,12 @@ class WindowCache:
 
     @classmethod
     def zeros(cls, batch: int, window: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32):
-        return cls(k=jnp.zeros((batch, window, num_kv_heads, head_dim), dtype),
-                   v=jnp.zeros((batch, window, num_kv_heads, head_dim), dtype),
-                   pos=jnp.full((batch, window), -1, jnp.int32), lengths=jnp.zeros((batch,), jnp.int32))
+        return cls(
+            k=jnp.zeros((batch, window, num_kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, window, num_kv_heads, head_dim), dtype),
+            pos=jnp.full((batch, window), -1, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+        )
 
     @property
     def window(self) -> int:
@@ -63,27 +64,30 @@ def window_decode_attention(q, k_new, v_new, cache: WindowCache, *, scale: float
     b, t, n, h = q.shape
     kh, w = k_new.shape[2], cache.window
     g = n // kh
-    new_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]          # [B, T]
-    keys = jnp.concatenate([cache.k, k_new.astype(cache.k.dtype)], axis=1)               # [B, W+T, K, H]
-    vals = jnp.concatenate([cache.v, v_new.astype(cache.v.dtype)], axis=1)               # [B, W+T, K, H]
-    kpos = jnp.concatenate([cache.pos, new_pos], axis=1)                                  # [B, W+T]
-    qg = q.reshape(b, t, kh, g, h)                                                        # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale                       # [B, K, G, T, W+T]
-    d = new_pos[:, :, None] - kpos[:, None, :]                                           # [B, T, W+T]
+    new_pos = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    keys = jnp.concatenate([cache.k, k_new.astype(cache.k.dtype)], axis=1)  # [B, W+T, K, H]
+    vals = jnp.concatenate([cache.v, v_new.astype(cache.v.dtype)], axis=1)  # [B, W+T, K, H]
+    kpos = jnp.concatenate([cache.pos, new_pos], axis=1)  # [B, W+T]
+    qg = q.reshape(b, t, kh, g, h)  # [B, T, K, G, H]
+    logits = (
+        jnp.einsum("BTKGH,BSKH->BKGTS", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    )  # [B, K, G, T, W+T]
+    d = new_pos[:, :, None] - kpos[:, None, :]  # [B, T, W+T]
     ok = (kpos[:, None, :] >= 0) & (d >= 0) & (d < w)
     logits = jnp.where(ok[:, None, None], logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)                                                  # every row sees itself
+    p = jax.nn.softmax(logits, axis=-1)  # every row sees itself
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p, vals.astype(jnp.float32)).reshape(b, t, n, h)
 
     # Write the newest min(T, W) tokens into their slots (older ones of this call would be overwritten).
     keep = min(t, w)
-    slots = new_pos[:, t - keep:] % w                                                     # [B, keep]
+    slots = new_pos[:, t - keep :] % w  # [B, keep]
     rows = jnp.arange(b)[:, None]
-    cache = WindowCache(k=cache.k.at[rows, slots].set(k_new[:, t - keep:].astype(cache.k.dtype)),
-                        v=cache.v.at[rows, slots].set(v_new[:, t - keep:].astype(cache.v.dtype)),
-                        pos=cache.pos.at[rows, slots].set(new_pos[:, t - keep:]),
-                        lengths=cache.lengths + t)
+    cache = WindowCache(
+        k=cache.k.at[rows, slots].set(k_new[:, t - keep :].astype(cache.k.dtype)),
+        v=cache.v.at[rows, slots].set(v_new[:, t - keep :].astype(cache.v.dtype)),
+        pos=cache.pos.at[rows, slots].set(new_pos[:, t - keep :]),
+        lengths=cache.lengths + t,
+    )
     return out.astype(q.dtype), cache
 
 
@@ -100,13 +104,27 @@ def sliding_window_mask(left: int, right: int, num_global: int, causal: bool) ->
 class SlidingWindowAttention(DenseAttention):
     """Longformer attention. Weights: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q/k/v_global if num_global)."""
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window_left: int,
-                 window_right: int = 0, num_global: int = 0, causal: bool, rngs: nnx.Rngs, **kw):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        window_left: int,
+        window_right: int = 0,
+        num_global: int = 0,
+        causal: bool,
+        rngs: nnx.Rngs,
+        **kw,
+    ):
         if window_left < 0 or window_right < 0:
             raise ValueError(f"window_left={window_left} and window_right={window_right} must be >= 0")
         if causal and window_right:
-            raise ValueError(f"config.model.attention.window_right={window_right} must be 0 in a causal model "
-                             f"(a token cannot see later tokens)")
+            raise ValueError(
+                f"config.model.attention.window_right={window_right} must be 0 in a causal model "
+                f"(a token cannot see later tokens)"
+            )
         if num_global < 0:
             raise ValueError(f"num_global={num_global} must be >= 0")
         super().__init__(d_model, num_heads, num_kv_heads, head_dim, causal=causal, rngs=rngs, **kw)
@@ -122,30 +140,41 @@ class SlidingWindowAttention(DenseAttention):
         del max_len
         return WindowCache.zeros(batch, self.window_left + 1, self.num_kv_heads, self.head_dim, dtype)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache: Optional[WindowCache] = None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache: WindowCache | None = None,
+        decode: bool = False,
+    ):
         """x [B, T, D], positions [B, T] -> (y [B, T, D], cache). Self-attention only (kv_x must be None)."""
         if kv_x is not None:
             raise ValueError("sliding_window attention is self-attention; kv_x is not supported")
         c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)               # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)               # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))                                      # [B, S, K, H]
-        scale = self.head_dim ** -0.5
+        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
+        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)  # [B, S, K, H]
+        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))  # [B, S, K, H]
+        scale = self.head_dim**-0.5
 
         if decode:
             if cache is None:
                 raise ValueError("decode=True needs a cache; create one with init_cache(batch, max_len)")
             if not self.causal or self.num_global:
-                raise ValueError("sliding_window decode needs a causal model without global tokens "
-                                 f"(causal={self.causal}, num_global={self.num_global})")
+                raise ValueError(
+                    "sliding_window decode needs a causal model without global tokens "
+                    f"(causal={self.causal}, num_global={self.num_global})"
+                )
             out, cache = window_decode_attention(q, k, v, cache, scale=scale)
         else:
             mask = sliding_window_mask(self.window_left, self.window_right, self.num_global, self.causal)
-            out = kernels.attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl,
-                                    block_q=self.block_q, block_k=self.block_k)           # [B, T, N, H]
+            out = kernels.attention(
+                q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, block_q=self.block_q, block_k=self.block_k
+            )  # [B, T, N, H]
             if self.num_global:
                 n = min(self.num_global, x.shape[1])
                 qg = self._rope(jnp.einsum("BTD,DNH->BTNH", x[:, :n], c(self.q_global)), positions[:, :n])
@@ -153,8 +182,9 @@ class SlidingWindowAttention(DenseAttention):
                 vg = jnp.einsum("BSD,DKH->BSKH", x, c(self.v_global))
                 seg = None if segment_ids is None else (segment_ids[:, :n], segment_ids)
                 gmask = masks.Causal() if self.causal else masks.Full()
-                out_g = kernels.attention(qg, kg, vg, mask=gmask, segment_ids=seg, impl=self.impl,
-                                          block_q=self.block_q, block_k=self.block_k)   # [B, n, N, H]
+                out_g = kernels.attention(
+                    qg, kg, vg, mask=gmask, segment_ids=seg, impl=self.impl, block_q=self.block_q, block_k=self.block_k
+                )  # [B, n, N, H]
                 out = out.at[:, :n].set(out_g)
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))                                   # [B, T, D]
+        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
         return y, cache

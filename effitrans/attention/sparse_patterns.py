@@ -21,7 +21,6 @@ queries see no key; a query that sees no key outputs 0 (the kernel's rule).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +46,9 @@ class StridedColumns(masks.Mask):
 
     def _any_all(self, qa, qb, ka, kb):
         l = self.stride
-        d_lo, d_hi = qa - kb, qb - ka              # d takes every integer in [d_lo, d_hi] over a block
+        d_lo, d_hi = qa - kb, qb - ka  # d takes every integer in [d_lo, d_hi] over a block
         lo = np.maximum(d_lo, 0) if self.causal else d_lo
-        first = -(-lo // l) * l                    # smallest multiple of l >= lo
+        first = -(-lo // l) * l  # smallest multiple of l >= lo
         any_ = (lo <= d_hi) & (first <= d_hi)
         all_ = ((l == 1) | (d_lo == d_hi) & (d_lo % l == 0)) & ((d_lo >= 0) if self.causal else True)
         return any_, all_
@@ -59,8 +58,9 @@ class StridedColumns(masks.Mask):
 SummaryColumns = masks.SummaryColumns
 
 
-def pattern_masks(kind: str, *, causal: bool, stride: int = 0, block: int = 0,
-                  summary: int = 1) -> tuple[masks.Mask, masks.Mask]:
+def pattern_masks(
+    kind: str, *, causal: bool, stride: int = 0, block: int = 0, summary: int = 1
+) -> tuple[masks.Mask, masks.Mask]:
     """(A1, A2) masks of the Sparse Transformer pattern `kind` ("strided" | "fixed")."""
     if kind == "strided":
         if causal:
@@ -77,14 +77,18 @@ def pattern_masks(kind: str, *, causal: bool, stride: int = 0, block: int = 0,
 def split_heads(num_heads: int, num_kv_heads: int) -> tuple[slice, slice, slice, slice]:
     """(q heads of A1, kv heads of A1, q heads of A2, kv heads of A2); errors if heads do not split."""
     if num_heads % 2:
-        raise ValueError(f"config.model.num_heads={num_heads} must be even: the Sparse Transformer patterns "
-                         f"give half of the heads to each of its two patterns")
+        raise ValueError(
+            f"config.model.num_heads={num_heads} must be even: the Sparse Transformer patterns "
+            f"give half of the heads to each of its two patterns"
+        )
     hq = num_heads // 2
     if num_kv_heads == 1:
         return slice(0, hq), slice(0, 1), slice(hq, num_heads), slice(0, 1)
     if num_kv_heads % 2 or hq % (num_kv_heads // 2):
-        raise ValueError(f"config.model.num_kv_heads={num_kv_heads} must be 1 or an even divisor of num_heads="
-                         f"{num_heads} so the two head halves keep whole kv groups")
+        raise ValueError(
+            f"config.model.num_kv_heads={num_kv_heads} must be 1 or an even divisor of num_heads="
+            f"{num_heads} so the two head halves keep whole kv groups"
+        )
     hk = num_kv_heads // 2
     return slice(0, hq), slice(0, hk), slice(hq, num_heads), slice(hk, num_kv_heads)
 
@@ -92,8 +96,21 @@ def split_heads(num_heads: int, num_kv_heads: int) -> tuple[slice, slice, slice,
 class SparsePatternAttention(DenseAttention):
     """Strided or fixed Sparse Transformer attention; same weights as DenseAttention."""
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, pattern: str,
-                 causal: bool, rngs: nnx.Rngs, stride: int = 0, block: int = 0, summary: int = 1, **kw):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        pattern: str,
+        causal: bool,
+        rngs: nnx.Rngs,
+        stride: int = 0,
+        block: int = 0,
+        summary: int = 1,
+        **kw,
+    ):
         if pattern == "strided" and stride < 1:
             raise ValueError(f"config.model.attention.stride={stride} must be >= 1")
         if pattern == "fixed" and (block < 1 or not 1 <= summary <= block):
@@ -103,12 +120,21 @@ class SparsePatternAttention(DenseAttention):
         self.pattern, self.stride, self.block, self.summary = pattern, stride, block, summary
 
     def masks(self) -> tuple[masks.Mask, masks.Mask]:
-        return pattern_masks(self.pattern, causal=self.causal, stride=self.stride, block=self.block,
-                             summary=self.summary)
+        return pattern_masks(
+            self.pattern, causal=self.causal, stride=self.stride, block=self.block, summary=self.summary
+        )
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache=None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache=None,
+        decode: bool = False,
+    ):
         """x [B, T, D], positions [B, T] -> (y [B, T, D], None). Self-attention, no decode."""
         if kv_x is not None:
             raise ValueError(f"sparse_{self.pattern} attention is self-attention; kv_x is not supported")
@@ -116,16 +142,25 @@ class SparsePatternAttention(DenseAttention):
             raise ValueError(f"sparse_{self.pattern} attention does not support decode (no cache)")
         c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)               # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)               # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))                                      # [B, S, K, H]
+        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
+        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)  # [B, S, K, H]
+        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))  # [B, S, K, H]
         outs = []
         for (qs, ks), mask in zip((self.heads[:2], self.heads[2:]), self.masks()):
-            outs.append(kernels.attention(q[:, :, qs], k[:, :, ks], v[:, :, ks], mask=mask,
-                                          segment_ids=segment_ids, impl=self.impl, block_q=self.block_q,
-                                          block_k=self.block_k))                         # [B, T, N/2, H]
-        out = jnp.concatenate(outs, axis=2)                                                # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))                                   # [B, T, D]
+            outs.append(
+                kernels.attention(
+                    q[:, :, qs],
+                    k[:, :, ks],
+                    v[:, :, ks],
+                    mask=mask,
+                    segment_ids=segment_ids,
+                    impl=self.impl,
+                    block_q=self.block_q,
+                    block_k=self.block_k,
+                )
+            )  # [B, T, N/2, H]
+        out = jnp.concatenate(outs, axis=2)  # [B, T, N, H]
+        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
         return y, None
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):

@@ -24,8 +24,6 @@ Conventions (checked against HF `LongT5TransientGlobalAttention`, tests/attentio
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,10 +40,10 @@ def global_block_ids(token_mask: jax.Array, global_block: int):
     """
     b, s = token_mask.shape
     pos = jnp.arange(s, dtype=jnp.int32)
-    ids = jnp.where(token_mask, pos // global_block, -1)                              # [B, S]
-    block_ends = (pos % global_block) == global_block - 1                              # [S]
+    ids = jnp.where(token_mask, pos // global_block, -1)  # [B, S]
+    block_ends = (pos % global_block) == global_block - 1  # [S]
     full_blocks = jnp.sum(block_ends[None, :] & (ids >= 0), axis=-1, keepdims=True) - 1  # [B, 1]
-    ids = jnp.where(ids < full_blocks, ids, full_blocks)                               # orphans -> previous block
+    ids = jnp.where(ids < full_blocks, ids, full_blocks)  # orphans -> previous block
     ids = jnp.where(token_mask, ids, -1)
     g = s // global_block
     global_valid = jnp.arange(g, dtype=jnp.int32)[None, :] <= jnp.max(ids, axis=-1, keepdims=True)  # [B, G]
@@ -54,10 +52,11 @@ def global_block_ids(token_mask: jax.Array, global_block: int):
 
 def global_aggregates(x: jax.Array, block_ids: jax.Array, num_globals: int) -> jax.Array:
     """x [B, S, D], block_ids [B, S] (-1 = none) -> per-block sums [B, G, D] (float32 accumulation)."""
-    seg = jnp.where(block_ids >= 0, block_ids, num_globals)                            # [B, S]
-    sums = jax.vmap(lambda xs, ids: jax.ops.segment_sum(xs.astype(jnp.float32), ids,
-                                                        num_segments=num_globals + 1))(x, seg)
-    return sums[:, :num_globals].astype(x.dtype)                                       # [B, G, D]
+    seg = jnp.where(block_ids >= 0, block_ids, num_globals)  # [B, S]
+    sums = jax.vmap(lambda xs, ids: jax.ops.segment_sum(xs.astype(jnp.float32), ids, num_segments=num_globals + 1))(
+        x, seg
+    )
+    return sums[:, :num_globals].astype(x.dtype)  # [B, G, D]
 
 
 def blocks_of(x: jax.Array, block_len: int) -> jax.Array:
@@ -71,23 +70,37 @@ def three_blocks(x: jax.Array) -> jax.Array:
     pad[1] = (1, 1)
     xp = jnp.pad(x, pad)
     nb = x.shape[1]
-    return jnp.concatenate([xp[:, :nb], xp[:, 1:nb + 1], xp[:, 2:]], axis=2)
+    return jnp.concatenate([xp[:, :nb], xp[:, 1 : nb + 1], xp[:, 2:]], axis=2)
 
 
 def _side_bias(global_bias, block_ids, num_globals: int, *, causal: bool, num_buckets: int, max_distance: int):
     """Token-to-global bias [N, B, S, G]: it depends on (block id of the token, g) only, so the bucketed
     table is built once per (block, g) pair ([N, G + 1, G], row 0 for id -1 = padding) and gathered per token."""
-    gq = jnp.arange(-1, num_globals, dtype=jnp.int32)[:, None]                         # [G + 1, 1]
-    rel = jnp.arange(num_globals, dtype=jnp.int32)[None, :] - gq                        # [G + 1, G]
-    bucket = relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets,
-                                      max_distance=max_distance)
+    gq = jnp.arange(-1, num_globals, dtype=jnp.int32)[:, None]  # [G + 1, 1]
+    rel = jnp.arange(num_globals, dtype=jnp.int32)[None, :] - gq  # [G + 1, G]
+    bucket = relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance)
     table = jnp.transpose(jnp.take(global_bias.astype(jnp.float32), bucket, axis=0), (2, 0, 1))  # [N, G + 1, G]
-    return jnp.take(table, block_ids + 1, axis=1)                                      # [N, B, S, G]
+    return jnp.take(table, block_ids + 1, axis=1)  # [N, B, S, G]
 
 
-def transient_global_attention(q, k, v, side_k, side_v, *, local_radius: int, token_seg, block_ids,
-                               global_valid, local_bias, global_bias, causal: bool, num_buckets: int,
-                               max_distance: int, scale: float):
+def transient_global_attention(
+    q,
+    k,
+    v,
+    side_k,
+    side_v,
+    *,
+    local_radius: int,
+    token_seg,
+    block_ids,
+    global_valid,
+    local_bias,
+    global_bias,
+    causal: bool,
+    num_buckets: int,
+    max_distance: int,
+    scale: float,
+):
     """The TGA softmax, blockwise. q, k, v [B, S, N, H]; side_k, side_v [B, G, N, H]; token_seg int [B, S]
     (0 = pad); block_ids [B, S]; global_valid [B, G]; local_bias, global_bias [num_buckets, N].
     -> out [B, S, N, H]. Equal to `transient_global_reference` (tests/attention/test_transient_global.py).
@@ -103,73 +116,104 @@ def transient_global_attention(q, k, v, side_k, side_v, *, local_radius: int, to
     sp = -(-s // bl) * bl
     padseq = lambda a: jnp.pad(a, [(0, 0), (0, sp - s)] + [(0, 0)] * (a.ndim - 2))
     nb = sp // bl
-    qb = blocks_of(padseq(q), bl)                                                      # [B, nb, L, N, H]
-    kb = three_blocks(blocks_of(padseq(k), bl))                                        # [B, nb, 3L, N, H]
-    vb = three_blocks(blocks_of(padseq(v), bl))                                        # [B, nb, 3L, N, H]
-    rel = (jnp.arange(3 * bl, dtype=jnp.int32)[None, :] - bl
-           - jnp.arange(bl, dtype=jnp.int32)[:, None])                                 # [L, 3L]: key - query
+    qb = blocks_of(padseq(q), bl)  # [B, nb, L, N, H]
+    kb = three_blocks(blocks_of(padseq(k), bl))  # [B, nb, 3L, N, H]
+    vb = three_blocks(blocks_of(padseq(v), bl))  # [B, nb, 3L, N, H]
+    rel = (
+        jnp.arange(3 * bl, dtype=jnp.int32)[None, :] - bl - jnp.arange(bl, dtype=jnp.int32)[:, None]
+    )  # [L, 3L]: key - query
     band = jnp.abs(rel) <= local_radius
     if causal:
         band &= rel <= 0
     # Padding (and the zero blocks beyond both ends) has segment 0, which no real query matches.
-    seg = padseq(token_seg)                                                             # [B, Sp]
-    qseg = blocks_of(seg, bl)                                                           # [B, nb, L]
-    kseg = three_blocks(blocks_of(seg, bl))                                             # [B, nb, 3L]
+    seg = padseq(token_seg)  # [B, Sp]
+    qseg = blocks_of(seg, bl)  # [B, nb, L]
+    kseg = three_blocks(blocks_of(seg, bl))  # [B, nb, 3L]
     local_ok = band & (qseg[..., None] == kseg[..., None, :]) & (qseg[..., None] != 0)  # [B, nb, L, 3L]
-    bucket = relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets,
-                                      max_distance=max_distance)                        # [L, 3L]
+    bucket = relative_position_bucket(
+        rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance
+    )  # [L, 3L]
     lbias = jnp.transpose(jnp.take(local_bias.astype(jnp.float32), bucket, axis=0), (2, 0, 1))  # [N, L, 3L]
-    local_logits = jnp.einsum("BcqNH,BckNH->BNcqk", qb, kb,
-                              preferred_element_type=jnp.float32) * scale + lbias[:, None]   # [B, N, nb, L, 3L]
+    local_logits = (
+        jnp.einsum("BcqNH,BckNH->BNcqk", qb, kb, preferred_element_type=jnp.float32) * scale + lbias[:, None]
+    )  # [B, N, nb, L, 3L]
     local_logits = jnp.where(local_ok[:, None], local_logits, -jnp.inf)
 
-    bid = padseq(block_ids + 1) - 1                                                     # [B, Sp]; pads -> -1
-    side_ok = global_valid[:, None, :] & (seg != 0)[..., None]                           # [B, Sp, G]
+    bid = padseq(block_ids + 1) - 1  # [B, Sp]; pads -> -1
+    side_ok = global_valid[:, None, :] & (seg != 0)[..., None]  # [B, Sp, G]
     if causal:
-        side_ok &= jnp.arange(g, dtype=jnp.int32)[None, None, :] < bid[..., None]      # blocks before its own
+        side_ok &= jnp.arange(g, dtype=jnp.int32)[None, None, :] < bid[..., None]  # blocks before its own
     sbias = _side_bias(global_bias, bid, g, causal=causal, num_buckets=num_buckets, max_distance=max_distance)
-    sbias = jnp.swapaxes(sbias, 0, 1).reshape(bsz, n, nb, bl, g)                        # [B, N, nb, L, G]
-    side_logits = jnp.einsum("BcqNH,BgNH->BNcqg", qb, side_k,
-                             preferred_element_type=jnp.float32) * scale + sbias        # [B, N, nb, L, G]
+    sbias = jnp.swapaxes(sbias, 0, 1).reshape(bsz, n, nb, bl, g)  # [B, N, nb, L, G]
+    side_logits = (
+        jnp.einsum("BcqNH,BgNH->BNcqg", qb, side_k, preferred_element_type=jnp.float32) * scale + sbias
+    )  # [B, N, nb, L, G]
     side_logits = jnp.where(blocks_of(side_ok, bl)[:, None], side_logits, -jnp.inf)
 
     # One softmax over [local | global]: the row max only shifts exponents (no gradient needed through it).
     m = jax.lax.stop_gradient(jnp.maximum(jnp.max(local_logits, -1), jnp.max(side_logits, -1)))  # [B, N, nb, L]
     m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
-    e_local = jnp.exp(local_logits - m)                                                 # masked entries -> 0
+    e_local = jnp.exp(local_logits - m)  # masked entries -> 0
     e_side = jnp.exp(side_logits - m)
-    denom = jnp.sum(e_local, -1) + jnp.sum(e_side, -1)                                  # [B, N, nb, L]
-    out = (jnp.einsum("BNcqk,BckNH->BcqNH", e_local.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-           + jnp.einsum("BNcqg,BgNH->BcqNH", e_side.astype(v.dtype), side_v, preferred_element_type=jnp.float32))
-    denom = jnp.moveaxis(denom, 1, -1)[..., None]                                       # [B, nb, L, N, 1]
-    out = out / jnp.where(denom > 0, denom, 1.0)                                        # rows that see nothing -> 0
+    denom = jnp.sum(e_local, -1) + jnp.sum(e_side, -1)  # [B, N, nb, L]
+    out = jnp.einsum(
+        "BNcqk,BckNH->BcqNH", e_local.astype(v.dtype), vb, preferred_element_type=jnp.float32
+    ) + jnp.einsum("BNcqg,BgNH->BcqNH", e_side.astype(v.dtype), side_v, preferred_element_type=jnp.float32)
+    denom = jnp.moveaxis(denom, 1, -1)[..., None]  # [B, nb, L, N, 1]
+    out = out / jnp.where(denom > 0, denom, 1.0)  # rows that see nothing -> 0
     return out.reshape(bsz, sp, n, h)[:, :s].astype(q.dtype)
 
 
-def transient_global_reference(q, k, v, side_k, side_v, *, local_radius: int, token_seg, block_ids,
-                               global_valid, local_bias, global_bias, causal: bool, num_buckets: int,
-                               max_distance: int, scale: float):
+def transient_global_reference(
+    q,
+    k,
+    v,
+    side_k,
+    side_v,
+    *,
+    local_radius: int,
+    token_seg,
+    block_ids,
+    global_valid,
+    local_bias,
+    global_bias,
+    causal: bool,
+    num_buckets: int,
+    max_distance: int,
+    scale: float,
+):
     """Dense O(S^2) TGA straight from the definition (the tests' oracle for the blockwise version):
     one softmax over [all S keys masked to |j - i| <= r and the same segment | all G global tokens]."""
     s, g = q.shape[1], side_k.shape[1]
-    rel = jnp.arange(s, dtype=jnp.int32)[None, :] - jnp.arange(s, dtype=jnp.int32)[:, None]   # [S, S]: j - i
+    rel = jnp.arange(s, dtype=jnp.int32)[None, :] - jnp.arange(s, dtype=jnp.int32)[:, None]  # [S, S]: j - i
     band = (jnp.abs(rel) <= local_radius) & ((rel <= 0) if causal else True)
     same = (token_seg[:, :, None] == token_seg[:, None, :]) & (token_seg != 0)[:, :, None]
-    local_ok = band[None] & same                                                        # [B, S, S]
-    lbias = jnp.take(local_bias.astype(jnp.float32), relative_position_bucket(
-        rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance), axis=0)  # [S, S, N]
-    side_rel = jnp.arange(g, dtype=jnp.int32)[None, None, :] - block_ids[..., None]     # [B, S, G]
+    local_ok = band[None] & same  # [B, S, S]
+    lbias = jnp.take(
+        local_bias.astype(jnp.float32),
+        relative_position_bucket(rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance),
+        axis=0,
+    )  # [S, S, N]
+    side_rel = jnp.arange(g, dtype=jnp.int32)[None, None, :] - block_ids[..., None]  # [B, S, G]
     side_ok = global_valid[:, None, :] & (token_seg != 0)[..., None] & ((side_rel < 0) if causal else True)
-    sbias = jnp.take(global_bias.astype(jnp.float32), relative_position_bucket(
-        side_rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance), axis=0)  # [B, S, G, N]
+    sbias = jnp.take(
+        global_bias.astype(jnp.float32),
+        relative_position_bucket(
+            side_rel, bidirectional=not causal, num_buckets=num_buckets, max_distance=max_distance
+        ),
+        axis=0,
+    )  # [B, S, G, N]
     local_logits = jnp.einsum("BqNH,BkNH->BNqk", q, k, preferred_element_type=jnp.float32) * scale
     side_logits = jnp.einsum("BqNH,BgNH->BNqg", q, side_k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.concatenate([local_logits + jnp.transpose(lbias, (2, 0, 1))[None],
-                              side_logits + jnp.transpose(sbias, (0, 3, 1, 2))], axis=-1)  # [B, N, S, S + G]
-    valid = jnp.concatenate([local_ok, side_ok], axis=-1)[:, None]                      # [B, 1, S, S + G]
+    logits = jnp.concatenate(
+        [local_logits + jnp.transpose(lbias, (2, 0, 1))[None], side_logits + jnp.transpose(sbias, (0, 3, 1, 2))],
+        axis=-1,
+    )  # [B, N, S, S + G]
+    valid = jnp.concatenate([local_ok, side_ok], axis=-1)[:, None]  # [B, 1, S, S + G]
     p, _ = masked_softmax_stats(logits, valid)
-    out = jnp.einsum("BNqk,BkNH->BqNH", p.astype(v.dtype), jnp.concatenate([v, side_v], axis=1),
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "BNqk,BkNH->BqNH", p.astype(v.dtype), jnp.concatenate([v, side_v], axis=1), preferred_element_type=jnp.float32
+    )
     return out.astype(q.dtype)
 
 
@@ -177,9 +221,21 @@ class TransientGlobalAttention(nnx.Module):
     """LongT5 TGA. Weights: q [D, N, H], k/v [D, N, H], o [N, H, D], global_norm [D],
     local_bias and global_bias [num_buckets, N] (T5 relative-position embeddings)."""
 
-    def __init__(self, d_model: int, num_heads: int, head_dim: int, *, local_radius: int, global_block: int,
-                 causal: bool, num_buckets: int = 32, max_distance: int = 128, norm_eps: float = 1e-6,
-                 rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        local_radius: int,
+        global_block: int,
+        causal: bool,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        norm_eps: float = 1e-6,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
         if local_radius < 0:
             raise ValueError(f"config.model.attention.local_radius={local_radius} must be >= 0")
         if global_block < 1:
@@ -200,9 +256,17 @@ class TransientGlobalAttention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
         raise ValueError("transient_global attention does not support decode (no cache)")
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 kv_x: Optional[jax.Array] = None, kv_positions: Optional[jax.Array] = None,
-                 cache=None, decode: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        kv_x: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        cache=None,
+        decode: bool = False,
+    ):
         """x [B, S, D] -> (y [B, S, D], None). positions are unused (relative biases carry position)."""
         del positions, kv_positions
         if kv_x is not None:
@@ -211,23 +275,37 @@ class TransientGlobalAttention(nnx.Module):
             raise ValueError("transient_global attention does not support decode (no cache)")
         b, s, _ = x.shape
         if s % self.global_block:
-            raise ValueError(f"config.model.attention.global_block={self.global_block} must divide the padded "
-                             f"sequence length {s} (pad sequences to a multiple of global_block)")
+            raise ValueError(
+                f"config.model.attention.global_block={self.global_block} must divide the padded "
+                f"sequence length {s} (pad sequences to a multiple of global_block)"
+            )
         c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        token_seg = (jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32))
+        token_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         ids, gvalid = global_block_ids(token_seg != 0, self.global_block)
         num_globals = s // self.global_block
         side = rms_norm(global_aggregates(x, ids, num_globals), self.global_norm[...], self.norm_eps)  # [B, G, D]
-        q = jnp.einsum("BSD,DNH->BSNH", x, c(self.q))                                      # [B, S, N, H]
+        q = jnp.einsum("BSD,DNH->BSNH", x, c(self.q))  # [B, S, N, H]
         k = jnp.einsum("BSD,DNH->BSNH", x, c(self.k))
         v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))
-        side_k = jnp.einsum("BGD,DNH->BGNH", side, c(self.k))                              # [B, G, N, H]
+        side_k = jnp.einsum("BGD,DNH->BGNH", side, c(self.k))  # [B, G, N, H]
         side_v = jnp.einsum("BGD,DNH->BGNH", side, c(self.v))
         out = transient_global_attention(
-            q, k, v, side_k, side_v, local_radius=self.local_radius, token_seg=token_seg, block_ids=ids,
-            global_valid=gvalid, local_bias=self.local_bias[...], global_bias=self.global_bias[...],
-            causal=self.causal, num_buckets=self.num_buckets, max_distance=self.max_distance,
-            scale=self.head_dim ** -0.5)                                                   # [B, S, N, H]
-        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))                                    # [B, S, D]
+            q,
+            k,
+            v,
+            side_k,
+            side_v,
+            local_radius=self.local_radius,
+            token_seg=token_seg,
+            block_ids=ids,
+            global_valid=gvalid,
+            local_bias=self.local_bias[...],
+            global_bias=self.global_bias[...],
+            causal=self.causal,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+            scale=self.head_dim**-0.5,
+        )  # [B, S, N, H]
+        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))  # [B, S, D]
         return y, None

@@ -8,9 +8,10 @@ attention's key/value design differs:
     MLA  kv_lora_rank 128 + rope 32 per token (cache 12.8x smaller than MHA); naive expands the whole latent
          cache into per-head keys/values every step, absorbed attends over the latent directly.
 
-Weights are deterministic pseudo-random values (common.build_model_fast); for each context L the cache is filled with random values up to L (decode cost does not depend on the
-values, and a 16K-token prefill of every variant would dominate the run), then `--steps` tokens are decoded
-greedily by one jitted lax.scan; tokens/s = batch * steps / median wall time. The variants of one context
+Weights are deterministic pseudo-random values (common.build_model_fast); for each context L the cache is
+filled with random values up to L (decode cost does not depend on the values, and a 16K-token prefill of
+every variant would dominate the run), then `--steps` tokens are decoded greedily by one jitted lax.scan;
+tokens/s = batch * steps / median wall time. The variants of one context
 are timed round-robin, so load changes on a shared machine hit all of them alike. Each row carries the MHA row
 of the same context from the same run as its baseline (speed-up and cache-size ratio).
 """
@@ -60,9 +61,12 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
     @jax.jit
     def fill(cache):  # pseudo-random keys/values/latents up to `context`, as if a prompt had been prefilled
         leaves, tree = jax.tree.flatten(cache)
-        leaves = [((jnp.arange(x.size, dtype=jnp.float32) * 0.7548776662 % 1.0) - 0.5).reshape(x.shape).astype(x.dtype)
-                  if jnp.issubdtype(x.dtype, jnp.floating) else jnp.full(x.shape, context, x.dtype)
-                  for x in leaves]
+        leaves = [
+            ((jnp.arange(x.size, dtype=jnp.float32) * 0.7548776662 % 1.0) - 0.5).reshape(x.shape).astype(x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+            else jnp.full(x.shape, context, x.dtype)
+            for x in leaves
+        ]
         return jax.tree.unflatten(tree, leaves)
 
     holder = {"cache": fill(cache)}
@@ -74,12 +78,12 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
 
         def step(carry, _):
             tok, cache = carry
-            logits, cache = m(tok[:, None], cache=cache, decode=True)                 # [B, 1, V]
+            logits, cache = m(tok[:, None], cache=cache, decode=True)  # [B, 1, V]
             nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
             return (nxt, cache), nxt
 
         (_, cache), toks = jax.lax.scan(step, (token, cache), None, length=steps)
-        return toks, [c.replace(lengths=c.lengths - steps) for c in cache]          # ready to rerun at L
+        return toks, [c.replace(lengths=c.lengths - steps) for c in cache]  # ready to rerun at L
 
     token = jnp.zeros((batch,), jnp.int32)
 
@@ -88,10 +92,16 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
         return toks
 
     t0 = time.perf_counter()
-    common.block(run())                                                             # compile + first run
-    info = {"variant": variant, "context": context, "batch": batch, "steps": steps,
-            "compile_and_first_s": time.perf_counter() - t0, "cache_bytes": nbytes,
-            "cache_bytes_per_token": nbytes / batch / (context + steps)}
+    common.block(run())  # compile + first run
+    info = {
+        "variant": variant,
+        "context": context,
+        "batch": batch,
+        "steps": steps,
+        "compile_and_first_s": time.perf_counter() - t0,
+        "cache_bytes": nbytes,
+        "cache_bytes_per_token": nbytes / batch / (context + steps),
+    }
     return run, info
 
 
@@ -109,14 +119,30 @@ def measure_context(variants, context: int, *, batch: int, steps: int, repeats: 
     rows = []
     for (_, info), ts in zip(prepared, times):
         med = float(np.median(ts))
-        rows.append({**info, "median_s": med, "min_s": float(np.min(ts)), "repeats": len(ts), "times_s": ts,
-                     "tokens_per_s": batch * steps / med, "ms_per_token": 1e3 * med / steps})
+        rows.append(
+            {
+                **info,
+                "median_s": med,
+                "min_s": float(np.min(ts)),
+                "repeats": len(ts),
+                "times_s": ts,
+                "tokens_per_s": batch * steps / med,
+                "ms_per_token": 1e3 * med / steps,
+            }
+        )
     return rows
 
 
-COLUMNS = [("variant", "variant"), ("context", "context"), ("tokens_per_s", "tok/s"), ("ms_per_token", "ms/step"),
-           ("speedup_vs_mha", "x MHA speed"), ("cache_mib", "cache MiB"), ("cache_x_smaller", "cache x smaller"),
-           ("repeats", "reps")]
+COLUMNS = [
+    ("variant", "variant"),
+    ("context", "context"),
+    ("tokens_per_s", "tok/s"),
+    ("ms_per_token", "ms/step"),
+    ("speedup_vs_mha", "x MHA speed"),
+    ("cache_mib", "cache MiB"),
+    ("cache_x_smaller", "cache x smaller"),
+    ("repeats", "reps"),
+]
 
 
 def add_baselines(rows: list[dict]) -> None:
@@ -124,7 +150,7 @@ def add_baselines(rows: list[dict]) -> None:
     mha = {r["context"]: r for r in rows if r["variant"] == "mha"}
     for r in rows:
         base = mha.get(r["context"])
-        r["cache_mib"] = r["cache_bytes"] / 2 ** 20
+        r["cache_mib"] = r["cache_bytes"] / 2**20
         r["baseline"] = "mha"
         r["baseline_tokens_per_s"] = base["tokens_per_s"] if base else None
         r["speedup_vs_mha"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
@@ -138,12 +164,17 @@ def goal(rows: list[dict]) -> dict:
     if not a or a[0]["speedup_vs_mha"] is None:
         return {"context": longest, "met": None}
     a = a[0]
-    return {"context": longest, "speedup_vs_mha": a["speedup_vs_mha"], "cache_x_smaller": a["cache_x_smaller"],
-            "met": bool(a["speedup_vs_mha"] > 1.0 and a["cache_x_smaller"] >= 10.0)}
+    return {
+        "context": longest,
+        "speedup_vs_mha": a["speedup_vs_mha"],
+        "cache_x_smaller": a["cache_x_smaller"],
+        "met": bool(a["speedup_vs_mha"] > 1.0 and a["cache_x_smaller"] >= 10.0),
+    }
 
 
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -168,8 +199,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effitrans.bench decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m effitrans.bench decode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", default=None, help='write {"machine", "rows"} here')
     parser.add_argument("--plot", default=None, help="write a PNG of tokens/s and cache MiB vs context")
     parser.add_argument("--contexts", default="1024,2048,4096,8192,16384")
@@ -187,17 +221,23 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for ctx in contexts:
-        for r in measure_context(variants, ctx, batch=args.batch, steps=args.steps, repeats=args.repeats,
-                                 max_seconds=args.max_seconds):
+        for r in measure_context(
+            variants, ctx, batch=args.batch, steps=args.steps, repeats=args.repeats, max_seconds=args.max_seconds
+        ):
             rows.append(r)
-            print(f"[decode] {r['variant']:>12} context {ctx:>6}: {r['tokens_per_s']:8.1f} tok/s, "
-                  f"cache {r['cache_bytes'] / 2 ** 20:8.1f} MiB  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"[decode] {r['variant']:>12} context {ctx:>6}: {r['tokens_per_s']:8.1f} tok/s, "
+                f"cache {r['cache_bytes'] / 2**20:8.1f} MiB  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     add_baselines(rows)
     print(common.format_table(rows, COLUMNS))
     g = goal(rows)
-    print(f"goal (MLA absorbed at {g['context']}: faster than MHA, cache >= 10x smaller): "
-          f"{'MET' if g['met'] else 'MISSED' if g['met'] is False else 'n/a'} "
-          f"(x{g.get('speedup_vs_mha', float('nan')):.2f} speed, x{g.get('cache_x_smaller', float('nan')):.1f} smaller)")
+    print(
+        f"goal (MLA absorbed at {g['context']}: faster than MHA, cache >= 10x smaller): "
+        f"{'MET' if g['met'] else 'MISSED' if g['met'] is False else 'n/a'} "
+        f"(x{g.get('speedup_vs_mha', float('nan')):.2f} speed, x{g.get('cache_x_smaller', float('nan')):.1f} smaller)"
+    )
     common.write_json(args.json, rows, goal=g, model=MODEL, mla=MLA, batch=args.batch, steps=args.steps)
     if args.plot:
         plot(rows, args.plot)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Optional
 
 from effitrans.bench import common
 
@@ -32,14 +31,14 @@ class RealConfig:
     """Attention dimensions of a published model (from its config.json / paper)."""
 
     layers: int
-    heads: int                       # n_h query heads
-    head_dim: int                    # d_h (DeepSeek: the no-RoPE per-head dim, qk_nope_head_dim)
-    kv_heads: int                    # n_kv of the model's own GQA (DeepSeek: MLA, see kv_lora_rank)
-    kv_lora_rank: Optional[int] = None  # d_c, for MLA models
-    rope_dim: Optional[int] = None   # d_rope (decoupled RoPE key), for MLA models
-    gqa_groups: Optional[int] = None  # the GQA group count to compare (default: kv_heads)
-    window: Optional[int] = None     # sliding window of local layers
-    global_every: Optional[int] = None  # one global layer every k layers (others local)
+    heads: int  # n_h query heads
+    head_dim: int  # d_h (DeepSeek: the no-RoPE per-head dim, qk_nope_head_dim)
+    kv_heads: int  # n_kv of the model's own GQA (DeepSeek: MLA, see kv_lora_rank)
+    kv_lora_rank: int | None = None  # d_c, for MLA models
+    rope_dim: int | None = None  # d_rope (decoupled RoPE key), for MLA models
+    gqa_groups: int | None = None  # the GQA group count to compare (default: kv_heads)
+    window: int | None = None  # sliding window of local layers
+    global_every: int | None = None  # one global layer every k layers (others local)
     note: str = ""
 
 
@@ -101,13 +100,21 @@ def small_model_config(cfg: RealConfig, design: str, num_layers: int = 2):
     """A model config with `cfg`'s attention dimensions but 2 layers and a tiny width (never trained)."""
     import os
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.join(root, "configs"))
     import common as config_common  # configs/common.py  # pylint: disable=import-outside-toplevel
 
     kv_heads = {"mha": cfg.heads, "gqa": cfg.gqa_groups or cfg.kv_heads, "mqa": 1, "mla": cfg.heads}[design]
-    m = config_common.model(d_model=64, num_layers=num_layers, num_heads=cfg.heads, num_kv_heads=kv_heads,
-                            head_dim=cfg.head_dim, ffn_width=16, vocab_size=16)
+    m = config_common.model(
+        d_model=64,
+        num_layers=num_layers,
+        num_heads=cfg.heads,
+        num_kv_heads=kv_heads,
+        head_dim=cfg.head_dim,
+        ffn_width=16,
+        vocab_size=16,
+    )
     if design == "mla":
         c, r, _ = mla_dims(cfg)
         m.attention.kind = "latent"
@@ -133,18 +140,29 @@ def measured_bytes_per_token(cfg: RealConfig, design: str, dtype: str) -> int:
     return per_token_2_layers * cfg.layers // 2
 
 
-def rows_for(name: str, cfg: RealConfig, *, dtype: str = "bfloat16", context: int = 32768,
-             measure: bool = True) -> list[dict]:
+def rows_for(
+    name: str, cfg: RealConfig, *, dtype: str = "bfloat16", context: int = 32768, measure: bool = True
+) -> list[dict]:
     bytes_per = DTYPE_BYTES[dtype]
     designs = ["mha", "gqa", "mqa", "mla"] + (["sliding_window"] if cfg.window else [])
     mha = formula_bytes_per_token(cfg, "mha", bytes_per)
     rows = []
     for design in designs:
         fb = formula_bytes_per_token(cfg, design, bytes_per, context)
-        row = {"config": name, "design": design, "formula": formula_text(cfg, design), "dtype": dtype,
-               "bytes_per_token": fb, "measured_bytes_per_token": None, "measured_equals_formula": None,
-               "baseline": "mha", "baseline_bytes_per_token": mha, "compression_x": mha / fb,
-               "gib_at_context": fb * context / 2 ** 30, "context": context}
+        row = {
+            "config": name,
+            "design": design,
+            "formula": formula_text(cfg, design),
+            "dtype": dtype,
+            "bytes_per_token": fb,
+            "measured_bytes_per_token": None,
+            "measured_equals_formula": None,
+            "baseline": "mha",
+            "baseline_bytes_per_token": mha,
+            "compression_x": mha / fb,
+            "gib_at_context": fb * context / 2**30,
+            "context": context,
+        }
         if design == "mla":
             row["hypothetical"] = mla_dims(cfg)[2]
         if design == "gqa":
@@ -159,10 +177,16 @@ def rows_for(name: str, cfg: RealConfig, *, dtype: str = "bfloat16", context: in
     return rows
 
 
-COLUMNS = [("config", "config"), ("design", "design"), ("formula", "formula (elements/token)"),
-           ("bytes_per_token", "B/token"), ("measured_bytes_per_token", "measured B/token"),
-           ("measured_equals_formula", "equal"), ("compression_x", "x vs MHA"),
-           ("gib_at_context", "GiB @ context")]
+COLUMNS = [
+    ("config", "config"),
+    ("design", "design"),
+    ("formula", "formula (elements/token)"),
+    ("bytes_per_token", "B/token"),
+    ("measured_bytes_per_token", "measured B/token"),
+    ("measured_equals_formula", "equal"),
+    ("compression_x", "x vs MHA"),
+    ("gib_at_context", "GiB @ context"),
+]
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -170,6 +194,7 @@ def plot(rows: list[dict], path: str) -> None:
     import os  # pylint: disable=import-outside-toplevel
 
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -197,8 +222,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effitrans.bench kvcache", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m effitrans.bench kvcache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", default=None, help='write {"machine", "rows"} here')
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from {list(CONFIGS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
@@ -214,8 +242,10 @@ def main(argv=None) -> int:
     for n in names:
         rows += rows_for(n, CONFIGS[n], dtype=args.dtype, context=args.context, measure=not args.no_measure)
     print(common.format_table(rows, COLUMNS))
-    print(f"(bytes per token of KV cache, {args.dtype}; measured = arrays effitrans allocates; "
-          f"GiB for one sequence of {args.context} tokens; hypothetical MLA rows use d_c = 4 d_h, d_rope = d_h/2)")
+    print(
+        f"(bytes per token of KV cache, {args.dtype}; measured = arrays effitrans allocates; "
+        f"GiB for one sequence of {args.context} tokens; hypothetical MLA rows use d_c = 4 d_h, d_rope = d_h/2)"
+    )
     bad = [r for r in rows if r["measured_equals_formula"] is False]
     if bad:
         print(f"MISMATCH: measured != formula for {[(r['config'], r['design']) for r in bad]}")

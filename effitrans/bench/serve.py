@@ -52,9 +52,14 @@ def variants(model_cfg, args) -> list:
     k = max(1, round(model_cfg.num_layers / 3))
     fcfg = funnel.funnel_config(model_cfg, at_layer=k, stride=args.stride)
     spec = funnel.spec_from_config(fcfg)
-    out = [("dense", dense, lambda b, t: funnel.encoder_forward_flops(model_cfg, b, t)),
-           (f"funnel L/3 (k={k}, stride {args.stride})", funnel.insert(dense, at_layer=k, stride=args.stride),
-            lambda b, t: funnel.encoder_forward_flops(fcfg, b, t, spec))]
+    out = [
+        ("dense", dense, lambda b, t: funnel.encoder_forward_flops(model_cfg, b, t)),
+        (
+            f"funnel L/3 (k={k}, stride {args.stride})",
+            funnel.insert(dense, at_layer=k, stride=args.stride),
+            lambda b, t: funnel.encoder_forward_flops(fcfg, b, t, spec),
+        ),
+    ]
     if "transient_global" in ATTENTION_FAMILIES and model_cfg.num_heads == model_cfg.num_kv_heads:
         tga = copy.deepcopy(model_cfg)
         tga.attention.kind = "transient_global"
@@ -92,7 +97,7 @@ def measure_length(runs: list, args, length: int) -> list:
     mask = jnp.ones_like(tokens)
     times = {r["name"]: [] for r in runs}
     compile_s = {}
-    for r in runs:                                       # compile and warm up
+    for r in runs:  # compile and warm up
         t = time.perf_counter()
         jax.block_until_ready(r["fn"](r["state"], tokens, mask))
         compile_s[r["name"]] = time.perf_counter() - t
@@ -107,15 +112,24 @@ def measure_length(runs: list, args, length: int) -> list:
     rows = []
     for r in runs:
         ts = np.asarray(times[r["name"]])
-        row = {"variant": r["name"], "batch": args.batch, "seq_len": length, "requests": args.requests,
-               "p50_ms": 1e3 * np.percentile(ts, 50), "p90_ms": 1e3 * np.percentile(ts, 90),
-               "p99_ms": 1e3 * np.percentile(ts, 99), "qps": args.batch * len(ts) / ts.sum(),
-               "compile_s": compile_s[r["name"]],
-               "baseline_p50_ms": 1e3 * np.percentile(bts, 50), "baseline_qps": args.batch * len(bts) / bts.sum()}
+        row = {
+            "variant": r["name"],
+            "batch": args.batch,
+            "seq_len": length,
+            "requests": args.requests,
+            "p50_ms": 1e3 * np.percentile(ts, 50),
+            "p90_ms": 1e3 * np.percentile(ts, 90),
+            "p99_ms": 1e3 * np.percentile(ts, 99),
+            "qps": args.batch * len(ts) / ts.sum(),
+            "compile_s": compile_s[r["name"]],
+            "baseline_p50_ms": 1e3 * np.percentile(bts, 50),
+            "baseline_qps": args.batch * len(bts) / bts.sum(),
+        }
         row["p50_cut_pct"] = 100.0 * (1 - row["p50_ms"] / row["baseline_p50_ms"])
         row["qps_gain_pct"] = 100.0 * (row["qps"] / row["baseline_qps"] - 1)
-        row["flops_cut_pct"] = (None if r["flops_fn"] is None else
-                                100.0 * (1 - r["flops_fn"](args.batch, length) / base_flops))
+        row["flops_cut_pct"] = (
+            None if r["flops_fn"] is None else 100.0 * (1 - r["flops_fn"](args.batch, length) / base_flops)
+        )
         rows.append(row)
     return rows
 
@@ -123,6 +137,7 @@ def measure_length(runs: list, args, length: int) -> list:
 def plot_cuts(rows: list, path: str) -> None:
     """p50 cut vs length per variant (solid), with the FLOPs cut where modelled (dashed)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -133,8 +148,7 @@ def plot_cuts(rows: list, path: str) -> None:
         color = f"C{i}"
         ax.plot([r["seq_len"] for r in rs], [r["p50_cut_pct"] for r in rs], "o-", c=color, label=f"{name}: p50")
         if rs[0]["flops_cut_pct"] is not None:
-            ax.plot([r["seq_len"] for r in rs], [r["flops_cut_pct"] for r in rs], "--", c=color,
-                    label=f"{name}: FLOPs")
+            ax.plot([r["seq_len"] for r in rs], [r["flops_cut_pct"] for r in rs], "--", c=color, label=f"{name}: FLOPs")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("cut vs dense (%)")
@@ -150,8 +164,11 @@ def main(argv=None) -> int:
     import jax
     from flax import nnx
 
-    p = argparse.ArgumentParser(prog="python -m effitrans.bench serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m effitrans.bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default="configs/encoder_retrieval_small.py")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq_len", default="256", help="one length or a comma list, e.g. 128,256,512")
@@ -174,11 +191,21 @@ def main(argv=None) -> int:
     rows = []
     for length in lengths:
         rows += measure_length(runs, args, length)
-    cols = [("variant", "variant"), ("seq_len", "tokens"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
-            ("p99_ms", "p99 ms"), ("qps", "QPS (seq/s)"), ("p50_cut_pct", "p50 cut %"),
-            ("flops_cut_pct", "FLOPs cut %"), ("qps_gain_pct", "QPS gain %")]
-    print(f"encoder serving, {cfg.model.num_layers} layers d={cfg.model.d_model}, batch {args.batch}, "
-          f"{args.requests} requests per variant and length (round-robin)")
+    cols = [
+        ("variant", "variant"),
+        ("seq_len", "tokens"),
+        ("p50_ms", "p50 ms"),
+        ("p90_ms", "p90 ms"),
+        ("p99_ms", "p99 ms"),
+        ("qps", "QPS (seq/s)"),
+        ("p50_cut_pct", "p50 cut %"),
+        ("flops_cut_pct", "FLOPs cut %"),
+        ("qps_gain_pct", "QPS gain %"),
+    ]
+    print(
+        f"encoder serving, {cfg.model.num_layers} layers d={cfg.model.d_model}, batch {args.batch}, "
+        f"{args.requests} requests per variant and length (round-robin)"
+    )
     print(common.format_table(rows, cols))
     print(common.markdown_table(rows, cols))
     common.write_json(args.json, rows, config=args.config)

@@ -38,15 +38,25 @@ def plain_jax_train_step(model_cfg, train_cfg):
     m = model_cfg
     d, n, k, h, v = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size
     widths = [m.ffn_width] * m.num_layers if isinstance(m.ffn_width, int) else list(m.ffn_width)
-    tx = optax.adamw(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
-                     weight_decay=train_cfg.weight_decay)
+    tx = optax.adamw(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay)
 
     def init(key):
         keys = iter(jax.random.split(key, 8 * len(widths) + 2))
         normal = lambda shape, fan_in: jax.random.normal(next(keys), shape) / np.sqrt(fan_in)
-        layers = [{"wq": normal((d, n * h), d), "wk": normal((d, k * h), d), "wv": normal((d, k * h), d),
-                   "wo": normal((n * h, d), n * h), "gate": normal((d, f), d), "up": normal((d, f), d),
-                   "down": normal((f, d), f), "n1": jnp.ones(d), "n2": jnp.ones(d)} for f in widths]
+        layers = [
+            {
+                "wq": normal((d, n * h), d),
+                "wk": normal((d, k * h), d),
+                "wv": normal((d, k * h), d),
+                "wo": normal((n * h, d), n * h),
+                "gate": normal((d, f), d),
+                "up": normal((d, f), d),
+                "down": normal((f, d), f),
+                "n1": jnp.ones(d),
+                "n2": jnp.ones(d),
+            }
+            for f in widths
+        ]
         params = {"embed": normal((v, d), d), "layers": layers, "norm": jnp.ones(d)}
         return {"params": params, "opt": tx.init(params)}
 
@@ -55,9 +65,9 @@ def plain_jax_train_step(model_cfg, train_cfg):
 
     def rope(x, pos):
         freqs = 1.0 / (m.rope_base ** (jnp.arange(0, h, 2) / h))
-        ang = pos[:, None] * freqs                                    # [T, H/2]
+        ang = pos[:, None] * freqs  # [T, H/2]
         sin, cos = jnp.sin(ang)[None, :, None], jnp.cos(ang)[None, :, None]
-        x1, x2 = x[..., : h // 2], x[..., h // 2:]
+        x1, x2 = x[..., : h // 2], x[..., h // 2 :]
         return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
     def loss_fn(params, batch):
@@ -115,14 +125,24 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
         r["gflops"] = flops / r["step_time_s"] / 1e9
         r["mfu"] = r["gflops"] / peak
         r["speedup_vs_baseline"] = baseline / r["step_time_s"]
-    report = {"machine": machine_description(), "peak_matmul_gflops": peak, "steps_timed": steps,
-              "config": {"model": config.model.to_dict(), "batch_size": config.train.batch_size,
-                         "data": config.data.to_dict()}, "rows": rows}
+    report = {
+        "machine": machine_description(),
+        "peak_matmul_gflops": peak,
+        "steps_timed": steps,
+        "config": {
+            "model": config.model.to_dict(),
+            "batch_size": config.train.batch_size,
+            "data": config.data.to_dict(),
+        },
+        "rows": rows,
+    }
     print(f"float32 matmul peak (measured in this run): {peak:.1f} GFLOP/s")
     print(f"{'impl':<22}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}{'vs baseline':>13}")
     for r in rows:
-        print(f"{r['impl']:<22}{1e3 * r['step_time_s']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['gflops']:>10.1f}"
-              f"{100 * r['mfu']:>7.1f}%{r['speedup_vs_baseline']:>12.2f}x")
+        print(
+            f"{r['impl']:<22}{1e3 * r['step_time_s']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['gflops']:>10.1f}"
+            f"{100 * r['mfu']:>7.1f}%{r['speedup_vs_baseline']:>12.2f}x"
+        )
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -22,7 +22,7 @@ Rows are [CLS, tokens..., PAD...] of length seq_len >= max_len + 1.
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -33,8 +33,7 @@ VALUE_P = 0.25
 NUM_CLASSES = 10
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
-TOKEN_TO_ID = {"[MIN": ord("m"), "[MAX": ord("M"), "[MED": ord("d"), "[SM": ord("s"),
-               END: ord("]")}
+TOKEN_TO_ID = {"[MIN": ord("m"), "[MAX": ord("M"), "[MED": ord("d"), "[SM": ord("s"), END: ord("]")}
 TOKEN_TO_ID.update({str(d): ord("0") + d for d in range(10)})
 ID_TO_TOKEN = {v: k for k, v in TOKEN_TO_ID.items()}
 _OP_IDS = tuple(TOKEN_TO_ID[o] for o in OPERATORS)
@@ -44,225 +43,266 @@ _MAX_TRIES = 100_000
 
 
 def apply_op(op: str, args: Sequence[int]) -> int:
-  """Value of operator ``op`` (one of OPERATORS) on digit arguments."""
-  if op == "[MIN":
-    return min(args)
-  if op == "[MAX":
-    return max(args)
-  if op == "[MED":
-    s = sorted(args)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else (s[m - 1] + s[m]) // 2
-  if op == "[SM":
-    return sum(args) % 10
-  raise ValueError(f"unknown ListOps operator {op!r}; allowed {OPERATORS}")
+    """Value of operator ``op`` (one of OPERATORS) on digit arguments."""
+    if op == "[MIN":
+        return min(args)
+    if op == "[MAX":
+        return max(args)
+    if op == "[MED":
+        s = sorted(args)
+        m = len(s) // 2
+        return s[m] if len(s) % 2 else (s[m - 1] + s[m]) // 2
+    if op == "[SM":
+        return sum(args) % 10
+    raise ValueError(f"unknown ListOps operator {op!r}; allowed {OPERATORS}")
 
 
 def _sample(rng: np.random.Generator, max_depth: int, max_args: int, max_len: int):
-  """One tree, sampled in prefix order with an explicit stack.
+    """One tree, sampled in prefix order with an explicit stack.
 
-  Returns (token ids list, label, depth), or None once it exceeds max_len
-  (counting the closing brackets still owed).
-  """
-  buf = rng.random(1024)
-  pos = 0
-  ids = []
-  stack = []  # [op_index, args, depth_of_children]
-  depth = 1
-  max_seen = 1
-  while True:
-    if pos + 3 > len(buf):
-      buf = rng.random(1024)
-      pos = 0
-    if depth > max_seen:
-      max_seen = depth
-    if depth < max_depth and buf[pos] <= VALUE_P:
-      op = int(buf[pos + 1] * 4)
-      num_args = 2 + int(buf[pos + 2] * (max_args - 1))  # randint(2, max_args)
-      pos += 3
-      ids.append(_OP_IDS[op])
-      stack.append([op, [], depth + 1, num_args])
-      depth += 1
-      if len(ids) + len(stack) > max_len:
-        return None
-      continue
-    value = int(buf[pos + 1] * 10)
-    pos += 2
-    ids.append(_DIGIT_IDS[value])
-    # Close every operator whose last argument this completed.
-    while stack:
-      top = stack[-1]
-      top[1].append(value)
-      if len(top[1]) < top[3]:
-        depth = top[2]
-        break
-      stack.pop()
-      ids.append(_END_ID)
-      value = apply_op(OPERATORS[top[0]], top[1])
-    else:
-      return ids, value, max_seen
-    if len(ids) + len(stack) > max_len:
-      return None
+    Returns (token ids list, label, depth), or None once it exceeds max_len
+    (counting the closing brackets still owed).
+    """
+    buf = rng.random(1024)
+    pos = 0
+    ids = []
+    stack = []  # [op_index, args, depth_of_children]
+    depth = 1
+    max_seen = 1
+    while True:
+        if pos + 3 > len(buf):
+            buf = rng.random(1024)
+            pos = 0
+        if depth > max_seen:
+            max_seen = depth
+        if depth < max_depth and buf[pos] <= VALUE_P:
+            op = int(buf[pos + 1] * 4)
+            num_args = 2 + int(buf[pos + 2] * (max_args - 1))  # randint(2, max_args)
+            pos += 3
+            ids.append(_OP_IDS[op])
+            stack.append([op, [], depth + 1, num_args])
+            depth += 1
+            if len(ids) + len(stack) > max_len:
+                return None
+            continue
+        value = int(buf[pos + 1] * 10)
+        pos += 2
+        ids.append(_DIGIT_IDS[value])
+        # Close every operator whose last argument this completed.
+        while stack:
+            top = stack[-1]
+            top[1].append(value)
+            if len(top[1]) < top[3]:
+                depth = top[2]
+                break
+            stack.pop()
+            ids.append(_END_ID)
+            value = apply_op(OPERATORS[top[0]], top[1])
+        else:
+            return ids, value, max_seen
+        if len(ids) + len(stack) > max_len:
+            return None
 
 
-def sample_example(rng: np.random.Generator, *, min_len: int, max_len: int, max_depth: int = 10,
-                   max_args: int = 10):
-  """Samples one ListOps tree with min_len <= #tokens <= max_len (rejection).
+def sample_example(rng: np.random.Generator, *, min_len: int, max_len: int, max_depth: int = 10, max_args: int = 10):
+    """Samples one ListOps tree with min_len <= #tokens <= max_len (rejection).
 
-  Returns:
-    (ids int32 [n], label int, depth int).
-  """
-  for _ in range(_MAX_TRIES):
-    out = _sample(rng, max_depth, max_args, max_len)
-    if out is not None and len(out[0]) >= min_len:
-      return np.asarray(out[0], np.int32), out[1], out[2]
-  raise ValueError(f"no ListOps tree with length in [min_len={min_len}, max_len={max_len}] "
-                   f"after {_MAX_TRIES} tries at max_depth={max_depth}, max_args={max_args}")
+    Returns:
+      (ids int32 [n], label int, depth int).
+    """
+    for _ in range(_MAX_TRIES):
+        out = _sample(rng, max_depth, max_args, max_len)
+        if out is not None and len(out[0]) >= min_len:
+            return np.asarray(out[0], np.int32), out[1], out[2]
+    raise ValueError(
+        f"no ListOps tree with length in [min_len={min_len}, max_len={max_len}] "
+        f"after {_MAX_TRIES} tries at max_depth={max_depth}, max_args={max_args}"
+    )
 
 
 def ids_to_string(ids) -> str:
-  """LRA token string for ListOps ids (CLS/PAD skipped), tokens separated by spaces."""
-  return " ".join(ID_TO_TOKEN[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) in ID_TO_TOKEN)
+    """LRA token string for ListOps ids (CLS/PAD skipped), tokens separated by spaces."""
+    return " ".join(ID_TO_TOKEN[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) in ID_TO_TOKEN)
 
 
 def string_to_ids(text: str) -> np.ndarray:
-  """Inverse of ``ids_to_string``; parentheses (LRA file format) are ignored."""
-  toks = [t for t in text.replace("(", " ").replace(")", " ").split()]
-  bad = [t for t in toks if t not in TOKEN_TO_ID]
-  if bad:
-    raise ValueError(f"unknown ListOps tokens {bad[:5]}; allowed {sorted(TOKEN_TO_ID)}")
-  return np.asarray([TOKEN_TO_ID[t] for t in toks], np.int32)
+    """Inverse of ``ids_to_string``; parentheses (LRA file format) are ignored."""
+    toks = [t for t in text.replace("(", " ").replace(")", " ").split()]
+    bad = [t for t in toks if t not in TOKEN_TO_ID]
+    if bad:
+        raise ValueError(f"unknown ListOps tokens {bad[:5]}; allowed {sorted(TOKEN_TO_ID)}")
+    return np.asarray([TOKEN_TO_ID[t] for t in toks], np.int32)
 
 
 def parse(text: str):
-  """Parses an LRA token string into a tree: int (digit) or (op, [children])."""
-  toks = text.replace("(", " ").replace(")", " ").split()
-  pos = 0
+    """Parses an LRA token string into a tree: int (digit) or (op, [children])."""
+    toks = text.replace("(", " ").replace(")", " ").split()
+    pos = 0
 
-  def node():
-    nonlocal pos
-    if pos >= len(toks):
-      raise ValueError("ListOps string ended early")
-    t = toks[pos]
-    pos += 1
-    if t in OPERATORS:
-      children = []
-      while pos < len(toks) and toks[pos] != END:
-        children.append(node())
-      if pos >= len(toks):
-        raise ValueError(f"ListOps operator {t} is not closed by {END!r}")
-      pos += 1
-      return (t, children)
-    if t.isdigit() and len(t) == 1:
-      return int(t)
-    raise ValueError(f"unexpected ListOps token {t!r} at position {pos - 1}")
+    def node():
+        nonlocal pos
+        if pos >= len(toks):
+            raise ValueError("ListOps string ended early")
+        t = toks[pos]
+        pos += 1
+        if t in OPERATORS:
+            children = []
+            while pos < len(toks) and toks[pos] != END:
+                children.append(node())
+            if pos >= len(toks):
+                raise ValueError(f"ListOps operator {t} is not closed by {END!r}")
+            pos += 1
+            return (t, children)
+        if t.isdigit() and len(t) == 1:
+            return int(t)
+        raise ValueError(f"unexpected ListOps token {t!r} at position {pos - 1}")
 
-  tree = node()
-  if pos != len(toks):
-    raise ValueError(f"trailing ListOps tokens after position {pos}")
-  return tree
+    tree = node()
+    if pos != len(toks):
+        raise ValueError(f"trailing ListOps tokens after position {pos}")
+    return tree
 
 
 def evaluate(tree) -> int:
-  """Value of a parsed tree (see ``parse``)."""
-  if isinstance(tree, int):
-    return tree
-  op, children = tree
-  return apply_op(op, [evaluate(c) for c in children])
+    """Value of a parsed tree (see ``parse``)."""
+    if isinstance(tree, int):
+        return tree
+    op, children = tree
+    return apply_op(op, [evaluate(c) for c in children])
 
 
 def tree_depth(tree) -> int:
-  """Depth with the root at 1 (a lone digit has depth 1)."""
-  if isinstance(tree, int):
-    return 1
-  return 1 + max(tree_depth(c) for c in tree[1])
+    """Depth with the root at 1 (a lone digit has depth 1)."""
+    if isinstance(tree, int):
+        return 1
+    return 1 + max(tree_depth(c) for c in tree[1])
 
 
 class ListOpsDataset:
-  """10-way ListOps classification.
+    """10-way ListOps classification.
 
-  Batches: {"inputs": int32 [b, seq_len] (CLS, tokens, PAD...),
-            "weights": float32 [b, seq_len] and "mask" (same array values):
-              1 on CLS and tokens, 0 on PAD,
-            "labels": int32 [b], "example_weights": float32 [b]}.
-  Training row r of step s is sampled from a generator keyed on
-  (seed, s, r), so each process builds only its own rows.
-  The held-out set is ``num_eval_examples`` trees keyed on (eval_seed, i),
-  independent of the training seed; padding rows are CLS then PAD with
-  example_weights 0 and label 0.
-  """
+    Batches: {"inputs": int32 [b, seq_len] (CLS, tokens, PAD...),
+              "weights": float32 [b, seq_len] and "mask" (same array values):
+                1 on CLS and tokens, 0 on PAD,
+              "labels": int32 [b], "example_weights": float32 [b]}.
+    Training row r of step s is sampled from a generator keyed on
+    (seed, s, r), so each process builds only its own rows.
+    The held-out set is ``num_eval_examples`` trees keyed on (eval_seed, i),
+    independent of the training seed; padding rows are CLS then PAD with
+    example_weights 0 and label 0.
+    """
 
-  task = "classification"
+    task = "classification"
 
-  def __init__(self, *, seq_len: int, global_batch_size: int, seed: int, min_len: int = 500,
-               max_len: int = 2000, max_depth: int = 10, max_args: int = 10,
-               num_eval_examples: int = 2000, eval_seed: int = 0,
-               eval_batch_size: int | None = None):
-    self.seq_len = batching.check_int("seq_len", seq_len, minimum=2)
-    self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
-    self.seed = batching.check_int("seed", seed, minimum=0)
-    self.min_len = batching.check_int("min_len", min_len, minimum=1)
-    self.max_len = batching.check_int("max_len", max_len, minimum=1)
-    self.max_depth = batching.check_int("max_depth", max_depth, minimum=1)
-    self.max_args = batching.check_int("max_args", max_args, minimum=2)
-    self.num_eval_examples = batching.check_int("num_eval_examples", num_eval_examples, minimum=1)
-    self.eval_seed = batching.check_int("eval_seed", eval_seed, minimum=0)
-    self.eval_batch_size = (self.global_batch_size if eval_batch_size is None else
-                            batching.check_int("eval_batch_size", eval_batch_size, minimum=1))
-    if self.min_len > self.max_len:
-      raise ValueError(f"min_len={min_len} must be <= max_len={max_len}")
-    if self.max_len + 1 > self.seq_len:
-      raise ValueError(f"seq_len={seq_len} must be >= max_len + 1 = {max_len + 1} (CLS + tokens)")
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        min_len: int = 500,
+        max_len: int = 2000,
+        max_depth: int = 10,
+        max_args: int = 10,
+        num_eval_examples: int = 2000,
+        eval_seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
+        self.seq_len = batching.check_int("seq_len", seq_len, minimum=2)
+        self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
+        self.seed = batching.check_int("seed", seed, minimum=0)
+        self.min_len = batching.check_int("min_len", min_len, minimum=1)
+        self.max_len = batching.check_int("max_len", max_len, minimum=1)
+        self.max_depth = batching.check_int("max_depth", max_depth, minimum=1)
+        self.max_args = batching.check_int("max_args", max_args, minimum=2)
+        self.num_eval_examples = batching.check_int("num_eval_examples", num_eval_examples, minimum=1)
+        self.eval_seed = batching.check_int("eval_seed", eval_seed, minimum=0)
+        self.eval_batch_size = (
+            self.global_batch_size
+            if eval_batch_size is None
+            else batching.check_int("eval_batch_size", eval_batch_size, minimum=1)
+        )
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len={min_len} must be <= max_len={max_len}")
+        if self.max_len + 1 > self.seq_len:
+            raise ValueError(f"seq_len={seq_len} must be >= max_len + 1 = {max_len + 1} (CLS + tokens)")
 
-  def _example(self, rng):
-    return sample_example(rng, min_len=self.min_len, max_len=self.max_len,
-                          max_depth=self.max_depth, max_args=self.max_args)
+    def _example(self, rng):
+        return sample_example(
+            rng, min_len=self.min_len, max_len=self.max_len, max_depth=self.max_depth, max_args=self.max_args
+        )
 
-  def _rows(self, examples) -> dict:
-    k = len(examples)
-    inputs = np.full((k, self.seq_len), PAD, np.int32)
-    inputs[:, 0] = CLS
-    labels = np.zeros((k,), np.int32)
-    for r, (ids, label, _) in enumerate(examples):
-      inputs[r, 1:1 + len(ids)] = ids
-      labels[r] = label
-    mask = (inputs != PAD).astype(np.float32)
-    return {"inputs": inputs, "weights": mask, "mask": mask.copy(), "labels": labels,
-            "example_weights": np.ones((k,), np.float32)}
+    def _rows(self, examples) -> dict:
+        k = len(examples)
+        inputs = np.full((k, self.seq_len), PAD, np.int32)
+        inputs[:, 0] = CLS
+        labels = np.zeros((k,), np.int32)
+        for r, (ids, label, _) in enumerate(examples):
+            inputs[r, 1 : 1 + len(ids)] = ids
+            labels[r] = label
+        mask = (inputs != PAD).astype(np.float32)
+        return {
+            "inputs": inputs,
+            "weights": mask,
+            "mask": mask.copy(),
+            "labels": labels,
+            "example_weights": np.ones((k,), np.float32),
+        }
 
-  def get_batch(self, step: int, *, process_index: int = 0, process_count: int = 1) -> dict:
-    """Training batch for ``step``: a pure function of (seed, step)."""
-    step = batching.check_int("step", step, minimum=0)
-    rows = batching.local_rows(self.global_batch_size, process_index, process_count)
-    examples = [self._example(batching.make_rng(batching.TAG_LISTOPS_TRAIN, self.seed, step, r))
-                for r in range(rows.start, rows.stop)]
-    return self._rows(examples)
+    def get_batch(self, step: int, *, process_index: int = 0, process_count: int = 1) -> dict:
+        """Training batch for ``step``: a pure function of (seed, step)."""
+        step = batching.check_int("step", step, minimum=0)
+        rows = batching.local_rows(self.global_batch_size, process_index, process_count)
+        examples = [
+            self._example(batching.make_rng(batching.TAG_LISTOPS_TRAIN, self.seed, step, r))
+            for r in range(rows.start, rows.stop)
+        ]
+        return self._rows(examples)
 
-  @functools.cached_property
-  def eval_examples(self) -> list:
-    """The held-out set: list of (ids int32 [n], label, depth), generated once."""
-    return [self._example(batching.make_rng(batching.TAG_LISTOPS_EVAL, self.eval_seed, i))
-            for i in range(self.num_eval_examples)]
+    @functools.cached_property
+    def eval_examples(self) -> list:
+        """The held-out set: list of (ids int32 [n], label, depth), generated once."""
+        return [
+            self._example(batching.make_rng(batching.TAG_LISTOPS_EVAL, self.eval_seed, i))
+            for i in range(self.num_eval_examples)
+        ]
 
-  def _eval_padding(self, k: int) -> dict:
-    out = self._rows([(np.zeros((0,), np.int32), 0, 0)] * k)
-    out["example_weights"] = np.zeros((k,), np.float32)
-    return out
+    def _eval_padding(self, k: int) -> dict:
+        out = self._rows([(np.zeros((0,), np.int32), 0, 0)] * k)
+        out["example_weights"] = np.zeros((k,), np.float32)
+        return out
 
-  def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """The fixed held-out set in order; the last batch is padded with example_weights 0."""
-    examples = self.eval_examples
-    return batching.eval_iterator(
-        self.num_eval_examples, self.eval_batch_size, process_index, process_count,
-        lambda idx: self._rows([examples[i] for i in idx]), self._eval_padding)
+    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+        """The fixed held-out set in order; the last batch is padded with example_weights 0."""
+        examples = self.eval_examples
+        return batching.eval_iterator(
+            self.num_eval_examples,
+            self.eval_batch_size,
+            process_index,
+            process_count,
+            lambda idx: self._rows([examples[i] for i in idx]),
+            self._eval_padding,
+        )
 
-  @property
-  def metadata(self) -> dict:
-    return {"name": "listops", "task": self.task, "vocab_size": VOCAB_SIZE,
-            "num_classes": NUM_CLASSES, "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size, "eval_batch_size": self.eval_batch_size,
-            "seed": self.seed, "eval_seed": self.eval_seed, "min_len": self.min_len,
-            "max_len": self.max_len, "max_depth": self.max_depth, "max_args": self.max_args,
-            "num_eval_examples": self.num_eval_examples, "value_p": VALUE_P,
-            "token_ids": dict(TOKEN_TO_ID), "corpus_path": None,
-            "generator": "effitrans.data.listops (LRA spec, prefix tokens without parentheses)"}
+    @property
+    def metadata(self) -> dict:
+        return {
+            "name": "listops",
+            "task": self.task,
+            "vocab_size": VOCAB_SIZE,
+            "num_classes": NUM_CLASSES,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "seed": self.seed,
+            "eval_seed": self.eval_seed,
+            "min_len": self.min_len,
+            "max_len": self.max_len,
+            "max_depth": self.max_depth,
+            "max_args": self.max_args,
+            "num_eval_examples": self.num_eval_examples,
+            "value_p": VALUE_P,
+            "token_ids": dict(TOKEN_TO_ID),
+            "corpus_path": None,
+            "generator": "effitrans.data.listops (LRA spec, prefix tokens without parentheses)",
+        }

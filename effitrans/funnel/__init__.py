@@ -9,12 +9,38 @@ See docs/funnel.md.
 
 from effitrans.funnel.config import check_funnel_config, encoder_forward_flops, funnel_schema
 from effitrans.funnel.decoder import FunnelDecoder, FunnelMaskedLM, mask_tokens, masked_lm_loss
-from effitrans.funnel.encoder import (FunnelEmbeddingEncoder, FunnelEncoder, FunnelEncoderClassifier, FunnelSpec,
-                                      funnel_forward, spec_from_config)
+from effitrans.funnel.encoder import (
+    FunnelEmbeddingEncoder,
+    FunnelEncoder,
+    FunnelEncoderClassifier,
+    FunnelSpec,
+    funnel_forward,
+    spec_from_config,
+)
 from effitrans.funnel.pooling import pool_mask, pool_positions, pool_sequence, pooled_length, upsample
 from effitrans.funnel.surgery import FUNNEL_NAMES, funnel_config, insert, surgery_spec
 
-__all__ = ["FUNNEL_NAMES", "FunnelDecoder", "FunnelEmbeddingEncoder", "FunnelEncoder", "FunnelEncoderClassifier",
-           "FunnelMaskedLM", "FunnelSpec", "check_funnel_config", "encoder_forward_flops", "funnel_config",
-           "funnel_forward", "funnel_schema", "insert", "mask_tokens", "masked_lm_loss", "pool_mask",
-           "pool_positions", "pool_sequence", "pooled_length", "spec_from_config", "surgery_spec", "upsample"]
+__all__ = [
+    "FUNNEL_NAMES",
+    "FunnelDecoder",
+    "FunnelEmbeddingEncoder",
+    "FunnelEncoder",
+    "FunnelEncoderClassifier",
+    "FunnelMaskedLM",
+    "FunnelSpec",
+    "check_funnel_config",
+    "encoder_forward_flops",
+    "funnel_config",
+    "funnel_forward",
+    "funnel_schema",
+    "insert",
+    "mask_tokens",
+    "masked_lm_loss",
+    "pool_mask",
+    "pool_positions",
+    "pool_sequence",
+    "pooled_length",
+    "spec_from_config",
+    "surgery_spec",
+    "upsample",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 def funnel_schema():
@@ -26,7 +26,7 @@ def funnel_schema():
     }
 
 
-def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Optional[Iterable[int]] = None) -> None:
+def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Iterable[int] | None = None) -> None:
     """Relations: funnel only on funnel models, block_layers sum to num_layers, one stride per pooled block,
     and (given the data's sequence lengths) no pooling leaves fewer than one token."""
     from effitrans.config_validation import ConfigError
@@ -36,27 +36,41 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Optio
     is_funnel = m.name.startswith("funnel_")
     if not is_funnel:
         if "funnel" in m:
-            raise ConfigError(f"{prefix}.funnel is set but {prefix}.name={m.name!r} is not a funnel model (allowed "
-                              f"names with a funnel group: funnel_embedding, funnel_classifier)")
+            raise ConfigError(
+                f"{prefix}.funnel is set but {prefix}.name={m.name!r} is not a funnel model (allowed "
+                f"names with a funnel group: funnel_embedding, funnel_classifier)"
+            )
         return
     if "funnel" not in m:
         raise ConfigError(f"{prefix}.funnel is required when {prefix}.name={m.name!r} (see configs/funnel_common.py)")
     f = m.funnel
-    values = types.SimpleNamespace(block_layers=tuple(f.block_layers), strides=tuple(f.strides),
-                                   pooling=f.pooling, position_pooling=f.position_pooling)
+    values = types.SimpleNamespace(
+        block_layers=tuple(f.block_layers),
+        strides=tuple(f.strides),
+        pooling=f.pooling,
+        position_pooling=f.position_pooling,
+    )
     for _, msg in spec_problems(values):
         raise ConfigError(f"{prefix}.funnel.{msg}")
     if sum(f.block_layers) != m.num_layers:
-        raise ConfigError(f"{prefix}.funnel.block_layers={list(f.block_layers)} sum to {sum(f.block_layers)} but "
-                          f"{prefix}.num_layers={m.num_layers}: a funnel block cannot start beyond the depth; the "
-                          f"blocks must cover exactly the num_layers layers")
+        raise ConfigError(
+            f"{prefix}.funnel.block_layers={list(f.block_layers)} sum to {sum(f.block_layers)} but "
+            f"{prefix}.num_layers={m.num_layers}: a funnel block cannot start beyond the depth; the "
+            f"blocks must cover exactly the num_layers layers"
+        )
     if m.name == "funnel_embedding" and "embed_dim" not in m:
         raise ConfigError(f"{prefix}.embed_dim is required when {prefix}.name='funnel_embedding'")
     if m.name == "funnel_classifier" and "num_classes" not in m:
         raise ConfigError(f"{prefix}.num_classes is required when {prefix}.name='funnel_classifier'")
-    full = FunnelSpec(block_layers=tuple(f.block_layers), strides=tuple(f.strides), pooling=f.pooling,
-                      separate_cls=f.separate_cls, truncate_seq=f.truncate_seq, pool_q_only=f.pool_q_only,
-                      position_pooling=f.position_pooling)
+    full = FunnelSpec(
+        block_layers=tuple(f.block_layers),
+        strides=tuple(f.strides),
+        pooling=f.pooling,
+        separate_cls=f.separate_cls,
+        truncate_seq=f.truncate_seq,
+        pool_q_only=f.pool_q_only,
+        position_pooling=f.position_pooling,
+    )
     for t in seq_lens or ():
         try:
             full.pooled_lengths(int(t))
@@ -83,7 +97,7 @@ def encoder_forward_flops(model_cfg, batch: int, length: int, spec=None) -> floa
                 layer += 1
     total = 0.0
     for w, tq, tkv in zip(widths, lengths_q, lengths_kv):
-        total += 2 * tq * (d * n * h + n * h * d + 3 * d * w)     # q, o projections and the GLU
-        total += 2 * tkv * (2 * d * k * h)                        # k, v projections
-        total += 4 * tq * tkv * n * h                             # scores and values
+        total += 2 * tq * (d * n * h + n * h * d + 3 * d * w)  # q, o projections and the GLU
+        total += 2 * tkv * (2 * d * k * h)  # k, v projections
+        total += 4 * tq * tkv * n * h  # scores and values
     return float(batch * total)

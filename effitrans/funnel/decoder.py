@@ -26,12 +26,12 @@ class FunnelDecoder(nnx.Module):
 
     def __call__(self, hidden, first, mask, *, total_stride: int, separate_cls: bool = True):
         t = first.shape[1]
-        x = P.upsample(hidden, total_stride, t, separate_cls=separate_cls) + first             # [B, T, D]
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), mask.shape)             # [B, T]
+        x = P.upsample(hidden, total_stride, t, separate_cls=separate_cls) + first  # [B, T, D]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), mask.shape)  # [B, T]
         seg = mask.astype(jnp.int32)
-        ids = (jnp.where(seg > 0, seg, 1), seg)          # key-only masking, as in the encoder
+        ids = (jnp.where(seg > 0, seg, 1), seg)  # key-only masking, as in the encoder
         for block in self.blocks:
-            x, _ = block(x, positions=positions, segment_ids=ids)                             # [B, T, D]
+            x, _ = block(x, positions=positions, segment_ids=ids)  # [B, T, D]
         return x
 
 
@@ -50,25 +50,26 @@ class FunnelMaskedLM(FunnelEncoder):
         from effitrans.funnel.encoder import funnel_forward
 
         hidden, _, first = funnel_forward(self.stack, self.spec, tokens, mask, return_first_block=True)
-        return self.decoder(hidden, first, mask, total_stride=self.spec.total_stride,
-                            separate_cls=self.spec.separate_cls)
+        return self.decoder(
+            hidden, first, mask, total_stride=self.spec.total_stride, separate_cls=self.spec.separate_cls
+        )
 
     def __call__(self, tokens, mask):
-        h = self.stack.final_norm(self.hidden_states(tokens, mask))                          # [B, T, D]
-        return self.stack.embed.attend(h).astype(jnp.float32)                                 # [B, T, V]
+        h = self.stack.final_norm(self.hidden_states(tokens, mask))  # [B, T, D]
+        return self.stack.embed.attend(h).astype(jnp.float32)  # [B, T, V]
 
 
 def mask_tokens(key, tokens, mask, *, mask_id: int, rate: float = 0.15):
     """BERT-style corruption: (inputs [B, T], targets [B, T], weights [B, T]) with `rate` of real non-CLS
     tokens replaced by `mask_id`; weights mark the replaced positions."""
     pick = jax.random.bernoulli(key, rate, tokens.shape) & (mask > 0)
-    pick = pick.at[:, 0].set(False)                                                           # keep CLS
+    pick = pick.at[:, 0].set(False)  # keep CLS
     inputs = jnp.where(pick, mask_id, tokens)
     return inputs, tokens, pick.astype(jnp.float32)
 
 
 def masked_lm_loss(model, inputs, mask, targets, weights):
     """Mean cross-entropy over the weighted (masked) positions."""
-    logits = model(inputs, mask)                                                              # [B, T, V]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)                   # [B, T]
+    logits = model(inputs, mask)  # [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)

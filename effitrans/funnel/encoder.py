@@ -12,7 +12,6 @@ into either.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax.numpy as jnp
 from flax import nnx
@@ -28,11 +27,11 @@ class FunnelSpec:
 
     block_layers: tuple
     strides: tuple
-    pooling: str = "mean"             # hidden-state pooling: mean | max | slice
-    separate_cls: bool = True         # token 0 (CLS) is never pooled with others
-    truncate_seq: bool = False        # drop a partial trailing window instead of pooling it
-    pool_q_only: bool = True          # first pooled layer: pooled queries over unpooled keys/values
-    position_pooling: str = "first"   # RoPE positions of pooled tokens: first | mean
+    pooling: str = "mean"  # hidden-state pooling: mean | max | slice
+    separate_cls: bool = True  # token 0 (CLS) is never pooled with others
+    truncate_seq: bool = False  # drop a partial trailing window instead of pooling it
+    pool_q_only: bool = True  # first pooled layer: pooled queries over unpooled keys/values
+    position_pooling: str = "first"  # RoPE positions of pooled tokens: first | mean
 
     def __post_init__(self):
         object.__setattr__(self, "block_layers", tuple(int(b) for b in self.block_layers))
@@ -69,22 +68,34 @@ def spec_problems(spec) -> list:
     if any(s < 1 for s in st):
         out.append(("strides", f"strides={list(st)} is not allowed: every stride must be an int >= 1"))
     if len(st) != max(len(bl) - 1, 0):
-        out.append(("strides", f"strides={list(st)} has {len(st)} entries but block_layers={list(bl)} has "
-                               f"{len(bl)} blocks; expected len(block_layers) - 1 = {max(len(bl) - 1, 0)} strides"))
+        out.append(
+            (
+                "strides",
+                f"strides={list(st)} has {len(st)} entries but block_layers={list(bl)} has "
+                f"{len(bl)} blocks; expected len(block_layers) - 1 = {max(len(bl) - 1, 0)} strides",
+            )
+        )
     if spec.pooling not in ("mean", "max", "slice"):
         out.append(("pooling", f"pooling={spec.pooling!r} is not one of ['mean', 'max', 'slice']"))
     if spec.position_pooling not in P.POSITION_MODES:
-        out.append(("position_pooling", f"position_pooling={spec.position_pooling!r} is not one of "
-                                        f"{list(P.POSITION_MODES)}"))
+        out.append(
+            ("position_pooling", f"position_pooling={spec.position_pooling!r} is not one of {list(P.POSITION_MODES)}")
+        )
     return out
 
 
 def spec_from_config(model_cfg) -> FunnelSpec:
     """The FunnelSpec of `model_cfg.funnel` (keys declared in configs/common.py:funnel)."""
     f = model_cfg.funnel
-    return FunnelSpec(block_layers=tuple(f.block_layers), strides=tuple(f.strides), pooling=f.pooling,
-                      separate_cls=f.separate_cls, truncate_seq=f.truncate_seq, pool_q_only=f.pool_q_only,
-                      position_pooling=f.position_pooling)
+    return FunnelSpec(
+        block_layers=tuple(f.block_layers),
+        strides=tuple(f.strides),
+        pooling=f.pooling,
+        separate_cls=f.separate_cls,
+        truncate_seq=f.truncate_seq,
+        pool_q_only=f.pool_q_only,
+        position_pooling=f.position_pooling,
+    )
 
 
 def funnel_forward(stack: TransformerStack, spec: FunnelSpec, tokens, mask, *, return_first_block: bool = False):
@@ -93,18 +104,20 @@ def funnel_forward(stack: TransformerStack, spec: FunnelSpec, tokens, mask, *, r
     `first` is the output of the first (full-length) block: the decoder's residual.
     """
     if len(stack.blocks) != spec.num_layers:
-        raise ValueError(f"funnel block_layers={list(spec.block_layers)} sum to {spec.num_layers} layers but the "
-                         f"stack has {len(stack.blocks)}")
-    spec.pooled_lengths(tokens.shape[1])                          # rejects pooling below one token
+        raise ValueError(
+            f"funnel block_layers={list(spec.block_layers)} sum to {spec.num_layers} layers but the "
+            f"stack has {len(stack.blocks)}"
+        )
+    spec.pooled_lengths(tokens.shape[1])  # rejects pooling below one token
     kw = dict(separate_cls=spec.separate_cls, truncate_seq=spec.truncate_seq)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)  # [B, T]
     # Keys (and the output mask) use segment ids pooled by "min"; queries use ids pooled by "max", with
     # padding queries reading segment 1: HF's key-only masking. So a pooled token that covers real and
     # padding tokens is not a key, but its query state is meaningful, and so are the real tokens it
     # covers when the decoder upsamples it. Real tokens' outputs are the same either way.
-    seg = mask.astype(jnp.int32)                                                               # [B, T]
-    q_seg = jnp.where(seg > 0, seg, 1)                                                         # [B, T]
-    x = stack.embed(tokens)                                                                    # [B, T, D]
+    seg = mask.astype(jnp.int32)  # [B, T]
+    q_seg = jnp.where(seg > 0, seg, 1)  # [B, T]
+    x = stack.embed(tokens)  # [B, T, D]
     first = None
     layer = 0
     for b, n_layers in enumerate(spec.block_layers):
@@ -113,17 +126,17 @@ def funnel_forward(stack: TransformerStack, spec: FunnelSpec, tokens, mask, *, r
             layer += 1
             if b > 0 and j == 0:
                 s = spec.strides[b - 1]
-                px = P.pool_sequence(x, s, mode=spec.pooling, **kw)                            # [B, T', D]
-                ppos = P.pool_positions(positions, s, mode=spec.position_pooling, **kw)       # [B, T']
-                pseg = P.pool_mask(seg, s, mode="min", **kw)                                   # [B, T']
-                pq_seg = P.pool_mask(q_seg, s, mode="max", **kw)                               # [B, T']
+                px = P.pool_sequence(x, s, mode=spec.pooling, **kw)  # [B, T', D]
+                ppos = P.pool_positions(positions, s, mode=spec.position_pooling, **kw)  # [B, T']
+                pseg = P.pool_mask(seg, s, mode="min", **kw)  # [B, T']
+                pq_seg = P.pool_mask(q_seg, s, mode="max", **kw)  # [B, T']
                 if spec.pool_q_only:
                     x, _ = block(px, positions=ppos, segment_ids=(pq_seg, seg), kv_x=x, kv_positions=positions)
                 else:
                     x, _ = block(px, positions=ppos, segment_ids=(pq_seg, pseg))
                 positions, seg, q_seg = ppos, pseg, pq_seg
             else:
-                x, _ = block(x, positions=positions, segment_ids=(q_seg, seg))                 # [B, T', D]
+                x, _ = block(x, positions=positions, segment_ids=(q_seg, seg))  # [B, T', D]
         if b == 0:
             first = x
     out_mask = seg.astype(mask.dtype)
@@ -137,8 +150,15 @@ class FunnelEncoder(nnx.Module):
     (`stack=`, `spec=`, `pooling=`), sharing its parameters.
     """
 
-    def __init__(self, model_cfg=None, *, rngs: Optional[nnx.Rngs] = None, stack: Optional[TransformerStack] = None,
-                 spec: Optional[FunnelSpec] = None, pooling: Optional[str] = None):
+    def __init__(
+        self,
+        model_cfg=None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        stack: TransformerStack | None = None,
+        spec: FunnelSpec | None = None,
+        pooling: str | None = None,
+    ):
         self.stack = stack if stack is not None else TransformerStack(model_cfg, causal=False, rngs=rngs)
         self.spec = spec if spec is not None else spec_from_config(model_cfg)
         self.pooling = pooling if pooling is not None else model_cfg.pooling
@@ -162,12 +182,15 @@ class FunnelEmbeddingEncoder(FunnelEncoder):
 
     def __init__(self, model_cfg=None, *, rngs=None, stack=None, spec=None, pooling=None, proj=None):
         super().__init__(model_cfg, rngs=rngs, stack=stack, spec=spec, pooling=pooling)
-        self.proj = proj if proj is not None else init_param(rngs, (model_cfg.d_model, model_cfg.embed_dim),
-                                                            ("embed", None), fan_in_normal())
+        self.proj = (
+            proj
+            if proj is not None
+            else init_param(rngs, (model_cfg.d_model, model_cfg.embed_dim), ("embed", None), fan_in_normal())
+        )
 
     def __call__(self, tokens, mask):
-        h = self.pooled(tokens, mask)                                                          # [B, D]
-        e = jnp.einsum("BD,DE->BE", h, self.proj[...].astype(h.dtype)).astype(jnp.float32)    # [B, E]
+        h = self.pooled(tokens, mask)  # [B, D]
+        e = jnp.einsum("BD,DE->BE", h, self.proj[...].astype(h.dtype)).astype(jnp.float32)  # [B, E]
         return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
 
 
@@ -176,9 +199,12 @@ class FunnelEncoderClassifier(FunnelEncoder):
 
     def __init__(self, model_cfg=None, *, rngs=None, stack=None, spec=None, pooling=None, head=None):
         super().__init__(model_cfg, rngs=rngs, stack=stack, spec=spec, pooling=pooling)
-        self.head = head if head is not None else init_param(rngs, (model_cfg.d_model, model_cfg.num_classes),
-                                                            ("embed", None), fan_in_normal())
+        self.head = (
+            head
+            if head is not None
+            else init_param(rngs, (model_cfg.d_model, model_cfg.num_classes), ("embed", None), fan_in_normal())
+        )
 
     def __call__(self, tokens, mask):
-        h = self.pooled(tokens, mask)                                                          # [B, D]
+        h = self.pooled(tokens, mask)  # [B, D]
         return jnp.einsum("BD,DC->BC", h, self.head[...].astype(h.dtype)).astype(jnp.float32)

@@ -44,9 +44,11 @@ def pooled_length(length: int, stride: int, *, separate_cls: bool = True, trunca
     windows = rest // stride if truncate_seq else -(-rest // stride)
     out = cls + windows
     if out < 1:
-        raise ValueError(f"pooling length {length} with stride={stride} (separate_cls={separate_cls}, "
-                         f"truncate_seq={truncate_seq}) leaves {out} tokens; expected at least 1: use a smaller "
-                         f"stride, truncate_seq=False or separate_cls=True")
+        raise ValueError(
+            f"pooling length {length} with stride={stride} (separate_cls={separate_cls}, "
+            f"truncate_seq={truncate_seq}) leaves {out} tokens; expected at least 1: use a smaller "
+            f"stride, truncate_seq=False or separate_cls=True"
+        )
     return out
 
 
@@ -62,8 +64,9 @@ def _reduce(x: jax.Array, mode: str, axis: int) -> jax.Array:
     raise ValueError(f"pooling mode={mode!r} is not one of {POOL_MODES}")
 
 
-def pool_sequence(x: jax.Array, stride: int, *, mode: str = "mean", separate_cls: bool = True,
-                  truncate_seq: bool = False) -> jax.Array:
+def pool_sequence(
+    x: jax.Array, stride: int, *, mode: str = "mean", separate_cls: bool = True, truncate_seq: bool = False
+) -> jax.Array:
     """x [B, T, ...] -> [B, T', ...] with T' = pooled_length(T, stride, ...); stride 1 returns x unchanged."""
     if mode not in POOL_MODES:
         raise ValueError(f"pooling mode={mode!r} is not one of {POOL_MODES}")
@@ -74,18 +77,19 @@ def pool_sequence(x: jax.Array, stride: int, *, mode: str = "mean", separate_cls
     cls, rest = (x[:, :1], x[:, 1:]) if separate_cls else (x[:, :0], x)
     n = rest.shape[1]
     full = n // stride
-    body = rest[:, :full * stride].reshape(b, full, stride, *rest.shape[2:])   # [B, W, stride, ...]
-    parts = [cls, _reduce(body, mode, axis=2)]                                  # [B, W, ...]
+    body = rest[:, : full * stride].reshape(b, full, stride, *rest.shape[2:])  # [B, W, stride, ...]
+    parts = [cls, _reduce(body, mode, axis=2)]  # [B, W, ...]
     if not truncate_seq and n % stride:
-        tail = rest[:, full * stride:]                                          # [B, n % stride, ...]
-        parts.append(jnp.expand_dims(_reduce(tail, mode, axis=1), 1))           # [B, 1, ...]
-    out = jnp.concatenate(parts, axis=1)                                        # [B, T', ...]
+        tail = rest[:, full * stride :]  # [B, n % stride, ...]
+        parts.append(jnp.expand_dims(_reduce(tail, mode, axis=1), 1))  # [B, 1, ...]
+    out = jnp.concatenate(parts, axis=1)  # [B, T', ...]
     assert out.shape[1] == out_len, (out.shape, out_len)
     return out
 
 
-def pool_mask(mask: jax.Array, stride: int, *, separate_cls: bool = True, truncate_seq: bool = False,
-              mode: str = "min") -> jax.Array:
+def pool_mask(
+    mask: jax.Array, stride: int, *, separate_cls: bool = True, truncate_seq: bool = False, mode: str = "min"
+) -> jax.Array:
     """Masks / segment ids int [B, T] -> [B, T'].
 
     "min" (keys and outputs): a pooled token is real only if its whole window is (HF). "max" (queries):
@@ -97,15 +101,17 @@ def pool_mask(mask: jax.Array, stride: int, *, separate_cls: bool = True, trunca
     return pool_sequence(mask, stride, mode=mode, separate_cls=separate_cls, truncate_seq=truncate_seq)
 
 
-def pool_positions(positions: jax.Array, stride: int, *, mode: str = "first", separate_cls: bool = True,
-                   truncate_seq: bool = False) -> jax.Array:
+def pool_positions(
+    positions: jax.Array, stride: int, *, mode: str = "first", separate_cls: bool = True, truncate_seq: bool = False
+) -> jax.Array:
     """RoPE positions [B, T] -> [B, T']: the window's first position (int) or its mean (float32)."""
     if mode not in POSITION_MODES:
         raise ValueError(f"position pooling mode={mode!r} is not one of {POSITION_MODES}")
     if mode == "first":
         return pool_sequence(positions, stride, mode="slice", separate_cls=separate_cls, truncate_seq=truncate_seq)
-    return pool_sequence(positions.astype(jnp.float32), stride, mode="mean", separate_cls=separate_cls,
-                         truncate_seq=truncate_seq)
+    return pool_sequence(
+        positions.astype(jnp.float32), stride, mode="mean", separate_cls=separate_cls, truncate_seq=truncate_seq
+    )
 
 
 def upsample(x: jax.Array, stride: int, target_len: int, *, separate_cls: bool = True) -> jax.Array:
@@ -121,9 +127,9 @@ def upsample(x: jax.Array, stride: int, target_len: int, *, separate_cls: bool =
         return x
     cls, rest = (x[:, :1], x[:, 1:]) if separate_cls else (x[:, :0], x)
     want = target_len - cls.shape[1]
-    rep = jnp.repeat(rest, stride, axis=1)                                      # [B, T'' * stride, D]
+    rep = jnp.repeat(rest, stride, axis=1)  # [B, T'' * stride, D]
     if rep.shape[1] < want:
         pad = [(0, 0)] * rep.ndim
         pad[1] = (0, want - rep.shape[1])
         rep = jnp.pad(rep, pad)
-    return jnp.concatenate([cls, rep[:, :want]], axis=1)                        # [B, target_len, D]
+    return jnp.concatenate([cls, rep[:, :want]], axis=1)  # [B, target_len, D]

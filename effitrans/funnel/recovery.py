@@ -13,7 +13,7 @@ with S = q @ d.T over the batch's unit-norm embeddings, averaged over queries.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +23,15 @@ from flax import nnx
 
 def score_distillation_kl(student_q, student_d, teacher_q, teacher_d, temperature: float) -> jax.Array:
     """Mean over queries of KL(teacher || student) of the in-batch score softmaxes. Embeddings [B, E] -> []."""
-    s = student_q @ student_d.T / temperature                                     # [B, B]
+    s = student_q @ student_d.T / temperature  # [B, B]
     t = jax.lax.stop_gradient(teacher_q @ teacher_d.T / temperature)
     log_ps, log_pt = jax.nn.log_softmax(s, -1), jax.nn.log_softmax(t, -1)
     return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), -1))
 
 
-def make_recovery_step(graphdef, tx: optax.GradientTransformation, *, temperature: float,
-                       distill_weight: float) -> Callable:
+def make_recovery_step(
+    graphdef, tx: optax.GradientTransformation, *, temperature: float, distill_weight: float
+) -> Callable:
     """Jitted step(params, opt_state, batch, teacher_q, teacher_d) -> (params, opt_state, metrics).
 
     batch: the retrieval batch dict ("query", "query_mask", "doc", "doc_mask"); teacher_q / teacher_d:
@@ -38,7 +39,7 @@ def make_recovery_step(graphdef, tx: optax.GradientTransformation, *, temperatur
 
     def loss_fn(params, batch, teacher_q, teacher_d):
         model = nnx.merge(graphdef, params)
-        q = model(batch["query"], batch["query_mask"])                            # [B, E] unit norm
+        q = model(batch["query"], batch["query_mask"])  # [B, E] unit norm
         d = model(batch["doc"], batch["doc_mask"])
         scores = q @ d.T / temperature
         nce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(scores, jnp.arange(q.shape[0])))
@@ -63,8 +64,12 @@ def recover(trainer, params, steps: int, *, teacher_embed: Callable | None = Non
         raise ValueError(f"distill_weight={distill_weight} must be >= 0")
     if distill_weight > 0 and teacher_embed is None:
         raise ValueError("distill_weight > 0 needs teacher_embed (the dense encoder's embedding function)")
-    step_fn = make_recovery_step(trainer.graphdef, trainer.tx, distill_weight=distill_weight,
-                                 temperature=trainer.config.train.contrastive_temperature)
+    step_fn = make_recovery_step(
+        trainer.graphdef,
+        trainer.tx,
+        distill_weight=distill_weight,
+        temperature=trainer.config.train.contrastive_temperature,
+    )
     params = jax.tree.map(jnp.copy, params)
     opt_state = trainer.tx.init(params)
     metrics = {}
@@ -74,6 +79,6 @@ def recover(trainer, params, steps: int, *, teacher_embed: Callable | None = Non
             tq, td = teacher_embed(batch["query"], batch["query_mask"]), teacher_embed(batch["doc"], batch["doc_mask"])
         else:
             b = batch["query"].shape[0]
-            tq = td = jnp.zeros((b, 1), jnp.float32)                              # unused (weight 0)
+            tq = td = jnp.zeros((b, 1), jnp.float32)  # unused (weight 0)
         params, opt_state, metrics = step_fn(params, opt_state, batch, tq, td)
     return params, jax.device_get(metrics)

@@ -13,39 +13,73 @@ from __future__ import annotations
 
 import copy
 
-from effitrans.funnel.encoder import (FunnelEmbeddingEncoder, FunnelEncoder, FunnelEncoderClassifier,
-                                      FunnelSpec)
+from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoder, FunnelEncoderClassifier, FunnelSpec
 from effitrans.models.transformer import EmbeddingEncoder, Encoder, EncoderClassifier
 
 # Dense model name -> funnel model name (effitrans.models.registry.MODELS).
 FUNNEL_NAMES = {"encoder_embedding": "funnel_embedding", "encoder_classifier": "funnel_classifier"}
 
 
-def surgery_spec(num_layers: int, *, at_layer: int, stride: int, pooling: str = "mean", separate_cls: bool = True,
-                 truncate_seq: bool = False, pool_q_only: bool = True, position_pooling: str = "first") -> FunnelSpec:
+def surgery_spec(
+    num_layers: int,
+    *,
+    at_layer: int,
+    stride: int,
+    pooling: str = "mean",
+    separate_cls: bool = True,
+    truncate_seq: bool = False,
+    pool_q_only: bool = True,
+    position_pooling: str = "first",
+) -> FunnelSpec:
     """The two-block spec of a funnel inserted before layer `at_layer` of a `num_layers`-layer encoder."""
     if not isinstance(at_layer, int) or not 1 <= at_layer <= num_layers - 1:
-        raise ValueError(f"at_layer={at_layer!r} is not allowed for a {num_layers}-layer encoder: expected an int in "
-                         f"[1, {num_layers - 1}] (layers before it keep the full sequence, at least one runs pooled)")
+        raise ValueError(
+            f"at_layer={at_layer!r} is not allowed for a {num_layers}-layer encoder: expected an int in "
+            f"[1, {num_layers - 1}] (layers before it keep the full sequence, at least one runs pooled)"
+        )
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride={stride!r} is not allowed: expected an int >= 1")
-    return FunnelSpec(block_layers=(at_layer, num_layers - at_layer), strides=(stride,), pooling=pooling,
-                      separate_cls=separate_cls, truncate_seq=truncate_seq, pool_q_only=pool_q_only,
-                      position_pooling=position_pooling)
+    return FunnelSpec(
+        block_layers=(at_layer, num_layers - at_layer),
+        strides=(stride,),
+        pooling=pooling,
+        separate_cls=separate_cls,
+        truncate_seq=truncate_seq,
+        pool_q_only=pool_q_only,
+        position_pooling=position_pooling,
+    )
 
 
-def insert(model, *, at_layer: int, stride: int, pooling: str = "mean", separate_cls: bool = True,
-           truncate_seq: bool = False, pool_q_only: bool = True, position_pooling: str = "first") -> FunnelEncoder:
+def insert(
+    model,
+    *,
+    at_layer: int,
+    stride: int,
+    pooling: str = "mean",
+    separate_cls: bool = True,
+    truncate_seq: bool = False,
+    pool_q_only: bool = True,
+    position_pooling: str = "first",
+) -> FunnelEncoder:
     """A funnel version of the dense encoder `model` sharing all of its parameters (none is changed)."""
     if isinstance(model, FunnelEncoder):
-        raise TypeError("model is already a funnel encoder; insert() takes a dense Encoder / EmbeddingEncoder / "
-                        "EncoderClassifier")
+        raise TypeError(
+            "model is already a funnel encoder; insert() takes a dense Encoder / EmbeddingEncoder / EncoderClassifier"
+        )
     if not isinstance(model, Encoder):
-        raise TypeError(f"insert() takes an effitrans Encoder, EmbeddingEncoder or EncoderClassifier, got "
-                        f"{type(model).__name__}")
-    spec = surgery_spec(len(model.stack.blocks), at_layer=at_layer, stride=stride, pooling=pooling,
-                        separate_cls=separate_cls, truncate_seq=truncate_seq, pool_q_only=pool_q_only,
-                        position_pooling=position_pooling)
+        raise TypeError(
+            f"insert() takes an effitrans Encoder, EmbeddingEncoder or EncoderClassifier, got {type(model).__name__}"
+        )
+    spec = surgery_spec(
+        len(model.stack.blocks),
+        at_layer=at_layer,
+        stride=stride,
+        pooling=pooling,
+        separate_cls=separate_cls,
+        truncate_seq=truncate_seq,
+        pool_q_only=pool_q_only,
+        position_pooling=position_pooling,
+    )
     kw = dict(stack=model.stack, spec=spec, pooling=model.pooling)
     if isinstance(model, EmbeddingEncoder):
         return FunnelEmbeddingEncoder(proj=model.proj, **kw)
@@ -54,17 +88,33 @@ def insert(model, *, at_layer: int, stride: int, pooling: str = "mean", separate
     return FunnelEncoder(**kw)
 
 
-def funnel_config(model_cfg, *, at_layer: int, stride: int, pooling: str = "mean", separate_cls: bool = True,
-                  truncate_seq: bool = False, pool_q_only: bool = True, position_pooling: str = "first",
-                  decoder_layers: int = 0):
+def funnel_config(
+    model_cfg,
+    *,
+    at_layer: int,
+    stride: int,
+    pooling: str = "mean",
+    separate_cls: bool = True,
+    truncate_seq: bool = False,
+    pool_q_only: bool = True,
+    position_pooling: str = "first",
+    decoder_layers: int = 0,
+):
     """A copy of a dense encoder's model config with the funnel that insert(...) makes (same parameters)."""
     import ml_collections
 
     if model_cfg.name not in FUNNEL_NAMES:
         raise ValueError(f"config.model.name={model_cfg.name!r} has no funnel version; allowed: {sorted(FUNNEL_NAMES)}")
-    spec = surgery_spec(model_cfg.num_layers, at_layer=at_layer, stride=stride, pooling=pooling,
-                        separate_cls=separate_cls, truncate_seq=truncate_seq, pool_q_only=pool_q_only,
-                        position_pooling=position_pooling)
+    spec = surgery_spec(
+        model_cfg.num_layers,
+        at_layer=at_layer,
+        stride=stride,
+        pooling=pooling,
+        separate_cls=separate_cls,
+        truncate_seq=truncate_seq,
+        pool_q_only=pool_q_only,
+        position_pooling=position_pooling,
+    )
     cfg = copy.deepcopy(model_cfg)
     cfg.name = FUNNEL_NAMES[model_cfg.name]
     f = ml_collections.ConfigDict()

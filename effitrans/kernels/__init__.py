@@ -8,4 +8,4 @@
 from effitrans.kernels import masks
 from effitrans.kernels.api import attention, decode_attention, normalize_segment_ids
 
-__all__ = ['attention', 'decode_attention', 'masks', 'normalize_segment_ids']
+__all__ = ["attention", "decode_attention", "masks", "normalize_segment_ids"]

@@ -35,269 +35,291 @@ FULL = 2
 
 
 def bottom_right_offset(q_len: int, kv_len: int) -> int:
-  """Offset that aligns the last query with the last key: ``kv_len - q_len``.
+    """Offset that aligns the last query with the last key: ``kv_len - q_len``.
 
-  Example: ``Causal(offset=bottom_right_offset(T, S))`` is causal attention of T new tokens that
-  follow S - T cached ones.
-  """
-  return kv_len - q_len
+    Example: ``Causal(offset=bottom_right_offset(T, S))`` is causal attention of T new tokens that
+    follow S - T cached ones.
+    """
+    return kv_len - q_len
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f'{owner}: {name} must be an int >= {minimum}, got {value!r}.')
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}.")
 
 
 class Mask:
-  """Base class. Subclasses implement ``mask_fn`` and ``_any_all``."""
+    """Base class. Subclasses implement ``mask_fn`` and ``_any_all``."""
 
-  def mask_fn(self, q_idx, kv_idx):
-    """Allowed[i, j] for broadcastable integer position arrays ``q_idx``, ``kv_idx``."""
-    raise NotImplementedError
+    def mask_fn(self, q_idx, kv_idx):
+        """Allowed[i, j] for broadcastable integer position arrays ``q_idx``, ``kv_idx``."""
+        raise NotImplementedError
 
-  def _any_all(self, qa, qb, ka, kb):
-    """(any, all) over blocks with inclusive index ranges [qa, qb] x [ka, kb].
+    def _any_all(self, qa, qb, ka, kb):
+        """(any, all) over blocks with inclusive index ranges [qa, qb] x [ka, kb].
 
-    Args are broadcastable int64 numpy arrays (one entry per block). ``any`` must be True whenever
-    some pair is allowed (True conservatively is fine); ``all`` must be True only when every pair
-    is allowed.
-    """
-    raise NotImplementedError
+        Args are broadcastable int64 numpy arrays (one entry per block). ``any`` must be True whenever
+        some pair is allowed (True conservatively is fine); ``all`` must be True only when every pair
+        is allowed.
+        """
+        raise NotImplementedError
 
-  def dense(self, q_len: int, kv_len: int) -> np.ndarray:
-    """Dense bool mask [q_len, kv_len]; tests only (O(q_len * kv_len) memory)."""
-    q_idx = np.arange(q_len, dtype=np.int64)[:, None]
-    kv_idx = np.arange(kv_len, dtype=np.int64)[None, :]
-    out = np.asarray(self.mask_fn(q_idx, kv_idx), dtype=bool)
-    return np.broadcast_to(out, (q_len, kv_len)).copy()
+    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
+        """Dense bool mask [q_len, kv_len]; tests only (O(q_len * kv_len) memory)."""
+        q_idx = np.arange(q_len, dtype=np.int64)[:, None]
+        kv_idx = np.arange(kv_len, dtype=np.int64)[None, :]
+        out = np.asarray(self.mask_fn(q_idx, kv_idx), dtype=bool)
+        return np.broadcast_to(out, (q_len, kv_len)).copy()
 
-  def block_map(self, q_len: int, kv_len: int, block_q: int, block_k: int) -> np.ndarray:
-    """int8 [ceil(q_len / block_q), ceil(kv_len / block_k)]: 0 skip, 1 partial, 2 full."""
-    for name, value in (('q_len', q_len), ('kv_len', kv_len), ('block_q', block_q),
-                        ('block_k', block_k)):
-      _check_int('block_map', name, value, 1)
-    nq = -(-q_len // block_q)
-    nk = -(-kv_len // block_k)
-    q_start = np.arange(nq, dtype=np.int64)[:, None] * block_q  # [nq, 1]
-    k_start = np.arange(nk, dtype=np.int64)[None, :] * block_k  # [1, nk]
-    # Valid (unpadded) inclusive ranges of each block.
-    q_last = np.minimum(q_start + block_q, q_len) - 1
-    k_last = np.minimum(k_start + block_k, kv_len) - 1
-    any_, all_ = self._any_all(q_start, q_last, k_start, k_last)
-    any_ = np.broadcast_to(any_, (nq, nk))
-    all_ = np.broadcast_to(all_, (nq, nk))
-    # A block hanging over the end contains padding, which must be masked: never FULL.
-    padded = (q_start + block_q > q_len) | (k_start + block_k > kv_len)
-    out = np.where(any_, PARTIAL, SKIP).astype(np.int8)
-    out = np.where(all_ & any_ & ~padded, FULL, out).astype(np.int8)
-    return out
+    def block_map(self, q_len: int, kv_len: int, block_q: int, block_k: int) -> np.ndarray:
+        """int8 [ceil(q_len / block_q), ceil(kv_len / block_k)]: 0 skip, 1 partial, 2 full."""
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q), ("block_k", block_k)):
+            _check_int("block_map", name, value, 1)
+        nq = -(-q_len // block_q)
+        nk = -(-kv_len // block_k)
+        q_start = np.arange(nq, dtype=np.int64)[:, None] * block_q  # [nq, 1]
+        k_start = np.arange(nk, dtype=np.int64)[None, :] * block_k  # [1, nk]
+        # Valid (unpadded) inclusive ranges of each block.
+        q_last = np.minimum(q_start + block_q, q_len) - 1
+        k_last = np.minimum(k_start + block_k, kv_len) - 1
+        any_, all_ = self._any_all(q_start, q_last, k_start, k_last)
+        any_ = np.broadcast_to(any_, (nq, nk))
+        all_ = np.broadcast_to(all_, (nq, nk))
+        # A block hanging over the end contains padding, which must be masked: never FULL.
+        padded = (q_start + block_q > q_len) | (k_start + block_k > kv_len)
+        out = np.where(any_, PARTIAL, SKIP).astype(np.int8)
+        out = np.where(all_ & any_ & ~padded, FULL, out).astype(np.int8)
+        return out
 
-  def __or__(self, other: 'Mask') -> 'Mask':
-    if not isinstance(other, Mask):
-      return NotImplemented
-    return Or(self, other)
+    def __or__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return Or(self, other)
 
-  def __and__(self, other: 'Mask') -> 'Mask':
-    if not isinstance(other, Mask):
-      return NotImplemented
-    return And(self, other)
+    def __and__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return And(self, other)
 
 
 @dataclasses.dataclass(frozen=True)
 class Full(Mask):
-  """Every query sees every key."""
+    """Every query sees every key."""
 
-  def mask_fn(self, q_idx, kv_idx):
-    return (q_idx >= 0) | (kv_idx >= 0)  # True with the broadcast shape (positions are >= 0).
+    def mask_fn(self, q_idx, kv_idx):
+        return (q_idx >= 0) | (kv_idx >= 0)  # True with the broadcast shape (positions are >= 0).
 
-  def _any_all(self, qa, qb, ka, kb):
-    return np.True_, np.True_
+    def _any_all(self, qa, qb, ka, kb):
+        return np.True_, np.True_
 
 
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
-  """Query i (at key position i + offset) sees keys j <= i + offset."""
-  offset: int = 0
+    """Query i (at key position i + offset) sees keys j <= i + offset."""
 
-  def __post_init__(self):
-    if isinstance(self.offset, bool) or not isinstance(self.offset, (int, np.integer)):
-      raise ValueError(f'Causal: offset must be an int, got {self.offset!r}.')
+    offset: int = 0
 
-  def mask_fn(self, q_idx, kv_idx):
-    return kv_idx <= q_idx + self.offset
+    def __post_init__(self):
+        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, np.integer)):
+            raise ValueError(f"Causal: offset must be an int, got {self.offset!r}.")
 
-  def _any_all(self, qa, qb, ka, kb):
-    return ka <= qb + self.offset, kb <= qa + self.offset
+    def mask_fn(self, q_idx, kv_idx):
+        return kv_idx <= q_idx + self.offset
+
+    def _any_all(self, qa, qb, ka, kb):
+        return ka <= qb + self.offset, kb <= qa + self.offset
 
 
 @dataclasses.dataclass(frozen=True)
 class SlidingWindow(Mask):
-  """Query i (at position p = i + offset) sees keys j with p - left <= j <= p + right (inclusive).
+    """Query i (at position p = i + offset) sees keys j with p - left <= j <= p + right (inclusive).
 
-  A causal window of W keys including the query itself is ``SlidingWindow(left=W - 1, right=0)``.
-  """
-  left: int
-  right: int = 0
-  offset: int = 0
+    A causal window of W keys including the query itself is ``SlidingWindow(left=W - 1, right=0)``.
+    """
 
-  def __post_init__(self):
-    _check_int('SlidingWindow', 'left', self.left, 0)
-    _check_int('SlidingWindow', 'right', self.right, 0)
-    if isinstance(self.offset, bool) or not isinstance(self.offset, (int, np.integer)):
-      raise ValueError(f'SlidingWindow: offset must be an int, got {self.offset!r}.')
+    left: int
+    right: int = 0
+    offset: int = 0
 
-  def mask_fn(self, q_idx, kv_idx):
-    d = kv_idx - (q_idx + self.offset)
-    return (d >= -self.left) & (d <= self.right)
+    def __post_init__(self):
+        _check_int("SlidingWindow", "left", self.left, 0)
+        _check_int("SlidingWindow", "right", self.right, 0)
+        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, np.integer)):
+            raise ValueError(f"SlidingWindow: offset must be an int, got {self.offset!r}.")
 
-  def _any_all(self, qa, qb, ka, kb):
-    # d = j - (i + offset) takes every integer value in [d_lo, d_hi] over a rectangular block.
-    d_lo = ka - qb - self.offset
-    d_hi = kb - qa - self.offset
-    any_ = (d_lo <= self.right) & (d_hi >= -self.left)
-    all_ = (d_lo >= -self.left) & (d_hi <= self.right)
-    return any_, all_
+    def mask_fn(self, q_idx, kv_idx):
+        d = kv_idx - (q_idx + self.offset)
+        return (d >= -self.left) & (d <= self.right)
+
+    def _any_all(self, qa, qb, ka, kb):
+        # d = j - (i + offset) takes every integer value in [d_lo, d_hi] over a rectangular block.
+        d_lo = ka - qb - self.offset
+        d_hi = kb - qa - self.offset
+        any_ = (d_lo <= self.right) & (d_hi >= -self.left)
+        all_ = (d_lo >= -self.left) & (d_hi <= self.right)
+        return any_, all_
 
 
 @dataclasses.dataclass(frozen=True)
 class Strided(Mask):
-  """Sparse Transformer "strided" pattern (Child et al. 2019, Sec. 4.2), causal, both heads unioned.
+    """Sparse Transformer "strided" pattern (Child et al. 2019, Sec. 4.2), causal, both heads unioned.
 
-  With d = i - j and l = stride, query i sees key j iff d >= 0 and (d < l or d % l == 0): the
-  previous l positions (A^(1)) plus every l-th earlier position (A^(2)).
-  """
-  stride: int
+    With d = i - j and l = stride, query i sees key j iff d >= 0 and (d < l or d % l == 0): the
+    previous l positions (A^(1)) plus every l-th earlier position (A^(2)).
+    """
 
-  def __post_init__(self):
-    _check_int('Strided', 'stride', self.stride, 1)
+    stride: int
 
-  def mask_fn(self, q_idx, kv_idx):
-    d = q_idx - kv_idx
-    return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
+    def __post_init__(self):
+        _check_int("Strided", "stride", self.stride, 1)
 
-  def _any_all(self, qa, qb, ka, kb):
-    l = self.stride
-    d_lo = qa - kb  # d = i - j covers every integer in [d_lo, d_hi] over the block
-    d_hi = qb - ka
-    lo = np.maximum(d_lo, 0)
-    first_multiple = -(-lo // l) * l  # smallest multiple of l that is >= lo
-    any_ = (lo <= d_hi) & ((lo < l) | (first_multiple <= d_hi))
-    # All allowed: d_lo >= 0 and every d in [max(d_lo, l), d_hi] is a multiple of l, which for a
-    # contiguous range means it is empty or a single multiple (or l == 1: everything allowed).
-    tail_lo = np.maximum(d_lo, l)
-    tail_ok = (tail_lo > d_hi) | ((tail_lo == d_hi) & (d_hi % l == 0)) | (l == 1)
-    all_ = (d_lo >= 0) & tail_ok
-    return any_, all_
+    def mask_fn(self, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
+
+    def _any_all(self, qa, qb, ka, kb):
+        l = self.stride
+        d_lo = qa - kb  # d = i - j covers every integer in [d_lo, d_hi] over the block
+        d_hi = qb - ka
+        lo = np.maximum(d_lo, 0)
+        first_multiple = -(-lo // l) * l  # smallest multiple of l that is >= lo
+        any_ = (lo <= d_hi) & ((lo < l) | (first_multiple <= d_hi))
+        # All allowed: d_lo >= 0 and every d in [max(d_lo, l), d_hi] is a multiple of l, which for a
+        # contiguous range means it is empty or a single multiple (or l == 1: everything allowed).
+        tail_lo = np.maximum(d_lo, l)
+        tail_ok = (tail_lo > d_hi) | ((tail_lo == d_hi) & (d_hi % l == 0)) | (l == 1)
+        all_ = (d_lo >= 0) & tail_ok
+        return any_, all_
 
 
 @dataclasses.dataclass(frozen=True)
 class SummaryColumns(Mask):
-  """Keys j with j % block >= block - summary (the last `summary` keys of every block)."""
-  block: int
-  summary: int
+    """Keys j with j % block >= block - summary (the last `summary` keys of every block)."""
 
-  def mask_fn(self, q_idx, kv_idx):
-    return (kv_idx % self.block >= self.block - self.summary) & (q_idx >= 0)
+    block: int
+    summary: int
 
-  def _any_all(self, qa, qb, ka, kb):
-    l, c = self.block, self.summary
-    same_block = (ka // l) == (kb // l)
-    # Within one block the residues run ka%l..kb%l; across a boundary they include l-1.
-    any_ = np.where(same_block, kb % l >= l - c, True) & (c > 0)
-    all_ = (same_block & (ka % l >= l - c)) | (c >= l)
-    return any_, all_
+    def mask_fn(self, q_idx, kv_idx):
+        return (kv_idx % self.block >= self.block - self.summary) & (q_idx >= 0)
+
+    def _any_all(self, qa, qb, ka, kb):
+        l, c = self.block, self.summary
+        same_block = (ka // l) == (kb // l)
+        # Within one block the residues run ka%l..kb%l; across a boundary they include l-1.
+        any_ = np.where(same_block, kb % l >= l - c, True) & (c > 0)
+        all_ = (same_block & (ka % l >= l - c)) | (c >= l)
+        return any_, all_
 
 
 @dataclasses.dataclass(frozen=True)
 class Fixed(Mask):
-  """Sparse Transformer "fixed" pattern (Child et al. 2019, Sec. 4.2), causal, both heads unioned.
+    """Sparse Transformer "fixed" pattern (Child et al. 2019, Sec. 4.2), causal, both heads unioned.
 
-  With l = block and c = summary, query i sees key j iff j <= i and (j // l == i // l or
-  j % l >= l - c): its own block (A^(1)) plus the last c "summary" keys of every block (A^(2)).
-  """
-  block: int
-  summary: int
+    With l = block and c = summary, query i sees key j iff j <= i and (j // l == i // l or
+    j % l >= l - c): its own block (A^(1)) plus the last c "summary" keys of every block (A^(2)).
+    """
 
-  def __post_init__(self):
-    _check_int('Fixed', 'block', self.block, 1)
-    _check_int('Fixed', 'summary', self.summary, 0)
-    if self.summary > self.block:
-      raise ValueError(f'Fixed: summary must be <= block ({self.block}), got {self.summary!r}.')
+    block: int
+    summary: int
 
-  def _parts(self) -> Mask:
-    return Causal() & (Chunked(self.block) | SummaryColumns(self.block, self.summary))
+    def __post_init__(self):
+        _check_int("Fixed", "block", self.block, 1)
+        _check_int("Fixed", "summary", self.summary, 0)
+        if self.summary > self.block:
+            raise ValueError(f"Fixed: summary must be <= block ({self.block}), got {self.summary!r}.")
 
-  def mask_fn(self, q_idx, kv_idx):
-    return self._parts().mask_fn(q_idx, kv_idx)
+    def _parts(self) -> Mask:
+        return Causal() & (Chunked(self.block) | SummaryColumns(self.block, self.summary))
 
-  def _any_all(self, qa, qb, ka, kb):
-    return self._parts()._any_all(qa, qb, ka, kb)
+    def mask_fn(self, q_idx, kv_idx):
+        return self._parts().mask_fn(q_idx, kv_idx)
+
+    def _any_all(self, qa, qb, ka, kb):
+        return self._parts()._any_all(qa, qb, ka, kb)
 
 
 @dataclasses.dataclass(frozen=True)
 class GlobalTokens(Mask):
-  """The first n positions are global: query i sees key j iff i < n or j < n."""
-  n: int
+    """The first n positions are global: query i sees key j iff i < n or j < n."""
 
-  def __post_init__(self):
-    _check_int('GlobalTokens', 'n', self.n, 0)
+    n: int
 
-  def mask_fn(self, q_idx, kv_idx):
-    return (q_idx < self.n) | (kv_idx < self.n)
+    def __post_init__(self):
+        _check_int("GlobalTokens", "n", self.n, 0)
 
-  def _any_all(self, qa, qb, ka, kb):
-    return (qa < self.n) | (ka < self.n), (qb < self.n) | (kb < self.n)
+    def mask_fn(self, q_idx, kv_idx):
+        return (q_idx < self.n) | (kv_idx < self.n)
+
+    def _any_all(self, qa, qb, ka, kb):
+        return (qa < self.n) | (ka < self.n), (qb < self.n) | (kb < self.n)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chunked(Mask):
-  """Block-diagonal: query i sees key j iff i // size == j // size (same positions for q and kv)."""
-  size: int
+    """Block-diagonal: query i sees key j iff i // size == j // size (same positions for q and kv)."""
 
-  def __post_init__(self):
-    _check_int('Chunked', 'size', self.size, 1)
+    size: int
 
-  def mask_fn(self, q_idx, kv_idx):
-    return q_idx // self.size == kv_idx // self.size
+    def __post_init__(self):
+        _check_int("Chunked", "size", self.size, 1)
 
-  def _any_all(self, qa, qb, ka, kb):
-    s = self.size
-    any_ = np.maximum(qa // s, ka // s) <= np.minimum(qb // s, kb // s)
-    all_ = (qa // s == qb // s) & (ka // s == kb // s) & (qa // s == ka // s)
-    return any_, all_
+    def mask_fn(self, q_idx, kv_idx):
+        return q_idx // self.size == kv_idx // self.size
+
+    def _any_all(self, qa, qb, ka, kb):
+        s = self.size
+        any_ = np.maximum(qa // s, ka // s) <= np.minimum(qb // s, kb // s)
+        all_ = (qa // s == qb // s) & (ka // s == kb // s) & (qa // s == ka // s)
+        return any_, all_
 
 
 @dataclasses.dataclass(frozen=True)
 class Or(Mask):
-  """Union: allowed if either side allows."""
-  a: Mask
-  b: Mask
+    """Union: allowed if either side allows."""
 
-  def mask_fn(self, q_idx, kv_idx):
-    return self.a.mask_fn(q_idx, kv_idx) | self.b.mask_fn(q_idx, kv_idx)
+    a: Mask
+    b: Mask
 
-  def _any_all(self, qa, qb, ka, kb):
-    a_any, a_all = self.a._any_all(qa, qb, ka, kb)
-    b_any, b_all = self.b._any_all(qa, qb, ka, kb)
-    # Two partial halves may cover a block fully; we report PARTIAL then (conservative).
-    return a_any | b_any, a_all | b_all
+    def mask_fn(self, q_idx, kv_idx):
+        return self.a.mask_fn(q_idx, kv_idx) | self.b.mask_fn(q_idx, kv_idx)
+
+    def _any_all(self, qa, qb, ka, kb):
+        a_any, a_all = self.a._any_all(qa, qb, ka, kb)
+        b_any, b_all = self.b._any_all(qa, qb, ka, kb)
+        # Two partial halves may cover a block fully; we report PARTIAL then (conservative).
+        return a_any | b_any, a_all | b_all
 
 
 @dataclasses.dataclass(frozen=True)
 class And(Mask):
-  """Intersection: allowed if both sides allow."""
-  a: Mask
-  b: Mask
+    """Intersection: allowed if both sides allow."""
 
-  def mask_fn(self, q_idx, kv_idx):
-    return self.a.mask_fn(q_idx, kv_idx) & self.b.mask_fn(q_idx, kv_idx)
+    a: Mask
+    b: Mask
 
-  def _any_all(self, qa, qb, ka, kb):
-    a_any, a_all = self.a._any_all(qa, qb, ka, kb)
-    b_any, b_all = self.b._any_all(qa, qb, ka, kb)
-    # Two partial halves may be disjoint; we report PARTIAL then (conservative).
-    return a_any & b_any, a_all & b_all
+    def mask_fn(self, q_idx, kv_idx):
+        return self.a.mask_fn(q_idx, kv_idx) & self.b.mask_fn(q_idx, kv_idx)
+
+    def _any_all(self, qa, qb, ka, kb):
+        a_any, a_all = self.a._any_all(qa, qb, ka, kb)
+        b_any, b_all = self.b._any_all(qa, qb, ka, kb)
+        # Two partial halves may be disjoint; we report PARTIAL then (conservative).
+        return a_any & b_any, a_all & b_all
 
 
-__all__ = ['Mask', 'Full', 'Causal', 'SlidingWindow', 'Strided', 'Fixed', 'GlobalTokens',
-           'Chunked', 'Or', 'And', 'bottom_right_offset', 'SKIP', 'PARTIAL', 'FULL']
+__all__ = [
+    "Mask",
+    "Full",
+    "Causal",
+    "SlidingWindow",
+    "Strided",
+    "Fixed",
+    "GlobalTokens",
+    "Chunked",
+    "Or",
+    "And",
+    "bottom_right_offset",
+    "SKIP",
+    "PARTIAL",
+    "FULL",
+]

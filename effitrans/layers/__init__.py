@@ -7,6 +7,14 @@ from effitrans.layers.params import LogicalParam, init_param, logical_axes_of
 from effitrans.layers.rope import apply_rope, rope_frequencies
 
 __all__ = [
-    "Embed", "GLUFeedForward", "glu_feed_forward", "RMSNorm", "rms_norm", "LogicalParam",
-    "init_param", "logical_axes_of", "apply_rope", "rope_frequencies",
+    "Embed",
+    "GLUFeedForward",
+    "glu_feed_forward",
+    "RMSNorm",
+    "rms_norm",
+    "LogicalParam",
+    "init_param",
+    "logical_axes_of",
+    "apply_rope",
+    "rope_frequencies",
 ]

@@ -15,8 +15,9 @@ class Embed(nnx.Module):
     def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.vocab_size = vocab_size
         self.dtype = dtype
-        self.table = init_param(rngs, (vocab_size, dim), ("vocab", "embed"),
-                                nnx.initializers.normal(stddev=1.0 / dim ** 0.5))
+        self.table = init_param(
+            rngs, (vocab_size, dim), ("vocab", "embed"), nnx.initializers.normal(stddev=1.0 / dim**0.5)
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.table[...], ids, axis=0).astype(self.dtype)

@@ -22,8 +22,9 @@ def glu_hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, activation: str
     return ACTIVATIONS[activation](gate) * up
 
 
-def glu_feed_forward(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                     activation: str = "silu") -> jax.Array:
+def glu_feed_forward(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str = "silu"
+) -> jax.Array:
     """x [B, T, D] -> [B, T, D]; w_down [F, D]."""
     return jnp.einsum("BTF,FD->BTD", glu_hidden(x, w_gate, w_up, activation), w_down)
 

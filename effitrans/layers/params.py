@@ -7,7 +7,7 @@ them to mesh axes through the rules table in `config.mesh.rules`, so modules nev
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,9 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 
-def init_param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None],
-               init: Initializer, dtype=jnp.float32) -> nnx.Param:
+def init_param(
+    rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None], init: Initializer, dtype=jnp.float32
+) -> nnx.Param:
     """Returns an nnx.Param of `shape` drawn from `init`, tagged with `logical_axes`."""
     shape = tuple(int(s) for s in shape)
     logical_axes = tuple(logical_axes)
@@ -40,8 +41,7 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 def fan_in_normal(fan_in_axes: Sequence[int] = (0,)) -> Initializer:
     """Truncated-normal-free variance scaling with fan-in over `fan_in_axes` (like lecun_normal for einsum weights)."""
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes),
-                                             out_axis=-1)
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes), out_axis=-1)
 
 
 class StateParam(nnx.Param):

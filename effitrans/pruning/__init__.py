@@ -1,16 +1,51 @@
 """Neuron pruning of GLU feed-forwards: importance criteria, keep-masks, masked and physically sliced
 models, distillation recovery, and MatFormer nested widths. See docs/pruning.md."""
 
-from effitrans.pruning.importance import (ACTIVATION_CRITERIA, CRITERIA, activation_statistics, ffn_widths_of,
-                                          masked_forward, neuron_importance, scores_from_statistics)
+from effitrans.pruning.importance import (
+    ACTIVATION_CRITERIA,
+    CRITERIA,
+    activation_statistics,
+    ffn_widths_of,
+    masked_forward,
+    neuron_importance,
+    scores_from_statistics,
+)
 from effitrans.pruning.matformer import evaluate_lm, extract, nested_widths, prefix_masks, train_matformer
 from effitrans.pruning.recovery import distill, distill_config, kd_loss, token_batches
-from effitrans.pruning.slicing import (check_ratio, ffn_params, keep_masks, load_pruned, mask_model, num_params,
-                                       save_pruned, slice_model)
+from effitrans.pruning.slicing import (
+    check_ratio,
+    ffn_params,
+    keep_masks,
+    load_pruned,
+    mask_model,
+    num_params,
+    save_pruned,
+    slice_model,
+)
 
 __all__ = [
-    "ACTIVATION_CRITERIA", "CRITERIA", "activation_statistics", "check_ratio", "distill", "distill_config",
-    "evaluate_lm", "extract", "ffn_params", "ffn_widths_of", "keep_masks", "kd_loss", "load_pruned",
-    "mask_model", "masked_forward", "nested_widths", "neuron_importance", "num_params", "prefix_masks",
-    "save_pruned", "scores_from_statistics", "slice_model", "token_batches", "train_matformer",
+    "ACTIVATION_CRITERIA",
+    "CRITERIA",
+    "activation_statistics",
+    "check_ratio",
+    "distill",
+    "distill_config",
+    "evaluate_lm",
+    "extract",
+    "ffn_params",
+    "ffn_widths_of",
+    "keep_masks",
+    "kd_loss",
+    "load_pruned",
+    "mask_model",
+    "masked_forward",
+    "nested_widths",
+    "neuron_importance",
+    "num_params",
+    "prefix_masks",
+    "save_pruned",
+    "scores_from_statistics",
+    "slice_model",
+    "token_batches",
+    "train_matformer",
 ]

@@ -23,7 +23,7 @@ the Taylor score, and a 0/1 mask gives the masked model).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +41,16 @@ def glu_blocks(model) -> list:
     """The model's blocks, checked to be pre-norm blocks with GLU feed-forwards; ValueError otherwise."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
-        raise ValueError(f"cannot prune {type(model).__name__}: neuron pruning needs a model with `.blocks` "
-                         f"whose `.ffn` is a GLUFeedForward (e.g. effitrans.models.CausalLM)")
+        raise ValueError(
+            f"cannot prune {type(model).__name__}: neuron pruning needs a model with `.blocks` "
+            f"whose `.ffn` is a GLUFeedForward (e.g. effitrans.models.CausalLM)"
+        )
     for i, b in enumerate(blocks):
         if not isinstance(getattr(b, "ffn", None), GLUFeedForward):
-            raise ValueError(f"cannot prune block {i} of {type(model).__name__}: its feed-forward is "
-                             f"{type(getattr(b, 'ffn', None)).__name__}, neuron pruning needs GLUFeedForward")
+            raise ValueError(
+                f"cannot prune block {i} of {type(model).__name__}: its feed-forward is "
+                f"{type(getattr(b, 'ffn', None)).__name__}, neuron pruning needs GLUFeedForward"
+            )
     return list(blocks)
 
 
@@ -54,7 +58,7 @@ def ffn_widths_of(model) -> list[int]:
     return [b.ffn.width for b in glu_blocks(model)]
 
 
-def masked_forward(model, tokens: jax.Array, masks: Optional[Sequence] = None, *, return_acts: bool = False):
+def masked_forward(model, tokens: jax.Array, masks: Sequence | None = None, *, return_acts: bool = False):
     """tokens int [B, T] -> logits [B, T, V] float32 (and per-layer activations a [B, T, F_l]).
 
     masks: None or one keep-mask [F_l] per layer (0/1 or soft), multiplied into the activations.
@@ -62,19 +66,19 @@ def masked_forward(model, tokens: jax.Array, masks: Optional[Sequence] = None, *
     blocks = glu_blocks(model)
     stack = model.stack
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)  # [B, T]
-    x = stack.embed(tokens)                                                                  # [B, T, D]
+    x = stack.embed(tokens)  # [B, T, D]
     acts = []
     for i, block in enumerate(blocks):
         h, _ = block.attn(block.attn_norm(x), positions=positions)
         x = x + h
         ffn = block.ffn
-        c = lambda p: p[...].astype(ffn.dtype)
+        c = lambda p, ffn=ffn: p[...].astype(ffn.dtype)
         a = glu_hidden(block.ffn_norm(x).astype(ffn.dtype), c(ffn.gate), c(ffn.up), ffn.activation)  # [B, T, F]
         if masks is not None and masks[i] is not None:
             a = a * jnp.asarray(masks[i], a.dtype)
         acts.append(a)
-        x = x + jnp.einsum("BTF,FD->BTD", a, c(ffn.down))                                     # [B, T, D]
-    logits = model.logits(stack.final_norm(x))                                               # [B, T, V]
+        x = x + jnp.einsum("BTF,FD->BTD", a, c(ffn.down))  # [B, T, D]
+    logits = model.logits(stack.final_norm(x))  # [B, T, V]
     return (logits, acts) if return_acts else logits
 
 
@@ -84,8 +88,10 @@ def check_calibration(tokens) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.size == 0 or arr.shape[1] < 2:
-        raise ValueError(f"calibration tokens must be int [num_sequences >= 1, length >= 2] with at least one "
-                         f"token to predict; got shape {arr.shape}")
+        raise ValueError(
+            f"calibration tokens must be int [num_sequences >= 1, length >= 2] with at least one "
+            f"token to predict; got shape {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"calibration tokens must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int32)
@@ -93,7 +99,7 @@ def check_calibration(tokens) -> np.ndarray:
 
 def _batches(tokens: np.ndarray, batch_size: int):
     for i in range(0, tokens.shape[0], batch_size):
-        yield jnp.asarray(tokens[i:i + batch_size])
+        yield jnp.asarray(tokens[i : i + batch_size])
 
 
 def activation_statistics(model, tokens, *, batch_size: int = 4) -> list[dict]:
@@ -104,8 +110,14 @@ def activation_statistics(model, tokens, *, batch_size: int = 4) -> list[dict]:
     @jax.jit
     def stats(state, batch):
         _, acts = masked_forward(nnx.merge(graphdef, state), batch, return_acts=True)
-        return [{"max_abs": jnp.max(jnp.abs(a), axis=(0, 1)), "sum_abs": jnp.sum(jnp.abs(a), axis=(0, 1)),
-                 "sum_sq": jnp.sum(jnp.square(a.astype(jnp.float32)), axis=(0, 1))} for a in acts]
+        return [
+            {
+                "max_abs": jnp.max(jnp.abs(a), axis=(0, 1)),
+                "sum_abs": jnp.sum(jnp.abs(a), axis=(0, 1)),
+                "sum_sq": jnp.sum(jnp.square(a.astype(jnp.float32)), axis=(0, 1)),
+            }
+            for a in acts
+        ]
 
     total = None
     count = 0
@@ -115,8 +127,14 @@ def activation_statistics(model, tokens, *, batch_size: int = 4) -> list[dict]:
         if total is None:
             total = s
         else:
-            total = [{"max_abs": np.maximum(t["max_abs"], u["max_abs"]), "sum_abs": t["sum_abs"] + u["sum_abs"],
-                      "sum_sq": t["sum_sq"] + u["sum_sq"]} for t, u in zip(total, s)]
+            total = [
+                {
+                    "max_abs": np.maximum(t["max_abs"], u["max_abs"]),
+                    "sum_abs": t["sum_abs"] + u["sum_abs"],
+                    "sum_sq": t["sum_sq"] + u["sum_sq"],
+                }
+                for t, u in zip(total, s)
+            ]
     for t in total:
         t["count"] = count
     return total
@@ -133,6 +151,7 @@ def taylor_scores(model, tokens, *, batch_size: int = 4) -> list[np.ndarray]:
         def loss(masks):
             logits = masked_forward(nnx.merge(graphdef, state), batch[:, :-1], masks)
             return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
         return jax.grad(loss)([jnp.ones((w,), jnp.float32) for w in widths])
 
     total = [np.zeros((w,), np.float64) for w in widths]
@@ -169,9 +188,9 @@ def scores_from_statistics(model, stats: list[dict], criterion: str) -> list[np.
 def magnitude_scores(model) -> list[np.ndarray]:
     out = []
     for b in glu_blocks(model):
-        g = np.linalg.norm(np.asarray(b.ffn.gate[...], np.float32), axis=0)      # [F]
-        u = np.linalg.norm(np.asarray(b.ffn.up[...], np.float32), axis=0)        # [F]
-        d = np.linalg.norm(np.asarray(b.ffn.down[...], np.float32), axis=1)      # [F]
+        g = np.linalg.norm(np.asarray(b.ffn.gate[...], np.float32), axis=0)  # [F]
+        u = np.linalg.norm(np.asarray(b.ffn.up[...], np.float32), axis=0)  # [F]
+        d = np.linalg.norm(np.asarray(b.ffn.down[...], np.float32), axis=1)  # [F]
         out.append((g * u * d).astype(np.float32))
     return out
 
@@ -182,8 +201,15 @@ def random_scores(model, key: jax.Array) -> list[np.ndarray]:
     return [np.asarray(jax.random.uniform(k, (w,)), np.float32) for k, w in zip(keys, widths)]
 
 
-def neuron_importance(model, tokens=None, criterion: str = "rmax", *, key: Optional[jax.Array] = None,
-                      batch_size: int = 4, stats: Optional[list] = None) -> list[np.ndarray]:
+def neuron_importance(
+    model,
+    tokens=None,
+    criterion: str = "rmax",
+    *,
+    key: jax.Array | None = None,
+    batch_size: int = 4,
+    stats: list | None = None,
+) -> list[np.ndarray]:
     """Scores [F_l] per layer for `criterion` (see the module docstring); higher = keep.
 
     tokens: calibration ids int [N, T] (not needed for magnitude / random); stats: reuse a previous

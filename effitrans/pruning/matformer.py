@@ -13,7 +13,7 @@ per-layer widths in its config (it saves, loads and serves like any model).
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ def nested_widths(full: int, fractions: Sequence[float]) -> list[int]:
     return sorted(out)
 
 
-def prefix_masks(model, widths: Union[int, Sequence[int]]) -> list[np.ndarray]:
+def prefix_masks(model, widths: int | Sequence[int]) -> list[np.ndarray]:
     """Keep-masks keeping the first widths[l] neurons of layer l (an int applies to every layer)."""
     full = ffn_widths_of(model)
     if isinstance(widths, (int, np.integer)):
@@ -52,13 +52,14 @@ def prefix_masks(model, widths: Union[int, Sequence[int]]) -> list[np.ndarray]:
     return out
 
 
-def extract(model, model_cfg, widths: Union[int, Sequence[int]]):
+def extract(model, model_cfg, widths: int | Sequence[int]):
     """(sub-model, its config) keeping the first widths[l] neurons of each layer."""
     return slice_model(model, model_cfg, prefix_masks(model, widths))
 
 
 def slice_prefix_params(params: dict, width: int) -> dict:
     """A pure param dict with every ffn gate/up cut to [:, :width] and down to [:width] (differentiable)."""
+
     def cut(path, x):
         keys = [str(getattr(p, "key", p)) for p in path]
         if "ffn" in keys:
@@ -67,6 +68,7 @@ def slice_prefix_params(params: dict, width: int) -> dict:
             if keys[-1] == "down":
                 return x[:width]
         return x
+
     return jax.tree_util.tree_map_with_path(cut, params)
 
 
@@ -75,8 +77,7 @@ def sample_width(widths: Sequence[int], seed: int, step: int) -> int:
     return int(widths[np.random.default_rng([seed, step, 7]).integers(len(widths))])
 
 
-def train_matformer(config, widths: Sequence[int], *, model=None, log: Optional[Callable] = print,
-                    eval_batches: int = 4):
+def train_matformer(config, widths: Sequence[int], *, model=None, log: Callable | None = print, eval_batches: int = 4):
     """Trains config.model (or `model`) with one sampled nested width per step on config.data.
 
     Reuses the spine's dataset (`build_dataset`), optimizer (`make_optimizer`) and LM loss (`lm_loss`).
@@ -108,10 +109,12 @@ def train_matformer(config, widths: Sequence[int], *, model=None, log: Optional[
 
     def step_for(width):
         if width not in steps:
+
             def f(params, opt_state, batch):
                 l, g = jax.value_and_grad(loss)(params, batch, width)
                 updates, opt_state = tx.update(g, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, l
+
             steps[width] = jax.jit(f, donate_argnums=(0, 1))
         return steps[width]
 
@@ -128,8 +131,10 @@ def train_matformer(config, widths: Sequence[int], *, model=None, log: Optional[
             row = {"step": done, "width": width, "loss": float(l), "elapsed_s": el}
             history.append(row)
             if log is not None:
-                log(f"[matformer] step {done}/{total} | width {width} | loss {row['loss']:.4f} | "
-                    f"{el / done:.2f} s/step | ETA {el / done * (total - done):.0f} s")
+                log(
+                    f"[matformer] step {done}/{total} | width {width} | loss {row['loss']:.4f} | "
+                    f"{el / done:.2f} s/step | ETA {el / done * (total - done):.0f} s"
+                )
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), history
 

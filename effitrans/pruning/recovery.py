@@ -12,7 +12,7 @@ everything.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +29,17 @@ TRAINABLE = ("ffn", "all")
 def distill_config(**overrides) -> ml_collections.ConfigDict:
     """The train keys make_optimizer reads, with recovery defaults, plus the distillation knobs."""
     c = ml_collections.ConfigDict()
-    c.steps = 50                  # optimizer updates
-    c.learning_rate = 1e-4        # peak LR (small: the student starts close to the teacher)
+    c.steps = 50  # optimizer updates
+    c.learning_rate = 1e-4  # peak LR (small: the student starts close to the teacher)
     c.warmup_steps = 5
     c.min_lr_ratio = 0.1
     c.weight_decay = 0.0
     c.b1 = 0.9
     c.b2 = 0.95
     c.grad_clip = 1.0
-    c.alpha = 0.5                 # weight of the KL term (1 - alpha on the LM loss)
-    c.temperature = 1.0           # distillation temperature T
-    c.trainable = "ffn"           # ffn | all
+    c.alpha = 0.5  # weight of the KL term (1 - alpha on the LM loss)
+    c.temperature = 1.0  # distillation temperature T
+    c.trainable = "ffn"  # ffn | all
     c.log_every = 5
     c.update(overrides)
     return c
@@ -48,10 +48,10 @@ def distill_config(**overrides) -> ml_collections.ConfigDict:
 def kd_loss(student_logits, teacher_logits, targets, weights, *, alpha: float, temperature: float):
     """Sums over tokens (weighted) of the distillation loss, the KL and the NLL; logits [B, T, V]."""
     t = temperature
-    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)     # [B, T, V]
+    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)  # [B, T, V]
     t_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * t * t              # [B, T]
-    nll = optax.softmax_cross_entropy_with_integer_labels(student_logits, targets)   # [B, T]
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * t * t  # [B, T]
+    nll = optax.softmax_cross_entropy_with_integer_labels(student_logits, targets)  # [B, T]
     w = weights.astype(jnp.float32)
     loss = alpha * kl + (1.0 - alpha) * nll
     return jnp.sum(loss * w), jnp.sum(kl * w), jnp.sum(nll * w), jnp.sum(w)
@@ -63,7 +63,7 @@ def _is_trainable(path, trainable: str) -> bool:
     return "ffn" in [str(getattr(p, "key", p)) for p in path]
 
 
-def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log: Optional[Callable] = print):
+def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log: Callable | None = print):
     """Fine-tunes `student` (returns a new model; the argument is untouched) to match `teacher`.
 
     get_batch(step) -> {"inputs" [B, T], "targets" [B, T], optional "weights" [B, T]} (a pure function of the
@@ -96,8 +96,9 @@ def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log
 
         def loss_fn(tp):
             s_logits, _ = nnx.merge(s_graph, merge(tp, frozen_p))(batch["inputs"])
-            total, kl, nll, w = kd_loss(s_logits, t_logits, batch["targets"], weights, alpha=cfg.alpha,
-                                        temperature=cfg.temperature)
+            total, kl, nll, w = kd_loss(
+                s_logits, t_logits, batch["targets"], weights, alpha=cfg.alpha, temperature=cfg.temperature
+            )
             w = jnp.maximum(w, 1.0)
             return total / w, (kl / w, nll / w)
 
@@ -117,8 +118,10 @@ def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log
             row = {"step": done, **m, "elapsed_s": el}
             history.append(row)
             if log is not None:
-                log(f"[recovery] step {done}/{cfg.steps} | loss {m['loss']:.4f} | kl {m['kl']:.4f} | "
-                    f"nll {m['nll']:.4f} | {el / done:.2f} s/step | ETA {el / done * (cfg.steps - done):.0f} s")
+                log(
+                    f"[recovery] step {done}/{cfg.steps} | loss {m['loss']:.4f} | kl {m['kl']:.4f} | "
+                    f"nll {m['nll']:.4f} | {el / done:.2f} s/step | ETA {el / done * (cfg.steps - done):.0f} s"
+                )
     s_state = nnx.State(s_state) if not isinstance(s_state, nnx.State) else s_state
     nnx.replace_by_pure_dict(s_state, merge(train_p, frozen_p))
     return nnx.merge(s_graph, s_state), history
@@ -133,7 +136,8 @@ def token_batches(stream: np.ndarray, *, batch_size: int, seq_len: int, seed: in
     def get_batch(step: int) -> dict:
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, stream.size - seq_len - 1, size=batch_size)
-        idx = starts[:, None] + np.arange(seq_len + 1)                            # [B, T+1]
+        idx = starts[:, None] + np.arange(seq_len + 1)  # [B, T+1]
         w = stream[idx].astype(np.int32)
         return {"inputs": w[:, :-1], "targets": w[:, 1:], "weights": np.ones((batch_size, seq_len), np.float32)}
+
     return get_batch

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,10 @@ SCOPES = ("layer", "global")
 def check_ratio(ratio) -> float:
     """The fraction of neurons to remove, in [0, 1); ValueError naming the value otherwise."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"pruning ratio={ratio!r} is outside [0, 1): it is the fraction of feed-forward "
-                         f"neurons to remove (0 keeps all; 1 would remove every neuron)")
+        raise ValueError(
+            f"pruning ratio={ratio!r} is outside [0, 1): it is the fraction of feed-forward "
+            f"neurons to remove (0 keeps all; 1 would remove every neuron)"
+        )
     return float(ratio)
 
 
@@ -112,9 +114,9 @@ def slice_model(model, model_cfg, keep: Sequence):
     out = _clone(model)
     for b, k in zip(glu_blocks(out), keep):
         idx = jnp.asarray(np.flatnonzero(k))
-        b.ffn.gate.set_value(jnp.take(b.ffn.gate[...], idx, axis=1))                # [D, F']
-        b.ffn.up.set_value(jnp.take(b.ffn.up[...], idx, axis=1))                    # [D, F']
-        b.ffn.down.set_value(jnp.take(b.ffn.down[...], idx, axis=0))                # [F', D]
+        b.ffn.gate.set_value(jnp.take(b.ffn.gate[...], idx, axis=1))  # [D, F']
+        b.ffn.up.set_value(jnp.take(b.ffn.up[...], idx, axis=1))  # [D, F']
+        b.ffn.down.set_value(jnp.take(b.ffn.down[...], idx, axis=0))  # [F', D]
     cfg = copy.deepcopy(model_cfg)
     cfg.ffn_width = [int(k.sum()) for k in keep]
     return out, cfg

@@ -25,7 +25,8 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +64,18 @@ class Result:
     request_id: int
     status: str
     tokens: list = dataclasses.field(default_factory=list)
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    finish_reason: str | None = None
+    error: str | None = None
     submit_time: float = 0.0
-    first_token_time: Optional[float] = None
-    finish_time: Optional[float] = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     @property
-    def ttft(self) -> Optional[float]:
+    def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.submit_time
 
     @property
-    def latency(self) -> Optional[float]:
+    def latency(self) -> float | None:
         return None if self.finish_time is None else self.finish_time - self.submit_time
 
 
@@ -83,36 +84,41 @@ def _bucket(n: int, cap: int, floor: int = 8) -> int:
     return int(min(cap, max(floor, 1 << max(0, (n - 1).bit_length()))))
 
 
-def cache_mismatch(cache, expected) -> Optional[str]:
+def cache_mismatch(cache, expected) -> str | None:
     """None if `cache` has exactly the structure, shapes and dtypes of `expected` (arrays or ShapeDtypeStructs),
     else a message naming the first difference."""
     if jax.tree.structure(cache) != jax.tree.structure(expected):
         got_types = sorted({type(c).__name__ for c in (cache if isinstance(cache, list) else [cache])})
         want_types = sorted({type(c).__name__ for c in (expected if isinstance(expected, list) else [expected])})
-        return (f"its structure {got_types} x {len(cache) if isinstance(cache, list) else 1} does not match this "
-                f"engine's {want_types} x {len(expected) if isinstance(expected, list) else 1} (another attention "
-                f"family or layer count?)")
+        return (
+            f"its structure {got_types} x {len(cache) if isinstance(cache, list) else 1} does not match this "
+            f"engine's {want_types} x {len(expected) if isinstance(expected, list) else 1} (another attention "
+            f"family or layer count?)"
+        )
     got = jax.tree_util.tree_flatten_with_path(cache)[0]
     want = jax.tree.leaves(expected)
     for (path, a), b in zip(got, want):
         if tuple(a.shape) != tuple(b.shape) or jnp.dtype(a.dtype) != jnp.dtype(b.dtype):
-            return (f"cache{jax.tree_util.keystr(path)} has shape {tuple(a.shape)} {jnp.dtype(a.dtype)}, expected "
-                    f"{tuple(b.shape)} {jnp.dtype(b.dtype)} (a cache from another model config?)")
+            return (
+                f"cache{jax.tree_util.keystr(path)} has shape {tuple(a.shape)} {jnp.dtype(a.dtype)}, expected "
+                f"{tuple(b.shape)} {jnp.dtype(b.dtype)} (a cache from another model config?)"
+            )
     return None
 
 
 # The jitted bodies live at module level with the model's graphdef static, so engines over models of the
 # same structure (same config) share compilations.
 
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _prefill_step(graphdef, state, cache, rows, tokens, suffix_lens, slots, temp, top_k, top_p, rng):
     """rows: cache for b new requests; tokens [b, P] right-padded; writes the rows into cache[slots]."""
     model = nnx.merge(graphdef, state)
-    start = rows[0].lengths                                                         # [b]
-    logits, rows = model(tokens, cache=rows, decode=True)                           # [b, P, V]
+    start = rows[0].lengths  # [b]
+    logits, rows = model(tokens, cache=rows, decode=True)  # [b, P, V]
     last = jnp.take_along_axis(logits, (suffix_lens - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
     first = sample_tokens(last, rng, temperature=temp, top_k=top_k, top_p=top_p)
-    rows = [r.replace(lengths=start + suffix_lens) for r in rows]                   # drop the padding
+    rows = [r.replace(lengths=start + suffix_lens) for r in rows]  # drop the padding
     cache = jax.tree.map(lambda big, new: big.at[slots].set(new, mode="drop"), cache, rows)
     return first, cache
 
@@ -120,9 +126,9 @@ def _prefill_step(graphdef, state, cache, rows, tokens, suffix_lens, slots, temp
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _decode_step(graphdef, state, cache, tokens, active, temp, top_k, top_p, rng):
     model = nnx.merge(graphdef, state)
-    logits, cache = model(tokens[:, None], cache=cache, decode=True)                # [B, 1, V]
+    logits, cache = model(tokens[:, None], cache=cache, decode=True)  # [B, 1, V]
     nxt = sample_tokens(logits[:, 0], rng, temperature=temp, top_k=top_k, top_p=top_p)
-    cache = [c.replace(lengths=jnp.where(active, c.lengths, 0)) for c in cache]      # idle rows stay empty
+    cache = [c.replace(lengths=jnp.where(active, c.lengths, 0)) for c in cache]  # idle rows stay empty
     return nxt, cache
 
 
@@ -144,10 +150,11 @@ class ServingEngine:
         self.graphdef, self.state = nnx.split(model)
         self.cache = model.init_cache(max_batch, max_len, cache_dtype)
         self.row_spec = jax.eval_shape(lambda: model.init_cache(1, max_len, cache_dtype))
-        self.vocab_size = int(jax.eval_shape(lambda s: nnx.merge(self.graphdef, s)(jnp.zeros((1, 1), jnp.int32))[0],
-                                             self.state).shape[-1])
+        self.vocab_size = int(
+            jax.eval_shape(lambda s: nnx.merge(self.graphdef, s)(jnp.zeros((1, 1), jnp.int32))[0], self.state).shape[-1]
+        )
         self.rng = jax.random.key(seed)
-        self.slots: list[Optional[_Slot]] = [None] * max_batch
+        self.slots: list[_Slot | None] = [None] * max_batch
         self.queue: collections.deque = collections.deque()
         self.results: dict[int, Result] = {}
         self._next_id = 0
@@ -166,7 +173,7 @@ class ServingEngine:
         r.status, r.error, r.finish_time = "rejected", message, time.perf_counter()
         return rid
 
-    def _problem(self, req: Request) -> Optional[str]:
+    def _problem(self, req: Request) -> str | None:
         if not isinstance(req, Request):
             return f"expected a Request, got {type(req).__name__}"
         prompt = list(req.prompt)
@@ -177,8 +184,10 @@ class ServingEngine:
         if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
             return f"max_new_tokens={req.max_new_tokens!r} must be an int >= 1"
         if len(prompt) + req.max_new_tokens > self.max_len:
-            return (f"request is longer than the cache: prompt {len(prompt)} + max_new_tokens {req.max_new_tokens} "
-                    f"= {len(prompt) + req.max_new_tokens} tokens > max_len={self.max_len}")
+            return (
+                f"request is longer than the cache: prompt {len(prompt)} + max_new_tokens {req.max_new_tokens} "
+                f"= {len(prompt) + req.max_new_tokens} tokens > max_len={self.max_len}"
+            )
         problem = check_sampling(req.temperature, req.top_k, req.top_p, self.vocab_size)
         if problem:
             return problem
@@ -209,8 +218,13 @@ class ServingEngine:
             for _ in requests:
                 rid, self._next_id = self._next_id, self._next_id + 1
                 self.results[rid] = Result(rid, "queued", submit_time=time.perf_counter())
-                ids.append(self._reject(rid, f"batch of {len(requests)} requests is larger than the engine's "
-                                              f"allocated batch max_batch={self.max_batch}"))
+                ids.append(
+                    self._reject(
+                        rid,
+                        f"batch of {len(requests)} requests is larger than the engine's "
+                        f"allocated batch max_batch={self.max_batch}",
+                    )
+                )
             return ids
         return [self.submit(r) for r in requests]
 
@@ -249,19 +263,20 @@ class ServingEngine:
             longest = max(map(len, suffixes))
             p = _bucket(longest, self.max_len) if self.pad_prompts else longest  # unpadded: all one length
         else:
-            b, p = 1, len(suffixes[0])          # exact length: start + p never passes max_len
+            b, p = 1, len(suffixes[0])  # exact length: start + p never passes max_len
         tokens = np.zeros((b, p), np.int32)
         lens = np.ones(b, np.int32)
-        slots = np.full(b, self.max_batch, np.int32)        # out of range: padded rows are dropped
+        slots = np.full(b, self.max_batch, np.int32)  # out of range: padded rows are dropped
         temp, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
-        for i, ((rid, req), suf) in enumerate(zip(group, suffixes)):
-            tokens[i, :len(suf)], lens[i], slots[i] = suf, len(suf), slot_ids[i]
+        for i, ((_, req), suf) in enumerate(zip(group, suffixes)):
+            tokens[i, : len(suf)], lens[i], slots[i] = suf, len(suf), slot_ids[i]
             temp[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
             self._temp[slot_ids[i]], self._top_k[slot_ids[i]], self._top_p[slot_ids[i]] = temp[i], top_k[i], top_p[i]
         if rows is None:
             rows = self._fresh_rows(b)
-        first, self.cache = _prefill_step(self.graphdef, self.state, self.cache, rows, tokens, lens, slots, temp,
-                                          top_k, top_p, self._next_rng())
+        first, self.cache = _prefill_step(
+            self.graphdef, self.state, self.cache, rows, tokens, lens, slots, temp, top_k, top_p, self._next_rng()
+        )
         first = np.asarray(first)
         now = time.perf_counter()
         for i, (rid, req) in enumerate(group):
@@ -302,14 +317,23 @@ class ServingEngine:
         active = np.array([s is not None for s in self.slots])
         if not active.any():
             return
-        nxt, self.cache = _decode_step(self.graphdef, self.state, self.cache, self._last, active, self._temp,
-                                       self._top_k, self._top_p, self._next_rng())
+        nxt, self.cache = _decode_step(
+            self.graphdef,
+            self.state,
+            self.cache,
+            self._last,
+            active,
+            self._temp,
+            self._top_k,
+            self._top_p,
+            self._next_rng(),
+        )
         nxt = np.asarray(nxt)
         now = time.perf_counter()
         for i in np.flatnonzero(active):
             self._emit(int(i), nxt[i], now)
 
-    def run(self, max_steps: Optional[int] = None) -> None:
+    def run(self, max_steps: int | None = None) -> None:
         """Steps until every queued and running request is finished (or max_steps)."""
         steps = 0
         while self.has_work() and (max_steps is None or steps < max_steps):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,8 +25,9 @@ def percentiles(values, qs=(50, 90, 99)) -> dict:
     return {f"p{q}": float(np.percentile(values, q)) for q in qs}
 
 
-def run_load(engine: ServingEngine, make_request: Callable[[int], Request], *, num_requests: int,
-             concurrency: int) -> dict:
+def run_load(
+    engine: ServingEngine, make_request: Callable[[int], Request], *, num_requests: int, concurrency: int
+) -> dict:
     """Submits make_request(i) for i < num_requests, never more than `concurrency` unfinished at once."""
     if concurrency < 1 or num_requests < 1:
         raise ValueError(f"concurrency={concurrency} and num_requests={num_requests} must be >= 1")
@@ -45,10 +46,17 @@ def run_load(engine: ServingEngine, make_request: Callable[[int], Request], *, n
     lat = [r.latency for r in done]
     ttft = [r.ttft for r in done]
     tokens = sum(len(r.tokens) for r in done)
-    return {"requests": num_requests, "finished": len(done), "rejected": num_requests - len(done),
-            "concurrency": concurrency, "wall_s": wall, "qps": len(done) / wall, "tokens_per_s": tokens / wall,
-            **{f"latency_{k}_s": v for k, v in percentiles(lat).items()},
-            **{f"ttft_{k}_s": v for k, v in percentiles(ttft).items()}}
+    return {
+        "requests": num_requests,
+        "finished": len(done),
+        "rejected": num_requests - len(done),
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "qps": len(done) / wall,
+        "tokens_per_s": tokens / wall,
+        **{f"latency_{k}_s": v for k, v in percentiles(lat).items()},
+        **{f"ttft_{k}_s": v for k, v in percentiles(ttft).items()},
+    }
 
 
 def main(argv=None) -> int:
@@ -59,8 +67,11 @@ def main(argv=None) -> int:
     from effitrans.bench import common
     from effitrans.models import build_model
 
-    parser = argparse.ArgumentParser(prog="python -m effitrans.serve.loadgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m effitrans.serve.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", default="configs/lm_tiny.py")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
@@ -82,13 +93,30 @@ def main(argv=None) -> int:
 
     def make(i):
         n = int(rng.integers(1, args.prompt_len + 1))
-        return Request(prompt=rng.integers(0, cfg.model.vocab_size, n).tolist(), max_new_tokens=args.new_tokens,
-                       temperature=args.temperature, top_p=args.top_p)
+        return Request(
+            prompt=rng.integers(0, cfg.model.vocab_size, n).tolist(),
+            max_new_tokens=args.new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
 
     run_load(engine, make, num_requests=min(args.concurrency, args.requests), concurrency=args.concurrency)  # compile
     stats = run_load(engine, make, num_requests=args.requests, concurrency=args.concurrency)
-    cols = [(k, k) for k in ("concurrency", "finished", "qps", "tokens_per_s", "latency_p50_s", "latency_p90_s",
-                             "latency_p99_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s")]
+    cols = [
+        (k, k)
+        for k in (
+            "concurrency",
+            "finished",
+            "qps",
+            "tokens_per_s",
+            "latency_p50_s",
+            "latency_p90_s",
+            "latency_p99_s",
+            "ttft_p50_s",
+            "ttft_p90_s",
+            "ttft_p99_s",
+        )
+    ]
     print(common.format_table([stats], cols))
     common.write_json(args.json, [stats])
     return 0

@@ -7,15 +7,13 @@ top_p 1.0 switch those filters off.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import jax
 import jax.numpy as jnp
 
-ArrayOr = Union[jax.Array, float, int]
+ArrayOr = jax.Array | float | int
 
 
-def check_sampling(temperature, top_k, top_p, vocab_size: int) -> Optional[str]:
+def check_sampling(temperature, top_k, top_p, vocab_size: int) -> str | None:
     """None if the parameters are allowed, else a message naming the bad one and the allowed range."""
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
         return f"temperature={temperature!r} must be a number >= 0 (0 means greedy)"
@@ -26,23 +24,24 @@ def check_sampling(temperature, top_k, top_p, vocab_size: int) -> Optional[str]:
     return None
 
 
-def sample_tokens(logits: jax.Array, rng: jax.Array, *, temperature: ArrayOr = 0.0, top_k: ArrayOr = 0,
-                  top_p: ArrayOr = 1.0) -> jax.Array:
+def sample_tokens(
+    logits: jax.Array, rng: jax.Array, *, temperature: ArrayOr = 0.0, top_k: ArrayOr = 0, top_p: ArrayOr = 1.0
+) -> jax.Array:
     """logits [B, V] -> token ids int32 [B]; temperature, top_k, top_p are scalars or per-row [B] arrays."""
     b, v = logits.shape
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)                       # [B]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
 
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]    # [B, V]
-    sorted_logits, order = jax.lax.top_k(scaled, v)                              # [B, V] descending
-    rank = jnp.arange(v, dtype=jnp.int32)[None, :]                               # [1, V]
-    keep = rank < jnp.where(top_k > 0, top_k, v)[:, None]                        # top-k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)    # [B, V]
-    mass_before = jnp.cumsum(probs, axis=-1) - probs                             # exclusive cumulative
-    keep &= mass_before < top_p[:, None]                                         # nucleus; rank 0 always kept
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [B, V]
+    sorted_logits, order = jax.lax.top_k(scaled, v)  # [B, V] descending
+    rank = jnp.arange(v, dtype=jnp.int32)[None, :]  # [1, V]
+    keep = rank < jnp.where(top_k > 0, top_k, v)[:, None]  # top-k
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)  # [B, V]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative
+    keep &= mass_before < top_p[:, None]  # nucleus; rank 0 always kept
     choice = jax.random.categorical(rng, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)  # [B]
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)

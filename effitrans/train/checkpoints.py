@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,8 +17,19 @@ import orbax.checkpoint as ocp
 log = logging.getLogger("effitrans.checkpoints")
 
 # Keys of config.model that change parameter shapes or meaning; a checkpoint must agree on all of them.
-_COMPAT_KEYS = ("name", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "ffn_width", "tie_embeddings", "num_classes", "embed_dim")
+_COMPAT_KEYS = (
+    "name",
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_width",
+    "tie_embeddings",
+    "num_classes",
+    "embed_dim",
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -36,12 +47,13 @@ def model_signature(model_cfg) -> dict:
 class Checkpointer:
     """Save every N steps (and on demand), keep the last K, restore the newest readable step."""
 
-    def __init__(self, directory: str, *, keep: int, model_cfg, extra_meta: Optional[dict] = None):
+    def __init__(self, directory: str, *, keep: int, model_cfg, extra_meta: dict | None = None):
         self.directory = os.path.abspath(directory)
         self.signature = model_signature(model_cfg)
         self.extra_meta = dict(extra_meta or {})
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -54,7 +66,7 @@ class Checkpointer:
                 with open(path) as f:
                     meta = json.load(f)
             except (OSError, json.JSONDecodeError):
-                continue                          # unreadable meta: restore() reports and skips this step
+                continue  # unreadable meta: restore() reports and skips this step
             saved = meta.get("model", {})
             for key in sorted(set(saved) | set(self.signature)):
                 if saved.get(key) != self.signature.get(key):
@@ -62,18 +74,20 @@ class Checkpointer:
                         f"checkpoint {os.path.join(self.directory, str(step))} was written with "
                         f"config.model.{key}={saved.get(key)!r}, but this config has "
                         f"config.model.{key}={self.signature.get(key)!r}; use a fresh --workdir or the same "
-                        f"model config")
+                        f"model config"
+                    )
             return
 
     def save(self, step: int, state: Any, *, force: bool = False) -> None:
         meta = {"model": self.signature, "step": int(step), **self.extra_meta}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=force)
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Optional[int], Any]:
+    def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any]:
         """(step, state) of the newest checkpoint that reads back; (None, None) when there is none.
 
         A checkpoint that fails to read (truncated file, missing array) is reported by step and skipped.
@@ -81,14 +95,22 @@ class Checkpointer:
         self.check_compatible()
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                )
                 return step, restored["state"]
             except Exception as e:  # noqa: BLE001 - any read failure means "try the next older one"
-                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
-                            step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
-                print(f"[effitrans] checkpoint at step {step} is unreadable ({type(e).__name__}); "
-                      f"trying an older one", flush=True)
+                log.warning(
+                    "checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
+                )
+                print(
+                    f"[effitrans] checkpoint at step {step} is unreadable ({type(e).__name__}); trying an older one",
+                    flush=True,
+                )
         return None, None
 
     def close(self) -> None:

@@ -9,10 +9,12 @@ import optax
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
     """0 -> learning_rate over warmup_steps, then cosine to learning_rate * min_lr_ratio at `steps`."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train_cfg.learning_rate,
+        init_value=0.0,
+        peak_value=train_cfg.learning_rate,
         warmup_steps=min(train_cfg.warmup_steps, train_cfg.steps),
         decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
-        end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio)
+        end_value=train_cfg.learning_rate * train_cfg.min_lr_ratio,
+    )
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -22,6 +24,13 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     parts = []
     if train_cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-    parts.append(optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(train_cfg),
+            b1=train_cfg.b1,
+            b2=train_cfg.b2,
+            weight_decay=train_cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)

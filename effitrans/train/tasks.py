@@ -14,7 +14,7 @@ import optax
 
 def lm_loss(model, batch, **_):
     """batch: inputs/targets int [B, T], weights [B, T]. Next-token cross-entropy in nats."""
-    logits, _ = model(batch["inputs"])                                           # [B, T, V] float32
+    logits, _ = model(batch["inputs"])  # [B, T, V] float32
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
     w = batch["weights"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
@@ -23,7 +23,7 @@ def lm_loss(model, batch, **_):
 
 def classification_loss(model, batch, **_):
     """batch: inputs [B, T], mask [B, T], labels [B], example_weights [B] (0 for padding rows)."""
-    logits = model(batch["inputs"], batch["mask"])                               # [B, C]
+    logits = model(batch["inputs"], batch["mask"])  # [B, C]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     w = batch["example_weights"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
@@ -32,9 +32,9 @@ def classification_loss(model, batch, **_):
 
 def retrieval_loss(model, batch, *, temperature: float = 0.05, **_):
     """In-batch contrastive (InfoNCE) loss: query i's positive is doc i, the other docs are negatives."""
-    q = model(batch["query"], batch["query_mask"])                               # [B, E] unit norm
-    d = model(batch["doc"], batch["doc_mask"])                                   # [B, E]
-    scores = q @ d.T / temperature                                               # [B, B]
+    q = model(batch["query"], batch["query_mask"])  # [B, E] unit norm
+    d = model(batch["doc"], batch["doc_mask"])  # [B, E]
+    scores = q @ d.T / temperature  # [B, B]
     labels = jnp.arange(q.shape[0])
     w = batch.get("example_weights", jnp.ones(q.shape[0])).astype(jnp.float32)
     nll = optax.softmax_cross_entropy_with_integer_labels(scores, labels)

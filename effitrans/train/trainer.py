@@ -13,14 +13,14 @@ import math
 import os
 import signal
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
@@ -52,14 +52,13 @@ def _format_eta(seconds: float) -> str:
 class Trainer:
     """Owns one experiment: config, mesh, dataset, jitted steps and the checkpoint directory."""
 
-    def __init__(self, config, workdir: str, *, peak_gflops: Optional[float] = None, verbose: bool = True):
+    def __init__(self, config, workdir: str, *, peak_gflops: float | None = None, verbose: bool = True):
         validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
         self.config, self.workdir, self.verbose = config, workdir, verbose
         self.task = config.train.task
         self.mesh = partitioning.make_mesh(config.mesh)
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
-        self.dataset = build_dataset(config.data, global_batch_size=config.train.batch_size,
-                                     seed=config.train.seed)
+        self.dataset = build_dataset(config.data, global_batch_size=config.train.batch_size, seed=config.train.seed)
         self.tx = make_optimizer(config.train)
         self.schedule = learning_rate_schedule(config.train)
 
@@ -71,18 +70,25 @@ class Trainer:
         abstract_opt = jax.eval_shape(self.tx.init, abstract_pure)
         opt_specs = partitioning.mirror_specs(abstract_opt, self.param_specs, abstract_pure)
         specs = {"params": self.param_specs, "opt_state": opt_specs, "step": P()}
-        self.state_shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs,
-                                            is_leaf=lambda x: isinstance(x, P))
-        self.abstract_state = {"params": abstract_pure, "opt_state": abstract_opt,
-                               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+        self.state_shardings = jax.tree.map(
+            lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+        )
+        self.abstract_state = {
+            "params": abstract_pure,
+            "opt_state": abstract_opt,
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_pure))
 
         self._build_steps()
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         keep=config.train.keep_checkpoints, model_cfg=config.model,
-                                         extra_meta={"data": self.dataset.metadata})
+        self.checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.train.keep_checkpoints,
+            model_cfg=config.model,
+            extra_meta={"data": self.dataset.metadata},
+        )
         self.peak_gflops = peak_gflops
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int | None = None
 
     # ---- state ------------------------------------------------------------------------------------
 
@@ -93,6 +99,7 @@ class Trainer:
         def init():
             params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, seed=cfg.train.seed), nnx.Param))
             return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
         return jax.jit(init, out_shardings=self.state_shardings)()
 
     def restore_or_init(self) -> dict:
@@ -124,6 +131,7 @@ class Trainer:
                 s, w, m = loss_fn(model, batch, **loss_kwargs)
                 # StateParams (e.g. routing centroids) may have been updated by the forward pass.
                 return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateParam)))
+
             (s, (w, m, state_params)), g = jax.value_and_grad(f, has_aux=True)(params)
             return s, w, m, g, state_params
 
@@ -133,23 +141,30 @@ class Trainer:
                 s, w, m, g, state_params = sums_and_grads(params, batch)
             else:
                 # Micro-batch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
-                micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]),
-                                                            0, 1), batch)
+                micro = jax.tree.map(
+                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
+                )
 
                 def body(carry, mb):
                     s, w, m, g, sp = sums_and_grads(params, mb)
                     return jax.tree.map(jnp.add, carry, (s, w, m, g)), sp
-                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params,
-                                                                    jax.tree.map(lambda x: x[0], micro))[:4])
+
+                zeros = jax.tree.map(
+                    jnp.zeros_like, jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro))[:4]
+                )
                 (s, w, m, g), sp_all = jax.lax.scan(body, zeros, micro)
-                state_params = jax.tree.map(lambda x: x[-1], sp_all)   # the last micro-batch's update
+                state_params = jax.tree.map(lambda x: x[-1], sp_all)  # the last micro-batch's update
             w = jnp.maximum(w, 1.0)
             grads = jax.tree.map(lambda x: x / w, g)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = _overwrite(optax.apply_updates(params, updates), state_params)
             new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-            metrics = {"loss": s / w, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                       **{k: v / w for k, v in m.items()}}
+            metrics = {
+                "loss": s / w,
+                "grad_norm": optax.tree.norm(grads),
+                "lr": schedule(state["step"]),
+                **{k: v / w for k, v in m.items()},
+            }
             return new_state, metrics
 
         def eval_step(params, batch):
@@ -159,8 +174,7 @@ class Trainer:
         def embed_step(params, tokens, mask):
             return nnx.merge(graphdef, params)(tokens, mask)
 
-        self._train_step = jax.jit(train_step, donate_argnums=0,
-                                   out_shardings=(self.state_shardings, None))
+        self._train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(self.state_shardings, None))
         self._eval_step = jax.jit(eval_step)
         self._embed_step = jax.jit(embed_step)
 
@@ -174,8 +188,9 @@ class Trainer:
         return out
 
     def train_batch(self, step: int) -> dict:
-        return self.global_batch(self.dataset.get_batch(step, process_index=jax.process_index(),
-                                                        process_count=jax.process_count()))
+        return self.global_batch(
+            self.dataset.get_batch(step, process_index=jax.process_index(), process_count=jax.process_count())
+        )
 
     def train_step(self, state, step: int):
         """One optimizer update on the batch of `step`; returns (state, metrics as device arrays)."""
@@ -188,14 +203,16 @@ class Trainer:
         if self.task == "retrieval":
             return self._evaluate_retrieval(params)
         totals: dict[str, float] = {}
-        for local in self.dataset.eval_batches(process_index=jax.process_index(),
-                                               process_count=jax.process_count()):
+        for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
             sums = jax.device_get(self._eval_step(params, self.global_batch(local)))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         w = max(totals.get("weight", 0.0), 1.0)
-        out = {"eval_loss": totals.get("loss_sum", 0.0) / w, "eval_accuracy": totals.get("accuracy_sum", 0.0) / w,
-               "eval_examples": totals.get("weight", 0.0)}
+        out = {
+            "eval_loss": totals.get("loss_sum", 0.0) / w,
+            "eval_accuracy": totals.get("accuracy_sum", 0.0) / w,
+            "eval_examples": totals.get("weight", 0.0),
+        }
         if self.task == "lm":
             out["eval_bits_per_byte"] = out["eval_loss"] * BITS_PER_NAT
         return out
@@ -210,8 +227,7 @@ class Trainer:
     def eval_embeddings(self, params) -> tuple:
         """Retrieval: (query, doc) embeddings of the held-out pairs, padding dropped: float [n, embed_dim] x 2."""
         qs, ds = [], []
-        for local in self.dataset.eval_batches(process_index=jax.process_index(),
-                                               process_count=jax.process_count()):
+        for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
             b = self.global_batch(local)
             keep = np.asarray(jax.device_get(b["example_weights"])) > 0
             qs.append(np.asarray(jax.device_get(self._embed_step(params, b["query"], b["query_mask"])))[keep])
@@ -245,14 +261,24 @@ class Trainer:
         start = int(jax.device_get(state["step"]))
         if self.peak_gflops is None:
             from effitrans.bench.common import measure_matmul_gflops
+
             self.peak_gflops = measure_matmul_gflops()
         flops_per_step = self._flops_per_step()
         tokens_per_step = tokens_in_batch(self.task, self.dataset.get_batch(0)) * jax.process_count()
-        self._write_metrics({"event": "start", "step": start, "num_params": self.num_params,
-                             "peak_matmul_gflops": self.peak_gflops, "data": self.dataset.metadata,
-                             "config": json.loads(self.config.to_json_best_effort())})
-        self._log(f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{cfg.steps} | "
-                  f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s (measured)")
+        self._write_metrics(
+            {
+                "event": "start",
+                "step": start,
+                "num_params": self.num_params,
+                "peak_matmul_gflops": self.peak_gflops,
+                "data": self.dataset.metadata,
+                "config": json.loads(self.config.to_json_best_effort()),
+            }
+        )
+        self._log(
+            f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{cfg.steps} | "
+            f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s (measured)"
+        )
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last_saved = start
         try:
@@ -260,24 +286,32 @@ class Trainer:
             eval_metrics: dict = {}
             for step in range(start, cfg.steps):
                 state, metrics = self.train_step(state, step)
-                loss = float(jax.device_get(metrics["loss"]))       # also the sync point for timing
+                loss = float(jax.device_get(metrics["loss"]))  # also the sync point for timing
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint (step "
-                        f"{last_saved}) is intact in {self.checkpointer.directory}")
+                        f"{last_saved}) is intact in {self.checkpointer.directory}"
+                    )
                 window_steps += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     now = time.perf_counter()
                     dt = (now - window_start) / window_steps
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    row = {"step": done, **m, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                           "mfu": flops_per_step / dt / (self.peak_gflops * 1e9)}
+                    row = {
+                        "step": done,
+                        **m,
+                        "step_time_s": dt,
+                        "tokens_per_s": tokens_per_step / dt,
+                        "mfu": flops_per_step / dt / (self.peak_gflops * 1e9),
+                    }
                     self._write_metrics(row)
                     eta = (cfg.steps - done) * dt
-                    self._log(f"step {done}/{cfg.steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-                              f"grad_norm {m['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
-                              f"MFU {100 * row['mfu']:.1f}% | ETA {_format_eta(eta)}")
+                    self._log(
+                        f"step {done}/{cfg.steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                        f"grad_norm {m['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+                        f"MFU {100 * row['mfu']:.1f}% | ETA {_format_eta(eta)}"
+                    )
                     window_start, window_steps = time.perf_counter(), 0
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or self._stop_signal is not None:
                     self.checkpointer.save(done, state, force=True)
@@ -287,15 +321,17 @@ class Trainer:
                     eval_metrics = self.evaluate(state["params"])
                     self._write_metrics({"step": done, **eval_metrics})
                     self._log(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                    window_start = time.perf_counter()        # eval time is not training throughput
+                    window_start = time.perf_counter()  # eval time is not training throughput
                 if self._stop_signal is not None:
                     self._log(f"signal {self._stop_signal} received: saved step {done}, stopping")
                     break
             interrupted = self._stop_signal is not None
-            if not eval_metrics and not interrupted:      # e.g. rerun of a finished run: still report
+            if not eval_metrics and not interrupted:  # e.g. rerun of a finished run: still report
                 eval_metrics = self.evaluate(state["params"])
-            self._log(f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
-                      f"in {_format_eta(time.perf_counter() - run_start)}")
+            self._log(
+                f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
+                f"in {_format_eta(time.perf_counter() - run_start)}"
+            )
             return {"state": state, "eval": eval_metrics, "interrupted": interrupted}
         finally:
             self.checkpointer.wait()

@@ -31,7 +31,7 @@ def _shapes(jaxpr):
         for var in eqn.outvars:
             yield tuple(getattr(var.aval, "shape", ()))
         for param in eqn.params.values():
-            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", None)
                 if inner is not None:
                     yield from _shapes(inner if hasattr(inner, "eqns") else inner.jaxpr)

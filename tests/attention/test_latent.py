@@ -19,8 +19,9 @@ DIMS = dict(kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=
 
 
 def _mla(path="naive", q_lora_rank=None, seed=0, **kw):
-    return LatentAttention(24, 3, **{**DIMS, **kw}, q_lora_rank=q_lora_rank, path=path, impl="reference",
-                           rngs=nnx.Rngs(params=seed))
+    return LatentAttention(
+        24, 3, **{**DIMS, **kw}, q_lora_rank=q_lora_rank, path=path, impl="reference", rngs=nnx.Rngs(params=seed)
+    )
 
 
 def _inputs(b=2, t=7, d=24, seed=1):
@@ -39,21 +40,22 @@ def reference_mla(m: LatentAttention, x, positions):
     w = lambda p: np.asarray(p[...], np.float64)
     x = np.asarray(x, np.float64)
     rms = lambda a, g: a / np.sqrt(np.mean(a * a, -1, keepdims=True) + m.norm_eps) * g
-    rope = lambda a: np.asarray(rotate(jnp.asarray(a, jnp.float32), positions,
-                                       jnp.asarray(m.inv_freq, jnp.float32), m.rope_layout), np.float64)
+    rope = lambda a: np.asarray(
+        rotate(jnp.asarray(a, jnp.float32), positions, jnp.asarray(m.inv_freq, jnp.float32), m.rope_layout), np.float64
+    )
     if m.q_lora_rank is None:
         q = np.einsum("btd,dnk->btnk", x, w(m.wq))
     else:
         q = np.einsum("btl,lnk->btnk", rms(x @ w(m.wq_a), w(m.q_norm)), w(m.wq_b))
     kv = x @ w(m.wkv_a)
-    c = rms(kv[..., :m.kv_lora_rank], w(m.kv_norm))                                 # c^KV_t
-    k_r = rope(kv[..., None, m.kv_lora_rank:])[:, :, 0]                            # k^R_t, shared
+    c = rms(kv[..., : m.kv_lora_rank], w(m.kv_norm))  # c^KV_t
+    k_r = rope(kv[..., None, m.kv_lora_rank :])[:, :, 0]  # k^R_t, shared
     b, t, n = q.shape[0], q.shape[1], m.num_heads
     y = np.zeros((b, t, x.shape[-1]))
     for i in range(n):
-        q_c, q_r = q[:, :, i, :m.nope_dim], rope(q[:, :, i:i + 1, m.nope_dim:])[:, :, 0]
-        k_c = c @ w(m.wk_b)[:, i]                                                  # k^C_{t,i} = W^UK_i c_t
-        v_c = c @ w(m.wv_b)[:, i]                                                  # v^C_{t,i} = W^UV_i c_t
+        q_c, q_r = q[:, :, i, : m.nope_dim], rope(q[:, :, i : i + 1, m.nope_dim :])[:, :, 0]
+        k_c = c @ w(m.wk_b)[:, i]  # k^C_{t,i} = W^UK_i c_t
+        v_c = c @ w(m.wv_b)[:, i]  # v^C_{t,i} = W^UV_i c_t
         logits = (np.einsum("bth,bsh->bts", q_c, k_c) + np.einsum("btr,bsr->bts", q_r, k_r)) * m.scale
         logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
         p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -91,23 +93,36 @@ def test_absorbed_gradients_equal_naive():
 
 
 def _latent_cfg(path, num_layers=1, impl="reference", **kw):
-    return tiny_model_config(head_dim=8, num_layers=num_layers, attention={"kind": "latent", "impl": impl, "kv_lora_rank": 12,
-                                                    "qk_rope_head_dim": 4, "v_head_dim": 6, "mla_path": path, **kw})
+    return tiny_model_config(
+        head_dim=8,
+        num_layers=num_layers,
+        attention={
+            "kind": "latent",
+            "impl": impl,
+            "kv_lora_rank": 12,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 6,
+            "mla_path": path,
+            **kw,
+        },
+    )
 
 
 # auto: naive full forward vs absorbed decode, through the blockwise (xla) kernels.
-@pytest.mark.parametrize("path,impl", [pytest.param("naive", "reference", marks=pytest.mark.slow),
-                                       pytest.param("auto", "xla", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "path,impl",
+    [pytest.param("naive", "reference", marks=pytest.mark.slow), pytest.param("auto", "xla", marks=pytest.mark.slow)],
+)
 def test_cached_decode_reproduces_full_forward(path, impl):
     model = build_model(_latent_cfg(path, impl=impl, q_lora_rank=6), seed=1)
     tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 61)
-    full, _ = nnx.jit(lambda m, t: m(t))(model, tokens)                             # [B, T, V]
+    full, _ = nnx.jit(lambda m, t: m(t))(model, tokens)  # [B, T, V]
     step = nnx.jit(lambda m, t, c: m(t, cache=c, decode=True))
     cache = model.init_cache(2, 13)
-    logits, cache = step(model, tokens[:, :3], cache)                                # prefill 3
+    logits, cache = step(model, tokens[:, :3], cache)  # prefill 3
     pieces = [logits]
     for t in range(3, 10):
-        logits, cache = step(model, tokens[:, t:t + 1], cache)
+        logits, cache = step(model, tokens[:, t : t + 1], cache)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
     assert all(isinstance(c, LatentCache) for c in cache)
@@ -127,11 +142,12 @@ def test_cache_holds_only_latent_and_rope_key():
 def test_yarn_frequencies_and_scale():
     plain = np.asarray(1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16), np.float32)
     f = yarn_frequencies(16, 10000.0, factor=40.0, original_max_len=4096)
-    np.testing.assert_allclose(f[0], plain[0], rtol=1e-6)          # fast dims: extrapolated (unchanged)
+    np.testing.assert_allclose(f[0], plain[0], rtol=1e-6)  # fast dims: extrapolated (unchanged)
     np.testing.assert_allclose(f[-1], plain[-1] / 40.0, rtol=1e-6)  # slow dims: interpolated
     assert np.all(np.diff(f) < 0)
-    m = LatentAttention(24, 3, **DIMS, yarn_factor=40.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0,
-                        rngs=nnx.Rngs(params=0))
+    m = LatentAttention(
+        24, 3, **DIMS, yarn_factor=40.0, yarn_mscale=1.0, yarn_mscale_all_dim=1.0, rngs=nnx.Rngs(params=0)
+    )
     assert math.isclose(m.scale, (8 + 4) ** -0.5 * yarn_mscale(40.0, 1.0) ** 2)
     assert m.rope_gain == 1.0
     x, pos = _inputs()
@@ -148,5 +164,6 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="kv_lora_rank is required"):
         build_model(cfg)
     with pytest.raises(ValueError, match="qk_rope_head_dim=3 must be even"):
-        LatentAttention(8, 2, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=3, v_head_dim=4,
-                        rngs=nnx.Rngs(params=0))
+        LatentAttention(
+            8, 2, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=3, v_head_dim=4, rngs=nnx.Rngs(params=0)
+        )

@@ -26,12 +26,32 @@ D, N, C, H, R, V = 32, 4, 16, 8, 8, 6
 def _hf_config(q_lora_rank, yarn):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if yarn:
-        rope = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
-                "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
-    return DeepseekV3Config(hidden_size=D, num_attention_heads=N, num_key_value_heads=N, q_lora_rank=q_lora_rank,
-                            kv_lora_rank=C, qk_nope_head_dim=H, qk_rope_head_dim=R, v_head_dim=V,
-                            rope_interleave=True, max_position_embeddings=256, rope_parameters=rope,
-                            attn_implementation="eager", num_hidden_layers=1, vocab_size=10)
+        rope = {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 1.0,
+            "rope_theta": 10000.0,
+        }
+    return DeepseekV3Config(
+        hidden_size=D,
+        num_attention_heads=N,
+        num_key_value_heads=N,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=C,
+        qk_nope_head_dim=H,
+        qk_rope_head_dim=R,
+        v_head_dim=V,
+        rope_interleave=True,
+        max_position_embeddings=256,
+        rope_parameters=rope,
+        attn_implementation="eager",
+        num_hidden_layers=1,
+        vocab_size=10,
+    )
 
 
 def _port(attn, m: LatentAttention):
@@ -50,8 +70,11 @@ def _port(attn, m: LatentAttention):
     m.wo[...] = t(attn.o_proj.weight).T.reshape(N, V, D)
 
 
-@pytest.mark.parametrize("q_lora_rank,yarn", [pytest.param(None, False, marks=pytest.mark.slow), pytest.param(12, True, marks=pytest.mark.slow)],
-                         ids=["q_full-rope", "q_lora-yarn"])
+@pytest.mark.parametrize(
+    "q_lora_rank,yarn",
+    [pytest.param(None, False, marks=pytest.mark.slow), pytest.param(12, True, marks=pytest.mark.slow)],
+    ids=["q_full-rope", "q_lora-yarn"],
+)
 def test_matches_hf_deepseek_v3_attention(q_lora_rank, yarn):
     torch.manual_seed(0)
     cfg = _hf_config(q_lora_rank, yarn)
@@ -69,12 +92,32 @@ def test_matches_hf_deepseek_v3_attention(q_lora_rank, yarn):
         want = attn(x, position_embeddings=(cos, sin), attention_mask=mask)[0].numpy()
 
     rp = cfg.rope_parameters
-    yarn_kw = dict(yarn_factor=rp["factor"], yarn_original_max_len=rp["original_max_position_embeddings"],
-                   yarn_beta_fast=rp["beta_fast"], yarn_beta_slow=rp["beta_slow"], yarn_mscale=rp["mscale"],
-                   yarn_mscale_all_dim=rp["mscale_all_dim"]) if yarn else {}
-    m = LatentAttention(D, N, kv_lora_rank=C, qk_nope_head_dim=H, qk_rope_head_dim=R, v_head_dim=V,
-                        q_lora_rank=q_lora_rank, rope_layout="interleaved", impl="reference",
-                        norm_eps=cfg.rms_norm_eps, rngs=nnx.Rngs(params=0), **yarn_kw)
+    yarn_kw = (
+        dict(
+            yarn_factor=rp["factor"],
+            yarn_original_max_len=rp["original_max_position_embeddings"],
+            yarn_beta_fast=rp["beta_fast"],
+            yarn_beta_slow=rp["beta_slow"],
+            yarn_mscale=rp["mscale"],
+            yarn_mscale_all_dim=rp["mscale_all_dim"],
+        )
+        if yarn
+        else {}
+    )
+    m = LatentAttention(
+        D,
+        N,
+        kv_lora_rank=C,
+        qk_nope_head_dim=H,
+        qk_rope_head_dim=R,
+        v_head_dim=V,
+        q_lora_rank=q_lora_rank,
+        rope_layout="interleaved",
+        impl="reference",
+        norm_eps=cfg.rms_norm_eps,
+        rngs=nnx.Rngs(params=0),
+        **yarn_kw,
+    )
     _port(attn, m)
     xj = jnp.asarray(x.numpy())
     pj = jnp.asarray(pos.numpy(), jnp.int32)
@@ -90,6 +133,6 @@ def test_matches_hf_deepseek_v3_attention(q_lora_rank, yarn):
     y, cache = step(m, xj[:, :30], pj[:, :30], cache)
     pieces = [y]
     for i in range(30, t):
-        y, cache = step(m, xj[:, i:i + 1], pj[:, i:i + 1], cache)
+        y, cache = step(m, xj[:, i : i + 1], pj[:, i : i + 1], cache)
         pieces.append(y)
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), want, atol=2e-5, rtol=1e-4)

@@ -18,8 +18,17 @@ D, N, H = 16, 2, 8
 
 
 def _module(n_buckets, n_hashes, chunk_len, causal, seed=0):
-    return LSHAttention(D, N, H, n_buckets=n_buckets, n_hashes=n_hashes, chunk_len=chunk_len, causal=causal,
-                        rope_base=None, rngs=nnx.Rngs(params=seed))
+    return LSHAttention(
+        D,
+        N,
+        H,
+        n_buckets=n_buckets,
+        n_hashes=n_hashes,
+        chunk_len=chunk_len,
+        causal=causal,
+        rope_base=None,
+        rngs=nnx.Rngs(params=seed),
+    )
 
 
 def _run(m, b, t, seg=None, seed=1):
@@ -58,7 +67,7 @@ def test_one_bucket_equals_dense_shared_qk_attention(causal):
 def reference_lsh(m, x, seg, causal):
     """Reformer Sec. 2-3 from the equations, per (batch, head), float64."""
     qk, k, v = _qkv(m, x)
-    rot = np.asarray(m.rotations[...], np.float64)                                       # [H, R, nb/2]
+    rot = np.asarray(m.rotations[...], np.float64)  # [H, R, nb/2]
     b, t, n, _ = qk.shape
     c = m.chunk_len
     nc = -(-t // c)
@@ -67,10 +76,10 @@ def reference_lsh(m, x, seg, causal):
         for hh in range(n):
             union = np.zeros((t, t), bool)
             for r in range(m.n_hashes):
-                proj = qk[bb, :, hh] @ rot[:, r]                                          # [T, nb/2]
+                proj = qk[bb, :, hh] @ rot[:, r]  # [T, nb/2]
                 bucket = np.argmax(np.concatenate([proj, -proj], -1), -1)
-                bucket = np.where(seg[bb] == 0, m.n_buckets, bucket)                   # padding sorts last
-                order = np.lexsort((np.arange(t), bucket))                               # sort by (bucket, position)
+                bucket = np.where(seg[bb] == 0, m.n_buckets, bucket)  # padding sorts last
+                order = np.lexsort((np.arange(t), bucket))  # sort by (bucket, position)
                 rank = np.empty(t, int)
                 rank[order] = np.arange(t)
                 chunk = rank // c
@@ -79,20 +88,29 @@ def reference_lsh(m, x, seg, causal):
                 union |= same | prev
             i, j = np.arange(t)[:, None], np.arange(t)[None, :]
             allowed = union & (seg[bb][:, None] == seg[bb][None, :]) & ((j <= i) if causal else True)
-            out[bb:bb + 1, :, hh:hh + 1] = dense_attention_np(qk[bb:bb + 1, :, hh:hh + 1], k[bb:bb + 1, :, hh:hh + 1],
-                                                               v[bb:bb + 1, :, hh:hh + 1], allowed[None, None],
-                                                               self_logit=SELF_LOGIT)
+            out[bb : bb + 1, :, hh : hh + 1] = dense_attention_np(
+                qk[bb : bb + 1, :, hh : hh + 1],
+                k[bb : bb + 1, :, hh : hh + 1],
+                v[bb : bb + 1, :, hh : hh + 1],
+                allowed[None, None],
+                self_logit=SELF_LOGIT,
+            )
     return _out(m, out)
 
 
-@pytest.mark.parametrize("n_buckets,n_hashes,chunk_len,causal,t", [
-    pytest.param(4, 3, 4, False, 22, marks=pytest.mark.slow), (6, 2, 5, True, 20), pytest.param(2, 4, 3, False, 9, marks=pytest.mark.slow),
-    pytest.param(8, 2, 16, False, 24, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "n_buckets,n_hashes,chunk_len,causal,t",
+    [
+        pytest.param(4, 3, 4, False, 22, marks=pytest.mark.slow),
+        (6, 2, 5, True, 20),
+        pytest.param(2, 4, 3, False, 9, marks=pytest.mark.slow),
+        pytest.param(8, 2, 16, False, 24, marks=pytest.mark.slow),
+    ],
+)
 def test_multi_round_equals_reference_from_equations(n_buckets, n_hashes, chunk_len, causal, t):
     m = _module(n_buckets, n_hashes, chunk_len, causal)
     seg = np.ones((2, t), np.int32)
-    seg[1, t - 5:] = 0
+    seg[1, t - 5 :] = 0
     x, got = _run(m, 2, t, seg)
     want = reference_lsh(m, x, seg, causal)
     keep = seg.astype(bool)

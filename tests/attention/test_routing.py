@@ -19,10 +19,20 @@ D, H = 16, 8
 
 
 def _module(n, clusters, window=None, local=0, local_window=3, causal=False, seed=0):
-    m = RoutingAttention(D, n, H, num_clusters=clusters, window=window, num_local_heads=local,
-                         local_window=local_window, causal=causal, impl="xla", rope_base=None,
-                         rngs=nnx.Rngs(params=seed))
-    m.eval()                                       # frozen centroids: the reference sees the same ones
+    m = RoutingAttention(
+        D,
+        n,
+        H,
+        num_clusters=clusters,
+        window=window,
+        num_local_heads=local,
+        local_window=local_window,
+        causal=causal,
+        impl="xla",
+        rope_base=None,
+        rngs=nnx.Rngs(params=seed),
+    )
+    m.eval()  # frozen centroids: the reference sees the same ones
     return m
 
 
@@ -40,7 +50,7 @@ def _qkv(m, x):
 def _inputs(t, b=2, seed=1):
     x = jax.random.normal(jax.random.key(seed), (b, t, D), jnp.float32)
     seg = np.ones((b, t), np.int32)
-    seg[-1, t - 3:] = 0
+    seg[-1, t - 3 :] = 0
     return x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), seg
 
 
@@ -77,7 +87,7 @@ def reference_routing(m, x, seg, causal):
             num, den, mx = np.zeros((t, h)), np.zeros(t), np.full(t, -np.inf)
             parts = []
             for c in range(m.num_clusters):
-                pad = seg[bb] == 0                                                   # padding picked last
+                pad = seg[bb] == 0  # padding picked last
                 qi = np.argsort(-np.where(pad, -1e30, q[bb, :, hh] @ mu[hh - nl, c]), kind="stable")[:w]
                 ki = np.argsort(-np.where(pad, -1e30, k[bb, :, hh] @ mu[hh - nl, c]), kind="stable")[:w]
                 logits = q[bb, qi, hh] @ k[bb, ki, hh].T / np.sqrt(h)
@@ -98,9 +108,14 @@ def reference_routing(m, x, seg, causal):
     return np.einsum("btnh,nhd->btd", out, np.asarray(m.o[...], np.float64))
 
 
-@pytest.mark.parametrize("n,clusters,window,local,causal,t", [
-    (3, 3, None, 1, False, 17), (2, 4, 6, 0, True, 16), (4, 2, 9, 2, True, 15),
-])
+@pytest.mark.parametrize(
+    "n,clusters,window,local,causal,t",
+    [
+        (3, 3, None, 1, False, 17),
+        (2, 4, 6, 0, True, 16),
+        (4, 2, 9, 2, True, 15),
+    ],
+)
 @pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_clusters_equal_reference_from_definition(n, clusters, window, local, causal, t):
     m = _module(n, clusters, window=window, local=local, causal=causal)
@@ -117,10 +132,10 @@ def test_ema_updates_in_train_and_freezes_in_eval():
     x, pos, _ = _inputs(12)
     before = np.asarray(m.centroids[...]).copy()
     m(x, positions=pos)
-    np.testing.assert_array_equal(np.asarray(m.centroids[...]), before)       # eval: frozen
+    np.testing.assert_array_equal(np.asarray(m.centroids[...]), before)  # eval: frozen
     m.train()
     m(x, positions=pos)
-    assert not np.allclose(np.asarray(m.centroids[...]), before)                # train: EMA step taken
+    assert not np.allclose(np.asarray(m.centroids[...]), before)  # train: EMA step taken
     # decay 0 with one centroid: the centroid becomes the mean of the (weighted) vectors
     xs = jax.random.normal(jax.random.key(0), (2, 5, 1, 4))
     wts = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], jnp.float32)
@@ -141,8 +156,9 @@ def test_gradients_finite():
 @pytest.mark.slow
 def test_no_quadratic_intermediate_at_8k():
     s = 8192
-    m = RoutingAttention(16, 2, 8, num_clusters=32, num_local_heads=1, local_window=64, causal=True, impl="xla",
-                         rngs=nnx.Rngs(params=0))
+    m = RoutingAttention(
+        16, 2, 8, num_clusters=32, num_local_heads=1, local_window=64, causal=True, impl="xla", rngs=nnx.Rngs(params=0)
+    )
     m.eval()
     assert_no_quadratic_intermediate(m, s, 16)
 

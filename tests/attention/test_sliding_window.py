@@ -18,9 +18,21 @@ D, N, K, H = 16, 4, 2, 8
 
 
 def _module(left, right, num_global, causal, rope_base=None, seed=0):
-    return SlidingWindowAttention(D, N, K, H, window_left=left, window_right=right, num_global=num_global,
-                                  causal=causal, impl="xla", rope_base=rope_base, rngs=nnx.Rngs(params=seed),
-                                  block_q=8, block_k=8)
+    return SlidingWindowAttention(
+        D,
+        N,
+        K,
+        H,
+        window_left=left,
+        window_right=right,
+        num_global=num_global,
+        causal=causal,
+        impl="xla",
+        rope_base=rope_base,
+        rngs=nnx.Rngs(params=seed),
+        block_q=8,
+        block_k=8,
+    )
 
 
 def _x(b, t, seed=1):
@@ -31,8 +43,9 @@ def _x(b, t, seed=1):
 def _reference(m, x, seg):
     """Longformer from the paper: local tokens attend |window| + global columns with Q_s, K_s, V_s; global
     tokens attend everything with Q_g, K_g, V_g. Mask written from the definition, not from kernels.masks."""
-    w = lambda p: np.repeat(np.asarray(p[...], np.float64), N // K, axis=1) if p.shape[1] == K else \
-        np.asarray(p[...], np.float64)
+    w = lambda p: (
+        np.repeat(np.asarray(p[...], np.float64), N // K, axis=1) if p.shape[1] == K else np.asarray(p[...], np.float64)
+    )
     x = np.asarray(x, np.float64)
     t = x.shape[1]
     i, j = np.arange(t)[:, None], np.arange(t)[None, :]
@@ -41,25 +54,33 @@ def _reference(m, x, seg):
     allowed = local | glob_cols
     if m.causal:
         allowed &= j <= i
-    same = seg[:, None, :, None] == seg[:, None, None, :]                               # [B, 1, T, S]
+    same = seg[:, None, :, None] == seg[:, None, None, :]  # [B, 1, T, S]
     proj = lambda a, name: np.einsum("btd,dnh->btnh", x, w(getattr(m, name)))
     out = dense_attention_np(proj(x, "q"), proj(x, "k"), proj(x, "v"), allowed[None, None] & same)
     if m.num_global:
         full = np.ones((t, t), bool) if not m.causal else (j <= i)
-        out_g = dense_attention_np(proj(x, "q_global"), proj(x, "k_global"), proj(x, "v_global"),
-                                   full[None, None] & same)
-        out[:, :m.num_global] = out_g[:, :m.num_global]
+        out_g = dense_attention_np(
+            proj(x, "q_global"), proj(x, "k_global"), proj(x, "v_global"), full[None, None] & same
+        )
+        out[:, : m.num_global] = out_g[:, : m.num_global]
     return np.einsum("btnh,nhd->btd", out, np.asarray(m.o[...], np.float64))
 
 
-@pytest.mark.parametrize("left,right,num_global,causal,t", [
-    (3, 3, 0, False, 21), pytest.param(2, 5, 2, False, 19, marks=pytest.mark.slow), (4, 0, 0, True, 23), (3, 0, 3, True, 17), (40, 40, 1, False, 13),
-])
+@pytest.mark.parametrize(
+    "left,right,num_global,causal,t",
+    [
+        (3, 3, 0, False, 21),
+        pytest.param(2, 5, 2, False, 19, marks=pytest.mark.slow),
+        (4, 0, 0, True, 23),
+        (3, 0, 3, True, 17),
+        (40, 40, 1, False, 13),
+    ],
+)
 def test_equals_dense_attention_under_paper_mask(left, right, num_global, causal, t):
     m = _module(left, right, num_global, causal)
     x, pos = _x(2, t)
     seg = np.ones((2, t), np.int32)
-    seg[1, t - 4:] = 0                                  # padding in row 1 (the encoder's segment-id mask)
+    seg[1, t - 4 :] = 0  # padding in row 1 (the encoder's segment-id mask)
     got, _ = m(x, positions=pos, segment_ids=jnp.asarray(seg))
     want = _reference(m, x, seg)
     keep = seg.astype(bool)
@@ -73,11 +94,11 @@ def test_ring_buffer_decode_equals_full_forward():
     x, pos = _x(2, t)
     full, _ = m(x, positions=pos)
     cache = m.init_cache(2, 1000)
-    assert isinstance(cache, WindowCache) and cache.k.shape[1] == 5     # the cache holds only the window
-    y0, cache = m(x[:, :6], positions=pos[:, :6], cache=cache, decode=True)   # prefill longer than the window
+    assert isinstance(cache, WindowCache) and cache.k.shape[1] == 5  # the cache holds only the window
+    y0, cache = m(x[:, :6], positions=pos[:, :6], cache=cache, decode=True)  # prefill longer than the window
     outs = [y0]
     for s in range(6, t):
-        y, cache = m(x[:, s:s + 1], positions=pos[:, s:s + 1], cache=cache, decode=True)
+        y, cache = m(x[:, s : s + 1], positions=pos[:, s : s + 1], cache=cache, decode=True)
         outs.append(y)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-5)
     assert int(cache.lengths[0]) == t
@@ -103,8 +124,9 @@ def test_gradients_finite():
 @pytest.mark.slow
 def test_no_quadratic_intermediate_at_8k():
     s = 8192
-    m = SlidingWindowAttention(16, 2, 2, 8, window_left=128, window_right=128, num_global=4, causal=False,
-                               impl="xla", rngs=nnx.Rngs(params=0))
+    m = SlidingWindowAttention(
+        16, 2, 2, 8, window_left=128, window_right=128, num_global=4, causal=False, impl="xla", rngs=nnx.Rngs(params=0)
+    )
     assert_no_quadratic_intermediate(m, s, 16)
 
 
@@ -114,4 +136,4 @@ def test_config_errors_name_the_key():
         build_model(cfg)
     cfg = tiny_model_config(attention=dict(kind="sliding_window", window_left=4, window_right=2))
     with pytest.raises(ValueError, match="window_right"):
-        build_model(cfg)                                 # causal LM cannot look ahead
+        build_model(cfg)  # causal LM cannot look ahead

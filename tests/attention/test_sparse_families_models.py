@@ -26,12 +26,19 @@ def test_selectable_in_lm_and_encoder(kind):
     common = dict(num_kv_heads=4) if mha else {}
     attn = dict(kind=kind, impl="xla", **KINDS[kind])
     if kind == "sliding_window":
-        attn.pop("num_global")                 # causal LM: window only (global tokens tested in the module tests)
+        attn.pop("num_global")  # causal LM: window only (global tokens tested in the module tests)
     lm = build_model(tiny_model_config(attention=attn, **common))
     logits, _ = lm(jnp.ones((2, 16), jnp.int32))
     assert logits.shape == (2, 16, 61) and bool(jnp.all(jnp.isfinite(logits)))
-    enc = build_model(tiny_model_config(name="encoder_classifier", pooling="cls", num_classes=3,
-                                        attention=dict(kind=kind, impl="xla", **KINDS[kind]), **common))
+    enc = build_model(
+        tiny_model_config(
+            name="encoder_classifier",
+            pooling="cls",
+            num_classes=3,
+            attention=dict(kind=kind, impl="xla", **KINDS[kind]),
+            **common,
+        )
+    )
     mask = jnp.ones((2, 16), jnp.int32).at[1, 11:].set(0)
     out = enc(jnp.ones((2, 16), jnp.int32), mask)
     assert out.shape == (2, 3) and bool(jnp.all(jnp.isfinite(out)))
@@ -46,6 +53,6 @@ def test_sliding_window_lm_decode_equals_full_forward():
     out, caches = lm(tokens[:, :5], cache=caches, decode=True)
     outs = [out]
     for t in range(5, 11):
-        out, caches = lm(tokens[:, t:t + 1], cache=caches, decode=True)
+        out, caches = lm(tokens[:, t : t + 1], cache=caches, decode=True)
         outs.append(out)
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-4)

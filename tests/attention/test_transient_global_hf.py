@@ -35,23 +35,47 @@ def _port(attn, m: TransientGlobalAttention):
     m.global_bias[...] = t(attn.global_relative_attention_bias.weight)
 
 
-@pytest.mark.parametrize("seq_len,local_radius,global_block,real_lens", [
-    pytest.param(24, 3, 4, (24, 24), marks=pytest.mark.slow),   # full mask, S a multiple of both blocks
-    pytest.param(30, 4, 6, (30, 17), marks=pytest.mark.slow),          # right padding with orphans (17 = 2 * 6 + 5); S % (r + 1) == 0
-    pytest.param(28, 5, 4, (28, 11), marks=pytest.mark.slow),   # S not a multiple of the local block
-], ids=["full", "padding-orphans", "ragged-local-block"])
+@pytest.mark.parametrize(
+    "seq_len,local_radius,global_block,real_lens",
+    [
+        pytest.param(24, 3, 4, (24, 24), marks=pytest.mark.slow),  # full mask, S a multiple of both blocks
+        pytest.param(
+            30, 4, 6, (30, 17), marks=pytest.mark.slow
+        ),  # right padding with orphans (17 = 2 * 6 + 5); S % (r + 1) == 0
+        pytest.param(28, 5, 4, (28, 11), marks=pytest.mark.slow),  # S not a multiple of the local block
+    ],
+    ids=["full", "padding-orphans", "ragged-local-block"],
+)
 def test_matches_hf_longt5_transient_global(seq_len, local_radius, global_block, real_lens):
     torch.manual_seed(0)
-    cfg = LongT5Config(d_model=D, d_kv=H, num_heads=N, local_radius=local_radius, global_block_size=global_block,
-                       relative_attention_num_buckets=16, relative_attention_max_distance=20,
-                       encoder_attention_type="transient-global", dropout_rate=0.0, is_decoder=False)
+    cfg = LongT5Config(
+        d_model=D,
+        d_kv=H,
+        num_heads=N,
+        local_radius=local_radius,
+        global_block_size=global_block,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=20,
+        encoder_attention_type="transient-global",
+        dropout_rate=0.0,
+        is_decoder=False,
+    )
     attn = hf.LongT5TransientGlobalAttention(cfg, has_relative_attention_bias=True).eval()
     with torch.no_grad():
         attn.global_input_layer_norm.weight.uniform_(0.5, 1.5)
         attn.relative_attention_bias.weight.normal_(0.0, 0.5)
         attn.global_relative_attention_bias.weight.normal_(0.0, 0.5)
-    m = TransientGlobalAttention(D, N, H, local_radius=local_radius, global_block=global_block, causal=False,
-                                 num_buckets=16, max_distance=20, rngs=nnx.Rngs(params=0))
+    m = TransientGlobalAttention(
+        D,
+        N,
+        H,
+        local_radius=local_radius,
+        global_block=global_block,
+        causal=False,
+        num_buckets=16,
+        max_distance=20,
+        rngs=nnx.Rngs(params=0),
+    )
     _port(attn, m)
 
     rng = np.random.default_rng(1)

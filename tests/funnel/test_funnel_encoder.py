@@ -15,7 +15,7 @@ from tests.helpers import tiny_model_config
 
 
 def _embedding_cfg(**kw):
-    kw.setdefault("attention", {"impl": "reference"})      # the dense kernel: fastest to compile on CPU
+    kw.setdefault("attention", {"impl": "reference"})  # the dense kernel: fastest to compile on CPU
     return tiny_model_config(name="encoder_embedding", pooling="mean", embed_dim=16, num_layers=3, **kw)
 
 
@@ -35,24 +35,31 @@ def _params(model):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-@pytest.mark.parametrize("name,pool_q_only", [
-    ("encoder_embedding", True),
-    pytest.param("encoder_embedding", False, marks=pytest.mark.slow),
-    pytest.param("encoder_classifier", True, marks=pytest.mark.slow),
-    ("encoder_classifier", False)])
+@pytest.mark.parametrize(
+    "name,pool_q_only",
+    [
+        ("encoder_embedding", True),
+        pytest.param("encoder_embedding", False, marks=pytest.mark.slow),
+        pytest.param("encoder_classifier", True, marks=pytest.mark.slow),
+        ("encoder_classifier", False),
+    ],
+)
 def test_stride_one_funnel_equals_dense_encoder_exactly(name, pool_q_only):
-    cfg = _embedding_cfg() if name == "encoder_embedding" else tiny_model_config(
-        name=name, pooling="cls", num_classes=3, num_layers=3, attention={"impl": "reference"})
+    cfg = (
+        _embedding_cfg()
+        if name == "encoder_embedding"
+        else tiny_model_config(name=name, pooling="cls", num_classes=3, num_layers=3, attention={"impl": "reference"})
+    )
     dense = build_model(cfg, seed=1)
     fcfg = funnel.funnel_config(cfg, at_layer=1, stride=1, pool_q_only=pool_q_only)
-    fcfg.funnel.block_layers, fcfg.funnel.strides = [1, 1, 1], [1, 1]       # three blocks, never pooled
+    fcfg.funnel.block_layers, fcfg.funnel.strides = [1, 1, 1], [1, 1]  # three blocks, never pooled
     f = build_model(fcfg, seed=1)
     assert jax.tree.map(np.shape, _params(f)) == jax.tree.map(np.shape, _params(dense))
     tokens, mask = _batch()
     np.testing.assert_array_equal(_run(f, tokens, mask), _run(dense, tokens, mask))
     hidden, pmask = jax.jit(lambda m, t, k: m.encode(t, k))(f, tokens, mask)
     dense_hidden = jax.jit(lambda m, t, k: m.encode(t, k))(dense, tokens, mask)
-    real = np.asarray(mask).astype(bool)          # padding rows differ by design (key-only masking)
+    real = np.asarray(mask).astype(bool)  # padding rows differ by design (key-only masking)
     np.testing.assert_array_equal(np.asarray(hidden)[real], np.asarray(dense_hidden)[real])
     np.testing.assert_array_equal(np.asarray(pmask), np.asarray(mask))
 
@@ -71,7 +78,7 @@ def test_surgery_changes_no_parameter_and_keeps_dense_model():
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after_funnel))
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after_dense))
     np.testing.assert_array_equal(_run(dense, tokens, mask), y_dense)
-    assert y_funnel.shape == y_dense.shape and not np.allclose(y_funnel, y_dense)   # pooling did something
+    assert y_funnel.shape == y_dense.shape and not np.allclose(y_funnel, y_dense)  # pooling did something
     np.testing.assert_allclose(np.linalg.norm(y_funnel, axis=-1), 1.0, rtol=1e-5)
     # The surgery result equals the funnel built from funnel_config() and loaded with the dense weights.
     fcfg = funnel.funnel_config(_embedding_cfg(), at_layer=1, stride=2)
@@ -109,9 +116,13 @@ def test_funnel_with_attention_kinds(kind):
 
 def test_bad_funnel_configs_rejected():
     cfg = funnel.funnel_config(_embedding_cfg(), at_layer=1, stride=2)
-    for key, value, msg in [("strides", [0], "ints >= 1"), ("block_layers", [2, 2], "beyond the depth"),
-                            ("strides", [2, 2], "expected len\\(block_layers\\) - 1"),
-                            ("pooling", "median", "one of"), ("block_layers", [0, 3], "ints >= 1")]:
+    for key, value, msg in [
+        ("strides", [0], "ints >= 1"),
+        ("block_layers", [2, 2], "beyond the depth"),
+        ("strides", [2, 2], "expected len\\(block_layers\\) - 1"),
+        ("pooling", "median", "one of"),
+        ("block_layers", [0, 3], "ints >= 1"),
+    ]:
         bad = copy.deepcopy(cfg)
         bad.funnel[key] = value
         with pytest.raises(ConfigError, match=msg):

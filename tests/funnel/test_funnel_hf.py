@@ -32,8 +32,19 @@ from tests.helpers import tiny_model_config  # noqa: E402
 
 
 def _hf_config(**kw):
-    base = dict(vocab_size=61, block_sizes=[2, 2, 2], num_decoder_layers=2, d_model=32, n_head=4, d_head=8,
-                d_inner=48, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pooling_type="mean")
+    base = dict(
+        vocab_size=61,
+        block_sizes=[2, 2, 2],
+        num_decoder_layers=2,
+        d_model=32,
+        n_head=4,
+        d_head=8,
+        d_inner=48,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pooling_type="mean",
+    )
     base.update(kw)
     return FunnelConfig(**base)
 
@@ -61,7 +72,8 @@ def test_pooling_and_upsampling_match_hf(separate_cls, truncate_seq, length):
     pooled = rng.normal(size=(2, P.pooled_length(length, 4, **kw), 5)).astype(np.float32)
     np.testing.assert_array_equal(
         np.asarray(P.upsample(jnp.asarray(pooled), 4, length, separate_cls=separate_cls)),
-        hf.upsample(torch.from_numpy(pooled), 4, length, separate_cls=separate_cls, truncate_seq=truncate_seq).numpy())
+        hf.upsample(torch.from_numpy(pooled), 4, length, separate_cls=separate_cls, truncate_seq=truncate_seq).numpy(),
+    )
 
 
 def _t(p):
@@ -80,7 +92,7 @@ def _llama_layer_forward(block, eps):
     s_attn, s_ffn = _t(block.attn_norm.scale), _t(block.ffn_norm.scale)
 
     def forward(query, key, value, attention_inputs, output_attentions=False):
-        kv_mask = attention_inputs[2]                                   # [B, S], HF's (pooled) key mask
+        kv_mask = attention_inputs[2]  # [B, S], HF's (pooled) key mask
         hq, hk = _rms(query, s_attn, eps), _rms(key, s_attn, eps)
         q = torch.einsum("btd,dnh->btnh", hq, wq)
         k = torch.einsum("bsd,dnh->bsnh", hk, wk)
@@ -91,18 +103,31 @@ def _llama_layer_forward(block, eps):
         x = query + torch.einsum("btnh,nhd->btd", out, wo)
         h = _rms(x, s_ffn, eps)
         return (x + (torch.nn.functional.silu(h @ g) * (h @ u)) @ d,)
+
     return forward
 
 
-@pytest.mark.parametrize("truncate_seq,pool_q_only,length", [
-    pytest.param(True, True, 16, marks=pytest.mark.slow),
-    pytest.param(False, True, 15, marks=pytest.mark.slow),
-    pytest.param(False, False, 14, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "truncate_seq,pool_q_only,length",
+    [
+        pytest.param(True, True, 16, marks=pytest.mark.slow),
+        pytest.param(False, True, 15, marks=pytest.mark.slow),
+        pytest.param(False, False, 14, marks=pytest.mark.slow),
+    ],
+)
 def test_funnel_model_wiring_matches_hf_with_ported_weights(truncate_seq, pool_q_only, length):
-    cfg = tiny_model_config(name="encoder_embedding", pooling="mean", embed_dim=8, num_layers=6, num_kv_heads=4,
-                            rope_base=None, attention={"impl": "reference"})
-    cfg = funnel.funnel_config(cfg, at_layer=2, stride=2, truncate_seq=truncate_seq, pool_q_only=pool_q_only,
-                               decoder_layers=2)
+    cfg = tiny_model_config(
+        name="encoder_embedding",
+        pooling="mean",
+        embed_dim=8,
+        num_layers=6,
+        num_kv_heads=4,
+        rope_base=None,
+        attention={"impl": "reference"},
+    )
+    cfg = funnel.funnel_config(
+        cfg, at_layer=2, stride=2, truncate_seq=truncate_seq, pool_q_only=pool_q_only, decoder_layers=2
+    )
     cfg.funnel.block_layers, cfg.funnel.strides = [2, 2, 2], [2, 2]
     ours = funnel.FunnelMaskedLM(cfg, rngs=nnx.Rngs(params=3))
 

@@ -25,6 +25,7 @@ def test_score_distillation_kl_matches_numpy():
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
     ls, lt = log_softmax(sq @ sd.T / 0.5), log_softmax(tq @ td.T / 0.5)
     assert kl == pytest.approx(np.mean(np.sum(np.exp(lt) * (lt - ls), -1)), rel=1e-5)
     assert float(recovery.score_distillation_kl(tq, td, tq, td, 0.5)) == pytest.approx(0.0, abs=1e-6)
@@ -51,8 +52,11 @@ def test_recovery_without_distillation_is_the_trainers_step_and_distillation_mov
 
     # distill_weight 0: the same updates as the Trainer's own train step (mean InfoNCE over the batch).
     ours, _ = recovery.recover(student, dense_params, 2)
-    state = {"params": jax.tree.map(np.array, dense_params), "opt_state": student.tx.init(dense_params),
-             "step": np.zeros((), np.int32)}
+    state = {
+        "params": jax.tree.map(np.array, dense_params),
+        "opt_state": student.tx.init(dense_params),
+        "step": np.zeros((), np.int32),
+    }
     for step in range(2):
         state, _ = student.train_step(state, step)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(state["params"])):
@@ -63,10 +67,16 @@ def test_recovery_without_distillation_is_the_trainers_step_and_distillation_mov
 
     def kl(params):
         emb = lambda t, m: student._embed_step(params, t, m)
-        return float(recovery.score_distillation_kl(emb(batch["query"], batch["query_mask"]),
-                                                    emb(batch["doc"], batch["doc_mask"]),
-                                                    teacher(batch["query"], batch["query_mask"]),
-                                                    teacher(batch["doc"], batch["doc_mask"]), 0.05))
+        return float(
+            recovery.score_distillation_kl(
+                emb(batch["query"], batch["query_mask"]),
+                emb(batch["doc"], batch["doc_mask"]),
+                teacher(batch["query"], batch["query_mask"]),
+                teacher(batch["doc"], batch["doc_mask"]),
+                0.05,
+            )
+        )
+
     before = kl(dense_params)
     after_params, metrics = recovery.recover(student, dense_params, 4, teacher_embed=teacher, distill_weight=10.0)
     assert np.isfinite(metrics["loss"]) and before > 0

@@ -6,18 +6,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from effitrans.kernels import masks as M
 
 BASE_MASKS = [
-    M.Full(), M.Causal(), M.Causal(offset=3), M.Causal(offset=-5), M.SlidingWindow(4, 0),
-    M.SlidingWindow(3, 2), M.SlidingWindow(0, 0, offset=2), M.Strided(1), M.Strided(3),
-    M.Strided(8), M.GlobalTokens(0), M.GlobalTokens(5), M.Chunked(1), M.Chunked(7),
+    M.Full(),
+    M.Causal(),
+    M.Causal(offset=3),
+    M.Causal(offset=-5),
+    M.SlidingWindow(4, 0),
+    M.SlidingWindow(3, 2),
+    M.SlidingWindow(0, 0, offset=2),
+    M.Strided(1),
+    M.Strided(3),
+    M.Strided(8),
+    M.GlobalTokens(0),
+    M.GlobalTokens(5),
+    M.Chunked(1),
+    M.Chunked(7),
 ]
 _SUMMARY = [M.SummaryColumns(8, 2), M.SummaryColumns(5, 5)]
 COMPOSED_MASKS = [
-    M.Fixed(8, 2), M.Fixed(5, 0), M.Fixed(4, 4),
+    M.Fixed(8, 2),
+    M.Fixed(5, 0),
+    M.Fixed(4, 4),
     M.GlobalTokens(3) | M.SlidingWindow(6, 0),
     M.Causal() & M.Chunked(16),
     (M.Strided(4) | M.GlobalTokens(2)) & M.Causal(offset=1),
@@ -26,126 +40,137 @@ COMPOSED_MASKS = [
 
 
 def _brute_force(dense, q_len, kv_len, bq, bk):
-  """(any, all_and_unpadded) per block, scanning the dense mask."""
-  nq, nk = -(-q_len // bq), -(-kv_len // bk)
-  any_ = np.zeros((nq, nk), bool)
-  full = np.zeros((nq, nk), bool)
-  for i, j in itertools.product(range(nq), range(nk)):
-    blk = dense[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
-    any_[i, j] = blk.any()
-    full[i, j] = blk.all() and (i + 1) * bq <= q_len and (j + 1) * bk <= kv_len
-  return any_, full
+    """(any, all_and_unpadded) per block, scanning the dense mask."""
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    any_ = np.zeros((nq, nk), bool)
+    full = np.zeros((nq, nk), bool)
+    for i, j in itertools.product(range(nq), range(nk)):
+        blk = dense[i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+        any_[i, j] = blk.any()
+        full[i, j] = blk.all() and (i + 1) * bq <= q_len and (j + 1) * bk <= kv_len
+    return any_, full
 
 
 def _check_block_map(mask, q_len, kv_len, bq, bk, exact):
-  bm = mask.block_map(q_len, kv_len, bq, bk)
-  assert bm.dtype == np.int8 and bm.shape == (-(-q_len // bq), -(-kv_len // bk))
-  any_, full = _brute_force(mask.dense(q_len, kv_len), q_len, kv_len, bq, bk)
-  # Soundness: never skip a block with an allowed pair, never call a block full wrongly.
-  assert not np.any((bm == M.SKIP) & any_), f'{mask}: skipped a block with allowed pairs'
-  assert not np.any((bm == M.FULL) & ~full), f'{mask}: FULL block that is not full'
-  if exact:
-    assert np.array_equal(bm == M.SKIP, ~any_), f'{mask}: SKIP not exact'
-    assert np.array_equal(bm == M.FULL, full), f'{mask}: FULL not exact'
+    bm = mask.block_map(q_len, kv_len, bq, bk)
+    assert bm.dtype == np.int8 and bm.shape == (-(-q_len // bq), -(-kv_len // bk))
+    any_, full = _brute_force(mask.dense(q_len, kv_len), q_len, kv_len, bq, bk)
+    # Soundness: never skip a block with an allowed pair, never call a block full wrongly.
+    assert not np.any((bm == M.SKIP) & any_), f"{mask}: skipped a block with allowed pairs"
+    assert not np.any((bm == M.FULL) & ~full), f"{mask}: FULL block that is not full"
+    if exact:
+        assert np.array_equal(bm == M.SKIP, ~any_), f"{mask}: SKIP not exact"
+        assert np.array_equal(bm == M.FULL, full), f"{mask}: FULL not exact"
 
 
 @settings(deadline=None, max_examples=25)
-@given(q_len=st.integers(1, 70), kv_len=st.integers(1, 70), bq=st.sampled_from([1, 3, 8, 16]),
-       bk=st.sampled_from([1, 5, 8, 32]))
+@given(
+    q_len=st.integers(1, 70),
+    kv_len=st.integers(1, 70),
+    bq=st.sampled_from([1, 3, 8, 16]),
+    bk=st.sampled_from([1, 5, 8, 32]),
+)
 def test_base_block_maps_exact(q_len, kv_len, bq, bk):
-  for mask in BASE_MASKS + _SUMMARY:
-    _check_block_map(mask, q_len, kv_len, bq, bk, exact=True)
+    for mask in BASE_MASKS + _SUMMARY:
+        _check_block_map(mask, q_len, kv_len, bq, bk, exact=True)
 
 
 @settings(deadline=None, max_examples=25)
-@given(q_len=st.integers(1, 70), kv_len=st.integers(1, 70), bq=st.sampled_from([1, 4, 8, 16]),
-       bk=st.sampled_from([1, 8, 24]))
+@given(
+    q_len=st.integers(1, 70),
+    kv_len=st.integers(1, 70),
+    bq=st.sampled_from([1, 4, 8, 16]),
+    bk=st.sampled_from([1, 8, 24]),
+)
 def test_composed_block_maps_sound(q_len, kv_len, bq, bk):
-  for mask in COMPOSED_MASKS:
-    _check_block_map(mask, q_len, kv_len, bq, bk, exact=False)
+    for mask in COMPOSED_MASKS:
+        _check_block_map(mask, q_len, kv_len, bq, bk, exact=False)
 
 
 def test_composed_block_maps_exact_where_the_rules_are_exact():
-  # Causal & Chunked: the lower triangle of each diagonal chunk; And of FULL x FULL is exact and
-  # these blocks never mix partial halves, so the map is exact here.
-  _check_block_map(M.Causal() & M.Chunked(16), 64, 64, 8, 8, exact=True)
-  # Or of a window and global tokens at block granularity 8 with window 15: exact as well.
-  _check_block_map(M.GlobalTokens(8) | M.SlidingWindow(15, 0), 64, 64, 8, 8, exact=True)
+    # Causal & Chunked: the lower triangle of each diagonal chunk; And of FULL x FULL is exact and
+    # these blocks never mix partial halves, so the map is exact here.
+    _check_block_map(M.Causal() & M.Chunked(16), 64, 64, 8, 8, exact=True)
+    # Or of a window and global tokens at block granularity 8 with window 15: exact as well.
+    _check_block_map(M.GlobalTokens(8) | M.SlidingWindow(15, 0), 64, 64, 8, 8, exact=True)
 
 
 def test_block_map_padding_never_full():
-  bm = M.Full().block_map(10, 13, 8, 8)
-  assert bm.tolist() == [[2, 1], [1, 1]]
+    bm = M.Full().block_map(10, 13, 8, 8)
+    assert bm.tolist() == [[2, 1], [1, 1]]
 
 
 def test_block_map_is_linear_in_blocks_not_positions():
-  # 2^20 x 2^20 positions would be 1 TiB as a dense bool mask; the block map is 64 x 64.
-  bm = M.Causal().block_map(1 << 20, 1 << 20, 1 << 14, 1 << 14)
-  assert bm.shape == (64, 64)
-  assert np.array_equal(bm, np.tril(np.ones((64, 64)), -1) * 2 + np.eye(64))
+    # 2^20 x 2^20 positions would be 1 TiB as a dense bool mask; the block map is 64 x 64.
+    bm = M.Causal().block_map(1 << 20, 1 << 20, 1 << 14, 1 << 14)
+    assert bm.shape == (64, 64)
+    assert np.array_equal(bm, np.tril(np.ones((64, 64)), -1) * 2 + np.eye(64))
 
 
 def test_formulas():
-  n = 40
-  i, j = np.meshgrid(np.arange(n), np.arange(n), indexing='ij')
-  np.testing.assert_array_equal(M.Causal().dense(n, n), j <= i)
-  np.testing.assert_array_equal(M.Causal(offset=2).dense(n, n), j <= i + 2)
-  np.testing.assert_array_equal(M.SlidingWindow(3, 1).dense(n, n), (i - 3 <= j) & (j <= i + 1))
-  d = i - j
-  np.testing.assert_array_equal(M.Strided(4).dense(n, n), (d >= 0) & ((d < 4) | (d % 4 == 0)))
-  np.testing.assert_array_equal(
-      M.Fixed(8, 3).dense(n, n), (j <= i) & ((j // 8 == i // 8) | (j % 8 >= 5)))
-  np.testing.assert_array_equal(M.GlobalTokens(2).dense(n, n), (i < 2) | (j < 2))
-  np.testing.assert_array_equal(M.Chunked(6).dense(n, n), i // 6 == j // 6)
-  np.testing.assert_array_equal(M.Full().dense(3, 5), np.ones((3, 5), bool))
+    n = 40
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    np.testing.assert_array_equal(M.Causal().dense(n, n), j <= i)
+    np.testing.assert_array_equal(M.Causal(offset=2).dense(n, n), j <= i + 2)
+    np.testing.assert_array_equal(M.SlidingWindow(3, 1).dense(n, n), (i - 3 <= j) & (j <= i + 1))
+    d = i - j
+    np.testing.assert_array_equal(M.Strided(4).dense(n, n), (d >= 0) & ((d < 4) | (d % 4 == 0)))
+    np.testing.assert_array_equal(M.Fixed(8, 3).dense(n, n), (j <= i) & ((j // 8 == i // 8) | (j % 8 >= 5)))
+    np.testing.assert_array_equal(M.GlobalTokens(2).dense(n, n), (i < 2) | (j < 2))
+    np.testing.assert_array_equal(M.Chunked(6).dense(n, n), i // 6 == j // 6)
+    np.testing.assert_array_equal(M.Full().dense(3, 5), np.ones((3, 5), bool))
 
 
 def test_compose_is_elementwise_logic():
-  a, b = M.SlidingWindow(2, 0), M.GlobalTokens(3)
-  np.testing.assert_array_equal((a | b).dense(20, 25), a.dense(20, 25) | b.dense(20, 25))
-  np.testing.assert_array_equal((a & b).dense(20, 25), a.dense(20, 25) & b.dense(20, 25))
-  assert isinstance(a | b, M.Or) and isinstance(a & b, M.And)
+    a, b = M.SlidingWindow(2, 0), M.GlobalTokens(3)
+    np.testing.assert_array_equal((a | b).dense(20, 25), a.dense(20, 25) | b.dense(20, 25))
+    np.testing.assert_array_equal((a & b).dense(20, 25), a.dense(20, 25) & b.dense(20, 25))
+    assert isinstance(a | b, M.Or) and isinstance(a & b, M.And)
 
 
 def test_bottom_right_offset():
-  mask = M.Causal(offset=M.bottom_right_offset(3, 8))
-  dense = mask.dense(3, 8)
-  assert dense[-1].all() and dense[0].sum() == 6
+    mask = M.Causal(offset=M.bottom_right_offset(3, 8))
+    dense = mask.dense(3, 8)
+    assert dense[-1].all() and dense[0].sum() == 6
 
 
-@pytest.mark.parametrize('mask', BASE_MASKS + COMPOSED_MASKS, ids=str)
+@pytest.mark.parametrize("mask", BASE_MASKS + COMPOSED_MASKS, ids=str)
 def test_mask_fn_traces_under_jit(mask):
-  @jax.jit
-  def f(qi, kj):
-    return mask.mask_fn(qi[:, None], kj[None, :])
-  got = np.asarray(jnp.broadcast_to(f(jnp.arange(12), jnp.arange(15)), (12, 15)))
-  np.testing.assert_array_equal(got, mask.dense(12, 15))
+    @jax.jit
+    def f(qi, kj):
+        return mask.mask_fn(qi[:, None], kj[None, :])
+
+    got = np.asarray(jnp.broadcast_to(f(jnp.arange(12), jnp.arange(15)), (12, 15)))
+    np.testing.assert_array_equal(got, mask.dense(12, 15))
 
 
 def test_masks_are_hashable_frozen_static_args():
-  a, b = M.Causal(offset=1), M.Causal(offset=1)
-  assert a == b and hash(a) == hash(b) and a != M.Causal()
-  assert len({M.Full(), M.Full(), a | M.Full()}) == 2
-  with pytest.raises(Exception):
-    a.offset = 3  # frozen
+    a, b = M.Causal(offset=1), M.Causal(offset=1)
+    assert a == b and hash(a) == hash(b) and a != M.Causal()
+    assert len({M.Full(), M.Full(), a | M.Full()}) == 2
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        a.offset = 3  # frozen
 
-  f = jax.jit(lambda x, mask: x + mask.dense(2, 2).sum(), static_argnums=1)
-  assert float(f(jnp.zeros(()), M.Causal())) == 3.0
+    f = jax.jit(lambda x, mask: x + mask.dense(2, 2).sum(), static_argnums=1)
+    assert float(f(jnp.zeros(()), M.Causal())) == 3.0
 
 
-@pytest.mark.parametrize('ctor, match', [
-    (lambda: M.SlidingWindow(-1, 0), 'left'),
-    (lambda: M.SlidingWindow(2, -3), 'right'),
-    (lambda: M.SlidingWindow(2.5, 0), 'left'),
-    (lambda: M.Strided(0), 'stride'),
-    (lambda: M.Fixed(0, 0), 'block'),
-    (lambda: M.Fixed(4, 5), 'summary'),
-    (lambda: M.GlobalTokens(-2), 'n'),
-    (lambda: M.Chunked(0), 'size'),
-    (lambda: M.Causal(offset=1.5), 'offset'),
-    (lambda: M.Full().block_map(8, 8, 0, 8), 'block_q'),
-    (lambda: M.Full().block_map(0, 8, 8, 8), 'q_len'),
-])
+@pytest.mark.parametrize(
+    "ctor, match",
+    [
+        (lambda: M.SlidingWindow(-1, 0), "left"),
+        (lambda: M.SlidingWindow(2, -3), "right"),
+        (lambda: M.SlidingWindow(2.5, 0), "left"),
+        (lambda: M.Strided(0), "stride"),
+        (lambda: M.Fixed(0, 0), "block"),
+        (lambda: M.Fixed(4, 5), "summary"),
+        (lambda: M.GlobalTokens(-2), "n"),
+        (lambda: M.Chunked(0), "size"),
+        (lambda: M.Causal(offset=1.5), "offset"),
+        (lambda: M.Full().block_map(8, 8, 0, 8), "block_q"),
+        (lambda: M.Full().block_map(0, 8, 8, 8), "q_len"),
+    ],
+)
 def test_invalid_mask_arguments(ctor, match):
-  with pytest.raises(ValueError, match=match):
-    ctor()
+    with pytest.raises(ValueError, match=match):
+        ctor()

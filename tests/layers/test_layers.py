@@ -11,7 +11,7 @@ def test_rope_layouts_are_the_same_rotation_up_to_a_permutation():
     # interleaved pairs (2i, 2i+1) == half layout pairs (i, i + H/2) after permuting the head dim.
     x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
     pos = jnp.broadcast_to(jnp.arange(5), (2, 5)) * 7
-    perm = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])    # interleaved -> half order
+    perm = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])  # interleaved -> half order
     inter = apply_rope(x, pos, layout="interleaved")
     half = apply_rope(x[..., perm], pos, layout="half")
     np.testing.assert_allclose(np.asarray(inter)[..., perm], np.asarray(half), atol=1e-6)

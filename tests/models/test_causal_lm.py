@@ -8,22 +8,28 @@ from effitrans.serve import generate
 from tests.helpers import tiny_model_config
 
 
-@pytest.mark.parametrize("num_kv_heads,impl", [pytest.param(4, "reference", marks=pytest.mark.slow), (2, "reference"),
-                                                     pytest.param(1, "reference", marks=pytest.mark.slow),
-                                                     pytest.param(2, "xla", marks=pytest.mark.slow)],
-                         ids=["MHA", "GQA", "MQA", "GQA-xla"])
+@pytest.mark.parametrize(
+    "num_kv_heads,impl",
+    [
+        pytest.param(4, "reference", marks=pytest.mark.slow),
+        (2, "reference"),
+        pytest.param(1, "reference", marks=pytest.mark.slow),
+        pytest.param(2, "xla", marks=pytest.mark.slow),
+    ],
+    ids=["MHA", "GQA", "MQA", "GQA-xla"],
+)
 def test_cached_decode_reproduces_full_forward_logits(num_kv_heads, impl):
     cfg = tiny_model_config(num_kv_heads=num_kv_heads, attention={"impl": impl})
     model = build_model(cfg, seed=1)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size)
-    full, _ = model(tokens)                                                   # [B, T, V]
+    full, _ = model(tokens)  # [B, T, V]
 
     # Prefill 4 tokens, then feed the rest one at a time through the cache.
     cache = model.init_cache(2, 16)
     logits, cache = model(tokens[:, :4], cache=cache, decode=True)
     pieces = [logits]
     for t in range(4, 11):
-        logits, cache = model(tokens[:, t:t + 1], cache=cache, decode=True)
+        logits, cache = model(tokens[:, t : t + 1], cache=cache, decode=True)
         pieces.append(logits)
     decoded = jnp.concatenate(pieces, axis=1)
     np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=1e-5)
@@ -46,9 +52,10 @@ def test_generate_sampling_respects_top_k():
     cfg = tiny_model_config()
     model = build_model(cfg, seed=3)
     prompt = jnp.zeros((4, 3), jnp.int32)
-    tokens, logits = generate(model, prompt, max_new_tokens=5, temperature=1.0, top_k=2,
-                              rng=jax.random.key(7), return_logits=True)
-    top2 = jax.lax.top_k(logits, 2)[1]                                        # [B, n, 2]
+    tokens, logits = generate(
+        model, prompt, max_new_tokens=5, temperature=1.0, top_k=2, rng=jax.random.key(7), return_logits=True
+    )
+    top2 = jax.lax.top_k(logits, 2)[1]  # [B, n, 2]
     assert bool(jnp.all(jnp.any(tokens[:, 3:, None] == top2, axis=-1)))
     with pytest.raises(ValueError, match="top_k=0"):
         generate(model, prompt, max_new_tokens=2, temperature=1.0, top_k=0)

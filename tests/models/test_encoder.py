@@ -1,7 +1,7 @@
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from effitrans.models import build_model
 from tests.helpers import tiny_model_config
@@ -16,11 +16,11 @@ def test_encoder_ignores_padding_and_is_bidirectional():
         mask = jnp.array([[1, 1, 1, 1, 0, 0]])
         out = model(tokens, mask)
         garbage = tokens.at[0, 4:].set(jnp.array([40, 41]))
-        np.testing.assert_allclose(model(garbage, mask), out, atol=1e-5)          # padding is invisible
+        np.testing.assert_allclose(model(garbage, mask), out, atol=1e-5)  # padding is invisible
         shorter = model(tokens[:, :4], mask[:, :4])
         np.testing.assert_allclose(shorter, out, atol=1e-5)
         changed_last = model(tokens.at[0, 3].set(9), mask)
-        assert not np.allclose(changed_last, out)                                 # CLS sees later tokens
+        assert not np.allclose(changed_last, out)  # CLS sees later tokens
         assert out.shape == (1, 3)
 
 

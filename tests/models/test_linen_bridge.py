@@ -35,6 +35,7 @@ def test_block_inside_linen_module_trains():
 
     def loss(v):
         return jnp.mean(model.apply(v, x) ** 2)
+
     grads = jax.grad(loss)(variables)
     # The effitrans block's attention weights receive gradients through Linen.
     flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effitrans.models import build_model
 from effitrans import pruning
+from effitrans.models import build_model
 from tests.helpers import tiny_model_config
 
 WIDTHS = [48, 40]
@@ -57,8 +57,8 @@ def test_rmax_matches_definition():
     scores = pruning.neuron_importance(model, tok, "rmax", batch_size=1)
     _, acts = nnx.jit(lambda m, t: pruning.masked_forward(m, t, return_acts=True))(model, jnp.asarray(tok))
     for layer, (a, s) in enumerate(zip(acts, scores)):
-        down = np.asarray(model.blocks[layer].ffn.down[...])                     # [F, D]
-        contrib = np.asarray(a)[..., :, None] * down[None, None]                 # [B, T, F, D]
+        down = np.asarray(model.blocks[layer].ffn.down[...])  # [F, D]
+        contrib = np.asarray(a)[..., :, None] * down[None, None]  # [B, T, F, D]
         expect = np.linalg.norm(contrib, axis=-1).max(axis=(0, 1))
         np.testing.assert_allclose(s, expect, rtol=1e-5, atol=1e-7)
 
@@ -73,12 +73,13 @@ def test_taylor_matches_finite_difference():
     def loss(masks):
         logits = _masked(model, jnp.asarray(tok[:, :-1]), [jnp.asarray(m) for m in masks])
         return float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(tok[:, 1:])).mean())
+
     ones = [np.ones(16, np.float32), np.ones(16, np.float32)]
     eps = 0.05
     for h in (0, 7):
         lo, hi = [x.copy() for x in ones], [x.copy() for x in ones]
         lo[1][h], hi[1][h] = 1 - eps, 1 + eps
-        fd = (loss(hi) - loss(lo)) / (2 * eps)                   # central difference: d loss / d mask_h
+        fd = (loss(hi) - loss(lo)) / (2 * eps)  # central difference: d loss / d mask_h
         np.testing.assert_allclose(scores[1][h], abs(fd), rtol=5e-2, atol=2e-5)
 
 
@@ -110,6 +111,7 @@ def test_sliced_equals_masked_and_is_smaller():
     assert pruning.num_params(small) == pruning.num_params(model) - 3 * 32 * (19 + 16)
     # Decoding with the KV cache works on the sliced model.
     from effitrans.serve.generate import generate
+
     out = generate(small, tok[:1, :4], max_new_tokens=3)
     assert out.shape == (1, 7)
 
@@ -132,16 +134,23 @@ def test_distill_reduces_kl():
     student, _ = pruning.slice_model(teacher, cfg, keep)
     stream = np.random.default_rng(0).integers(0, 61, size=400)
     fixed = pruning.token_batches(stream, batch_size=2, seq_len=16)(0)
-    get_batch = lambda step: fixed                     # one batch: the test checks the optimisation, not data
+    get_batch = lambda step: fixed  # one batch: the test checks the optimisation, not data
     dcfg = pruning.distill_config(steps=12, learning_rate=1e-2, warmup_steps=1, log_every=1, alpha=1.0)
     new, hist = pruning.distill(student, teacher, get_batch, dcfg, log=None)
     assert len(hist) == 12
 
     def kl(model):
         b = fixed
-        s, k, _, w = pruning.kd_loss(_logits(model, b["inputs"]), _logits(teacher, b["inputs"]), b["targets"],
-                                     b["weights"], alpha=1.0, temperature=1.0)
+        s, k, _, w = pruning.kd_loss(
+            _logits(model, b["inputs"]),
+            _logits(teacher, b["inputs"]),
+            b["targets"],
+            b["weights"],
+            alpha=1.0,
+            temperature=1.0,
+        )
         return float(k / w)
+
     assert kl(new) < 0.8 * kl(student)
     # Only the feed-forward weights moved.
     np.testing.assert_array_equal(np.asarray(new.stack.embed.table[...]), np.asarray(student.stack.embed.table[...]))
@@ -155,8 +164,9 @@ def test_matformer_extract_mix_and_match():
     assert sub_cfg.ffn_width == [12, 48]
     masks = [np.r_[np.ones(12), np.zeros(36)].astype(np.float32), np.ones(48, np.float32)]
     tok = jnp.asarray(_tokens())
-    np.testing.assert_allclose(np.asarray(_logits(sub, tok)),
-                               np.asarray(_masked(model, tok, [jnp.asarray(m) for m in masks])), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_logits(sub, tok)), np.asarray(_masked(model, tok, [jnp.asarray(m) for m in masks])), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.2", True])
@@ -176,6 +186,7 @@ def test_bad_inputs():
 
     class NoGLU:
         blocks = [type("B", (), {"ffn": object()})()]
+
     with pytest.raises(ValueError, match="needs GLUFeedForward"):
         pruning.neuron_importance(NoGLU(), _tokens(), "rmax")
     with pytest.raises(ValueError, match="needs a model with `.blocks`"):

@@ -6,12 +6,28 @@ from effitrans.bench import decode
 
 
 def test_decode_bench_tiny(tmp_path, monkeypatch):
-    monkeypatch.setattr(decode, "MODEL", dict(d_model=32, num_heads=4, head_dim=8, num_layers=1, ffn_width=32,
-                                              vocab_size=16))
+    monkeypatch.setattr(
+        decode, "MODEL", dict(d_model=32, num_heads=4, head_dim=8, num_layers=1, ffn_width=32, vocab_size=16)
+    )
     monkeypatch.setattr(decode, "MLA", dict(kv_lora_rank=4, qk_rope_head_dim=2))
     path = tmp_path / "decode.json"
-    assert decode.main(["--contexts", "24", "--variants", "mha,mla_absorbed", "--steps", "2", "--repeats", "1",
-                        "--json", str(path)]) == 0
+    assert (
+        decode.main(
+            [
+                "--contexts",
+                "24",
+                "--variants",
+                "mha,mla_absorbed",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(path.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["mha", "mla_absorbed"]
     mha, mla = rows

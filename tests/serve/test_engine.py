@@ -10,8 +10,14 @@ from effitrans.models import build_model
 from effitrans.serve import Request, ServingEngine, run_load
 from tests.helpers import tiny_model_config
 
-LATENT = {"kind": "latent", "kv_lora_rank": 12, "qk_rope_head_dim": 4, "v_head_dim": 6, "q_lora_rank": 6,
-          "mla_path": "auto"}  # the shapes of tests/attention/test_latent.py, so a joint run shares compilations
+LATENT = {
+    "kind": "latent",
+    "kv_lora_rank": 12,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 6,
+    "q_lora_rank": 6,
+    "mla_path": "auto",
+}  # the shapes of tests/attention/test_latent.py, so a joint run shares compilations
 
 
 def _greedy_reference(model, prompts, n_new):
@@ -24,17 +30,23 @@ def _greedy_reference(model, prompts, n_new):
         logits = np.asarray(fwd(model, toks))
         for s, row in zip(seqs, logits):
             s.append(int(row[len(s) - 1].argmax()))
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+    return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
-@pytest.mark.parametrize("attention", [LATENT, pytest.param({}, marks=pytest.mark.slow),
-                                       pytest.param({"kind": "sliding_window", "window_left": 3, "num_global": 0},
-                                                    marks=pytest.mark.slow)], ids=["latent", "gqa", "window-ring"])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        LATENT,
+        pytest.param({}, marks=pytest.mark.slow),
+        pytest.param({"kind": "sliding_window", "window_left": 3, "num_global": 0}, marks=pytest.mark.slow),
+    ],
+    ids=["latent", "gqa", "window-ring"],
+)
 def test_continuous_batching_reproduces_greedy_decoding(attention):
     cfg = tiny_model_config(num_layers=1, attention=attention)
     model = build_model(cfg, seed=0)
     prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 8, 7, 6, 5]]
-    engine = ServingEngine(model, max_batch=2, max_len=16)      # 4 requests through 2 rows
+    engine = ServingEngine(model, max_batch=2, max_len=16)  # 4 requests through 2 rows
     results = engine.generate([Request(p, max_new_tokens=6) for p in prompts])
     want = _greedy_reference(model, prompts, 6)
     assert [r.tokens for r in results] == want
@@ -50,22 +62,24 @@ def test_rejections_stop_tokens_and_prefix_cache_while_serving_others():
     good = Request([1, 2, 3, 4], max_new_tokens=5)
     (want,) = _greedy_reference(model, [good.prompt], 5)
 
-    abstract = lambda cfg: nnx.eval_shape(lambda: build_model(cfg))                  # init_cache needs no weights
-    other = abstract(tiny_model_config(num_layers=1, num_kv_heads=1))                # another config
-    latent = abstract(tiny_model_config(num_layers=1, attention=LATENT))             # another family
+    abstract = lambda cfg: nnx.eval_shape(lambda: build_model(cfg))  # init_cache needs no weights
+    other = abstract(tiny_model_config(num_layers=1, num_kv_heads=1))  # another config
+    latent = abstract(tiny_model_config(num_layers=1, attention=LATENT))  # another family
     # A valid prefix cache: the first 2 prompt tokens, computed by the same model.
     prefix = model.init_cache(1, 16)
     _, prefix = model(jnp.array([[1, 2]]), cache=prefix, decode=True)
 
-    ids = [engine.submit(good),
-           engine.submit(Request(list(range(12)), max_new_tokens=5)),                         # too long
-           engine.submit(Request([1, 2], 3, prefix_cache=other.init_cache(1, 16))),           # other config
-           engine.submit(Request([1, 2], 3, prefix_cache=latent.init_cache(1, 16))),          # other family
-           engine.submit(Request([1, 2], 3, prefix_cache=model.init_cache(1, 8))),            # other max_len
-           engine.submit(Request([1, 2], 3, top_p=1.5)),                                     # bad sampling
-           engine.submit(Request([1, 2, 99], 3)),                                            # bad token id
-           engine.submit(Request([1, 2, 3, 4], max_new_tokens=5, prefix_cache=prefix)),       # valid prefix
-           engine.submit(Request([1, 2, 3, 4], max_new_tokens=5, stop_tokens=[want[2]]))]     # stops early
+    ids = [
+        engine.submit(good),
+        engine.submit(Request(list(range(12)), max_new_tokens=5)),  # too long
+        engine.submit(Request([1, 2], 3, prefix_cache=other.init_cache(1, 16))),  # other config
+        engine.submit(Request([1, 2], 3, prefix_cache=latent.init_cache(1, 16))),  # other family
+        engine.submit(Request([1, 2], 3, prefix_cache=model.init_cache(1, 8))),  # other max_len
+        engine.submit(Request([1, 2], 3, top_p=1.5)),  # bad sampling
+        engine.submit(Request([1, 2, 99], 3)),  # bad token id
+        engine.submit(Request([1, 2, 3, 4], max_new_tokens=5, prefix_cache=prefix)),  # valid prefix
+        engine.submit(Request([1, 2, 3, 4], max_new_tokens=5, stop_tokens=[want[2]])),
+    ]  # stops early
     too_big = engine.submit_batch([good] * 4)
     engine.run()
     r = [engine.results[i] for i in ids]
@@ -76,7 +90,7 @@ def test_rejections_stop_tokens_and_prefix_cache_while_serving_others():
     assert "(1, 8, 2, 8)" in r[4].error
     assert "top_p=1.5" in r[5].error and "vocab_size=61" in r[6].error
     assert r[0].tokens == want and r[7].tokens == want
-    assert r[8].tokens == want[:want.index(want[2]) + 1] and r[8].finish_reason == "stop"
+    assert r[8].tokens == want[: want.index(want[2]) + 1] and r[8].finish_reason == "stop"
     assert all(engine.results[i].status == "rejected" and "max_batch=3" in engine.results[i].error for i in too_big)
     # The loop still serves after all that.
     assert engine.generate([good])[0].tokens == want
@@ -84,14 +98,19 @@ def test_rejections_stop_tokens_and_prefix_cache_while_serving_others():
 
 def test_load_generator_statistics():
     cfg = tiny_model_config(num_layers=1)
-    engine = ServingEngine(build_model(cfg, seed=2), max_batch=3, max_len=16)       # shapes as above: no recompiles
+    engine = ServingEngine(build_model(cfg, seed=2), max_batch=3, max_len=16)  # shapes as above: no recompiles
     rng = np.random.default_rng(0)
 
     def make(i):
         if i == 3:
-            return Request([1] * 20, max_new_tokens=4)                    # rejected, the rest continue
-        return Request(rng.integers(0, 61, int(rng.integers(1, 9))).tolist(), max_new_tokens=int(rng.integers(2, 8)),
-                       temperature=0.7, top_k=20, top_p=0.9)
+            return Request([1] * 20, max_new_tokens=4)  # rejected, the rest continue
+        return Request(
+            rng.integers(0, 61, int(rng.integers(1, 9))).tolist(),
+            max_new_tokens=int(rng.integers(2, 8)),
+            temperature=0.7,
+            top_k=20,
+            top_p=0.9,
+        )
 
     stats = run_load(engine, make, num_requests=10, concurrency=3)
     assert stats["finished"] == 9 and stats["rejected"] == 1

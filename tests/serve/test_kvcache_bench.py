@@ -5,8 +5,13 @@ import json
 
 from effitrans.bench import kvcache
 
-TUTORIAL = {("deepseek-v3", "mha"): 3_997_696, ("deepseek-v3", "mqa"): 31_232, ("deepseek-v3", "gqa"): 499_712,
-            ("deepseek-v3", "mla"): 70_272, ("llama-3-70b", "gqa"): 327_680}
+TUTORIAL = {
+    ("deepseek-v3", "mha"): 3_997_696,
+    ("deepseek-v3", "mqa"): 31_232,
+    ("deepseek-v3", "gqa"): 499_712,
+    ("deepseek-v3", "mla"): 70_272,
+    ("llama-3-70b", "gqa"): 327_680,
+}
 
 
 def test_formulas_reproduce_the_tutorial_table():
@@ -22,7 +27,8 @@ def test_measured_cache_arrays_equal_the_formula():
         if (r["config"], r["design"]) in TUTORIAL:
             assert r["measured_bytes_per_token"] == TUTORIAL[r["config"], r["design"]]
             assert r["baseline_bytes_per_token"] == kvcache.formula_bytes_per_token(
-                kvcache.CONFIGS[r["config"]], "mha", 2)
+                kvcache.CONFIGS[r["config"]], "mha", 2
+            )
 
 
 def test_main_writes_json(tmp_path):
@@ -31,5 +37,7 @@ def test_main_writes_json(tmp_path):
     payload = json.loads(path.read_text())
     assert "machine" in payload and len(payload["rows"]) == 9
     sw = [r for r in payload["rows"] if r["design"] == "sliding_window"][0]
-    assert sw["bytes_per_token"] < [r for r in payload["rows"] if r["config"] == "gemma-3-4b"
-                                    and r["design"] == "gqa"][0]["bytes_per_token"]
+    assert (
+        sw["bytes_per_token"]
+        < [r for r in payload["rows"] if r["config"] == "gemma-3-4b" and r["design"] == "gqa"][0]["bytes_per_token"]
+    )

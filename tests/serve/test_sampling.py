@@ -16,19 +16,22 @@ def _draws(n=400, temperature=1.0, top_k=0, top_p=1.0):
     """n draws from PROBS; the parameters are traced arrays, so every call reuses one compilation."""
     logits = jnp.log(jnp.broadcast_to(PROBS, (n, 4)))
     full = lambda v, dt: jnp.full((n,), v, dt)
-    return np.asarray(_sample(logits, jax.random.key(0), full(temperature, jnp.float32), full(top_k, jnp.int32),
-                              full(top_p, jnp.float32)))
+    return np.asarray(
+        _sample(
+            logits, jax.random.key(0), full(temperature, jnp.float32), full(top_k, jnp.int32), full(top_p, jnp.float32)
+        )
+    )
 
 
 def test_filters_and_mixed_rows():
     assert set(_draws(temperature=1.0).tolist()) == {0, 1, 2, 3}
     assert set(_draws(temperature=1.0, top_k=2).tolist()) == {0, 1}
-    assert set(_draws(temperature=1.0, top_p=0.8).tolist()) == {0, 1}      # 0.5 + 0.3 reaches 0.8
+    assert set(_draws(temperature=1.0, top_p=0.8).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
     assert set(_draws(temperature=1.0, top_p=0.81).tolist()) == {0, 1, 2}
     assert set(_draws(temperature=1.0, top_p=0.3).tolist()) == {0}
-    assert set(_draws(temperature=0.0, top_k=3).tolist()) == {0}           # greedy ignores filters
+    assert set(_draws(temperature=0.0, top_k=3).tolist()) == {0}  # greedy ignores filters
     d = _draws(temperature=1.0)
-    assert abs(np.mean(d == 0) - 0.5) < 0.08                                # the draw follows the probs
+    assert abs(np.mean(d == 0) - 0.5) < 0.08  # the draw follows the probs
     # Per-row parameters: row 0 greedy, row 1 top-k 1 (argmax), row 2 unrestricted.
     logits = jnp.log(jnp.broadcast_to(PROBS, (400, 4)))
     t = jnp.tile(jnp.array([0.0, 1.0, 1.0, 1.0]), 100)

@@ -23,9 +23,20 @@ def test_unknown_config_key_in_file():
 
 
 def test_unknown_config_key_on_command_line():
-    out = subprocess.run([sys.executable, "-m", "effitrans.main", "--config=configs/lm_tiny.py", "--workdir=/tmp/x",
-                          "--config.model.num_kv_head=2"], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "effitrans.main",
+            "--config=configs/lm_tiny.py",
+            "--workdir=/tmp/x",
+            "--config.model.num_kv_head=2",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert "--config.model.num_kv_head=2" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
@@ -34,16 +45,22 @@ def test_unknown_config_key_on_command_line():
 def test_heads_not_divisible_by_kv_heads():
     cfg = tiny_lm_experiment()
     cfg.model.num_kv_heads = 3
-    with pytest.raises(ConfigError, match=r"config\.model\.num_kv_heads=3 must divide config\.model\.num_heads=4 "
-                                          r"\(allowed: \[1, 2, 4\]\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.model\.num_kv_heads=3 must divide config\.model\.num_heads=4 "
+        r"\(allowed: \[1, 2, 4\]\)",
+    ):
         validate_config(cfg)
 
 
 def test_bad_values_name_key_and_allowed_set():
     cfg = tiny_lm_experiment()
     cfg.model.attention.impl = "cuda"
-    with pytest.raises(ConfigError, match=r"config\.model\.attention\.impl='cuda' is not allowed: expected one of "
-                                          r"\['reference', 'xla', 'pallas', 'auto'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.model\.attention\.impl='cuda' is not allowed: expected one of "
+        r"\['reference', 'xla', 'pallas', 'auto'\]",
+    ):
         validate_config(cfg)
     cfg = tiny_lm_experiment()
     cfg.model.attention.block_q = 12
@@ -85,15 +102,15 @@ def test_checkpoint_from_incompatible_config(tmp_path):
 
 @pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-    trainer = Trainer(tiny_lm_experiment(steps=6, checkpoint_every=2), str(tmp_path), peak_gflops=1.0,
-                      verbose=False)
+    trainer = Trainer(tiny_lm_experiment(steps=6, checkpoint_every=2), str(tmp_path), peak_gflops=1.0, verbose=False)
     clean = trainer.dataset.get_batch
 
     def poisoned(step, **kw):
         batch = clean(step, **kw)
-        if step == 4:                       # the 5th update sees a NaN weight -> NaN loss
+        if step == 4:  # the 5th update sees a NaN weight -> NaN loss
             batch["weights"] = batch["weights"] * np.nan
         return batch
+
     trainer.dataset.get_batch = poisoned
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5; .*last good checkpoint \(step 4\)"):
         trainer.train()
@@ -109,12 +126,11 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_corrupt_latest_checkpoint_falls_back_to_newest_readable(tmp_path, capsys):
     Trainer(tiny_lm_experiment(steps=4, checkpoint_every=2), str(tmp_path), peak_gflops=1.0, verbose=False).train()
     latest = tmp_path / "checkpoints" / "4" / "state"
-    for root, _, files in os.walk(latest):      # truncate every array file of step 4
+    for root, _, files in os.walk(latest):  # truncate every array file of step 4
         for f in files:
             if not f.endswith((".json", "_METADATA", "_CHECKPOINT_METADATA")):
                 open(os.path.join(root, f), "wb").close()
-    trainer = Trainer(tiny_lm_experiment(steps=4, checkpoint_every=2), str(tmp_path), peak_gflops=1.0,
-                      verbose=False)
+    trainer = Trainer(tiny_lm_experiment(steps=4, checkpoint_every=2), str(tmp_path), peak_gflops=1.0, verbose=False)
     state = trainer.restore_or_init()
     assert int(state["step"]) == 2
     assert "checkpoint at step 4 is unreadable" in capsys.readouterr().out

@@ -10,10 +10,18 @@ import pytest
 
 from tests.helpers import ROOT, subprocess_env
 
-ARGS = ["--config=configs/lm_tiny.py", "--config.train.steps=3", "--config.train.log_every=1",
-        "--config.train.checkpoint_every=3", "--config.train.eval_every=1000", "--config.train.sample_tokens=0",
-        "--config.data.seq_len=32", "--config.data.max_eval_batches=1", "--config.train.batch_size=8",
-        "--config.model.num_layers=1"]
+ARGS = [
+    "--config=configs/lm_tiny.py",
+    "--config.train.steps=3",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=3",
+    "--config.train.eval_every=1000",
+    "--config.train.sample_tokens=0",
+    "--config.data.seq_len=32",
+    "--config.data.max_eval_batches=1",
+    "--config.train.batch_size=8",
+    "--config.model.num_layers=1",
+]
 
 
 def _losses(workdir):
@@ -32,14 +40,28 @@ def _free_port():
 def test_two_processes_match_one(tmp_path):
     env = subprocess_env(num_cpu_devices=1)
     main = [sys.executable, "-m", "effitrans.main"]
-    subprocess.run([*main, f"--workdir={tmp_path / 'one'}", *ARGS], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run([*main, f"--workdir={tmp_path / 'one'}", *ARGS], cwd=ROOT, env=env, check=True, capture_output=True)
 
     port = _free_port()
-    procs = [subprocess.Popen([*main, f"--workdir={tmp_path / 'two'}", *ARGS, "--config.mesh.data=2",
-                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                *main,
+                f"--workdir={tmp_path / 'two'}",
+                *ARGS,
+                "--config.mesh.data=2",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=500)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]

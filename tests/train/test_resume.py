@@ -12,10 +12,18 @@ import pytest
 from tests.helpers import ROOT, subprocess_env
 
 STEPS = 300
-ARGS = ["--config=configs/lm_tiny.py", f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=25",
-        "--config.train.log_every=25", "--config.train.eval_every=1000", "--config.train.sample_tokens=0",
-        "--config.data.seq_len=32", "--config.data.max_eval_batches=1", "--config.train.batch_size=8",
-        "--config.model.num_layers=1"]
+ARGS = [
+    "--config=configs/lm_tiny.py",
+    f"--config.train.steps={STEPS}",
+    "--config.train.checkpoint_every=25",
+    "--config.train.log_every=25",
+    "--config.train.eval_every=1000",
+    "--config.train.sample_tokens=0",
+    "--config.data.seq_len=32",
+    "--config.data.max_eval_batches=1",
+    "--config.train.batch_size=8",
+    "--config.model.num_layers=1",
+]
 
 
 def _cmd(workdir):
@@ -39,8 +47,7 @@ def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     subprocess.run(_cmd(straight), cwd=ROOT, env=env, check=True, capture_output=True)
 
-    proc = subprocess.Popen(_cmd(crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not _checkpoint_steps(crashed) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -58,8 +65,9 @@ def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
 @pytest.mark.timeout(600)
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     env = subprocess_env()
-    proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     while not _checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

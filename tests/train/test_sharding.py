@@ -40,10 +40,10 @@ def test_3d_mesh_matches_single_device_and_shards_params(tmp_path):
         arr = block["ffn"][name]
         assert tuple(arr.sharding.spec) == spec, name
         assert arr.addressable_shards[0].data.shape == shard_shape, name
-    q = block["attn"]["q"]                                          # [D, N, H]: (embed, heads, None)
+    q = block["attn"]["q"]  # [D, N, H]: (embed, heads, None)
     assert tuple(q.sharding.spec)[:2] == ("fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (32, 2, 16)
-    k = block["attn"]["k"]                                          # 2 kv heads split over tensor=2
+    k = block["attn"]["k"]  # 2 kv heads split over tensor=2
     assert k.addressable_shards[0].data.shape == (32, 1, 16)
     # vocab=261 is not divisible by tensor=2: that dim is replicated, embed still split over fsdp.
     table = params["embed"]["table"]

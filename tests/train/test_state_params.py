@@ -18,7 +18,7 @@ def _leaves_named(tree, name):
 def test_state_params_are_not_trained_by_the_optimizer(kind, name, should_change, tmp_path):
     cfg = tiny_lm_experiment(weight_decay=0.5)
     cfg.model.attention.kind = kind
-    cfg.model.num_kv_heads = cfg.model.num_heads      # these families have no GQA
+    cfg.model.num_kv_heads = cfg.model.num_heads  # these families have no GQA
     trainer = Trainer(cfg, str(tmp_path), peak_gflops=1.0, verbose=False)
     state = trainer.init_state()
     before = [np.asarray(x) for x in _leaves_named(state["params"], name)]
