@@ -1,8 +1,8 @@
 """Serving: KV-cache prefill and decode, sampling, generation, a batched engine and a load generator."""
 
 from effitrans.serve.engine import Request, Result, ServingEngine, cache_mismatch
-from effitrans.serve.generate import generate, sample_next_token
-from effitrans.serve.sampling import check_sampling, sample_tokens
+from effitrans.serve.generate import decode_tokens, generate, split_model, vocab_size
+from effitrans.serve.sampling import apply_stop_tokens, check_sampling, sample_tokens
 
 
 def __getattr__(name):
@@ -18,10 +18,13 @@ __all__ = [
     "Request",
     "Result",
     "ServingEngine",
+    "apply_stop_tokens",
     "cache_mismatch",
     "check_sampling",
+    "decode_tokens",
     "generate",
     "run_load",
-    "sample_next_token",
     "sample_tokens",
+    "split_model",
+    "vocab_size",
 ]

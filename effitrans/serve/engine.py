@@ -35,6 +35,7 @@ from flax import nnx
 
 from effitrans.attention.cache import KVCache
 from effitrans.attention.latent import LatentCache
+from effitrans.serve.generate import vocab_size
 from effitrans.serve.sampling import check_sampling, sample_tokens
 
 # Caches that hold token t in slot t: padding written after a prompt is never read (it sits past the row's
@@ -150,9 +151,7 @@ class ServingEngine:
         self.graphdef, self.state = nnx.split(model)
         self.cache = model.init_cache(max_batch, max_len, cache_dtype)
         self.row_spec = jax.eval_shape(lambda: model.init_cache(1, max_len, cache_dtype))
-        self.vocab_size = int(
-            jax.eval_shape(lambda s: nnx.merge(self.graphdef, s)(jnp.zeros((1, 1), jnp.int32))[0], self.state).shape[-1]
-        )
+        self.vocab_size = vocab_size(self.graphdef, self.state)
         self.rng = jax.random.key(seed)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.queue: collections.deque = collections.deque()

@@ -1,74 +1,188 @@
-"""Autoregressive generation with a KV cache: one prefill of the prompt, then one token per decode step.
+"""Autoregressive generation with a KV cache: one jitted prefill of the prompt, then `decode_tokens`, one
+jitted lax.scan of decode steps from a filled cache.
 
-The whole loop is one jitted function (prefill + lax.scan over decode steps), so a generation costs one
-compilation per (batch, prompt length, new tokens) shape.
+Both jitted functions live at module level with the model's graphdef static, so a compilation is cached per
+(model structure, batch, prompt length, cache length, steps, cache dtype, greedy or sampled, logits
+returned or not, number of stop tokens) and reused by every later call, for this model or any other of the
+same structure; weights, prompts, the rng and the sampling values are traced arguments. Sampling is
+`sampling.sample_tokens` (greedy when temperature is 0).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from effitrans.serve.sampling import apply_stop_tokens, check_sampling, sample_tokens
 
-def sample_next_token(
-    logits: jax.Array, rng: jax.Array, *, temperature: float = 0.0, top_k: int | None = None
-) -> jax.Array:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy; top_k keeps the k most likely tokens."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
-    if top_k is not None and not (1 <= top_k <= logits.shape[-1]):
-        raise ValueError(f"top_k={top_k} must be in [1, vocab_size={logits.shape[-1]}] or None")
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+
+def split_model(model) -> tuple:
+    """model: an nnx.Module, or its `nnx.split(model)` pair (hot loops split once) -> (graphdef, state)."""
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
+        return model
+    raise TypeError(f"model must be an nnx.Module or its nnx.split (graphdef, state) pair, got {type(model).__name__}")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _one_token_logits(graphdef, state):
+    return nnx.merge(graphdef, state)(jnp.zeros((1, 1), jnp.int32))[0]  # [1, 1, V]
+
+
+def vocab_size(graphdef, state) -> int:
+    """The model's vocabulary size, from the shape of its logits (traced once per structure, never run)."""
+    return int(_one_token_logits.eval_shape(graphdef, state).shape[-1])
+
+
+def _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id) -> dict:
+    """Checks the sampling arguments (top_k None = no filter) and returns them as the jitted steps take them."""
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be an int >= 1, or None for no top-k filter")
+        vocab = vocab_size(graphdef, state)
+        if top_k > vocab:
+            raise ValueError(f"top_k={top_k} must be in [1, vocab_size={vocab}] or None for no top-k filter")
+    problem = check_sampling(temperature, 0, top_p, 0)  # temperature and top_p (top_k is checked above)
+    if problem:
+        raise ValueError(problem)
+    stop = np.asarray(stop_tokens)
+    if stop.ndim != 1 or (stop.size and stop.dtype.kind not in "iu"):
+        raise ValueError(f"stop_tokens={stop_tokens!r} must be a sequence of int token ids")
+    if not isinstance(pad_id, (int, np.integer)) or isinstance(pad_id, bool):
+        raise ValueError(f"pad_id={pad_id!r} must be an int token id")
+    greedy = temperature == 0
+    return {
+        "params": None if greedy else (float(temperature), 0 if top_k is None else top_k, float(top_p)),
+        "stop_tokens": stop.astype(np.int32),
+        "pad_id": int(pad_id),
+    }
+
+
+def _sample(logits, rng, params):
+    """The one sampler; params None is greedy (no draw), else (temperature, top_k, top_p) traced scalars."""
+    if params is None:
+        return sample_tokens(logits, None)
+    temperature, top_k, top_p = params
+    return sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype"))
+def _prefill(graphdef, state, prompt, rng, params, *, max_len, cache_dtype):
+    """prompt [B, T0] -> (first token [B], its logits [B, V], a cache of max_len holding the prompt)."""
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(prompt.shape[0], max_len, cache_dtype)
+    logits, cache = model(prompt, cache=cache, decode=True)  # [B, T0, V]
+    last = logits[:, -1]  # [B, V]
+    return _sample(last, rng, params), last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "return_logits"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, token, rng, params, stop_tokens, pad_id, *, steps, return_logits):
+    """token [B] (not yet in the cache) -> (tokens [steps, B], logits [steps, B, V] or None, cache)."""
+    model = nnx.merge(graphdef, state)
+    done = jnp.isin(token, stop_tokens)  # [B] rows already finished
+
+    def step(carry, r):
+        tok, done, cache = carry
+        logits, cache = model(tok[:, None], cache=cache, decode=True)  # [B, 1, V]
+        nxt, done = apply_stop_tokens(_sample(logits[:, 0], r, params), done, stop_tokens, pad_id)
+        return (nxt, done, cache), (nxt, logits[:, 0] if return_logits else None)
+
+    rngs = None if params is None else jax.random.split(rng, steps)
+    (_, _, cache), (tokens, logits) = jax.lax.scan(step, (token, done, cache), rngs, length=steps)
+    return tokens, logits, cache
+
+
+def decode_tokens(
+    model,
+    cache,
+    token: jax.Array,
+    *,
+    steps: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    rng: jax.Array | None = None,
+    return_logits: bool = False,
+):
+    """Decodes `steps` tokens from a filled cache in one jitted lax.scan.
+
+    model: an nnx.Module or its nnx.split pair; cache: the model's cache (donated: use the returned one);
+    token int [B]: each row's last token, not yet in the cache. A row whose token is a stop token is
+    finished; every token after a row's stop token is pad_id. Returns (tokens int32 [B, steps], cache), and
+    the logits [B, steps, V] each token was sampled from between them when return_logits.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an int >= 1")
+    token = jnp.asarray(token, jnp.int32)
+    if token.ndim != 1:
+        raise ValueError(f"token must be int [batch], got shape {token.shape}")
+    graphdef, state = split_model(model)
+    sampling = _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id)
+    rng = None if sampling["params"] is None else jax.random.key(0) if rng is None else rng  # greedy: no draw
+    tokens, logits, cache = _decode(
+        graphdef, state, cache, token, rng, **sampling, steps=steps, return_logits=return_logits
+    )
+    if return_logits:
+        return tokens.T, logits.transpose(1, 0, 2), cache
+    return tokens.T, cache
 
 
 def generate(
-    model: nnx.Module,
+    model,
     prompt: jax.Array,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
     rng: jax.Array | None = None,
     cache_dtype=jnp.float32,
     return_logits: bool = False,
 ):
     """prompt int [B, T0] -> tokens [B, T0 + max_new_tokens] (and the logits [B, max_new_tokens, V]
-    each new token was sampled from, when return_logits)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    each new token was sampled from, when return_logits).
+
+    model: an nnx.Module or its nnx.split pair. temperature 0 is greedy; top_k None and top_p 1.0 switch
+    those filters off. After a row emits one of stop_tokens, its remaining new tokens are pad_id.
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be int [batch, length >= 1], got shape {prompt.shape}")
-    rng = jax.random.key(0) if rng is None else rng
-    batch, prompt_len = prompt.shape
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, prompt, rng):
-        m = nnx.merge(graphdef, state)
-        cache = m.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
-        logits, cache = m(prompt, cache=cache, decode=True)  # prefill: [B, T0, V]
-        first_logits = logits[:, -1]  # [B, V]
-        rngs = jax.random.split(rng, max_new_tokens)
-        first = sample_next_token(first_logits, rngs[0], temperature=temperature, top_k=top_k)
-
-        def step(carry, r):
-            token, cache = carry
-            logits, cache = m(token[:, None], cache=cache, decode=True)  # [B, 1, V]
-            nxt = sample_next_token(logits[:, 0], r, temperature=temperature, top_k=top_k)
-            return (nxt, cache), (nxt, logits[:, 0])
-
-        _, (tokens, step_logits) = jax.lax.scan(step, (first, cache), rngs[1:])  # [n-1, B], [n-1, B, V]
-        new_tokens = jnp.concatenate([first[None], tokens], axis=0).T  # [B, n]
-        all_logits = jnp.concatenate([first_logits[None], step_logits], axis=0).transpose(1, 0, 2)
-        return jnp.concatenate([prompt, new_tokens], axis=1), all_logits
-
-    tokens, logits = run(state, prompt, rng)
+    graphdef, state = split_model(model)
+    sampling = _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id)
+    first_rng = None
+    if sampling["params"] is not None:  # greedy draws nothing
+        first_rng, rng = jax.random.split(jax.random.key(0) if rng is None else rng)
+    first, first_logits, cache = _prefill(
+        graphdef,
+        state,
+        prompt,
+        first_rng,
+        sampling["params"],
+        max_len=prompt.shape[1] + max_new_tokens,
+        cache_dtype=cache_dtype,
+    )
+    new, logits = first[:, None], first_logits[:, None]  # [B, 1], [B, 1, V]
+    if max_new_tokens > 1:
+        sampled = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+        rest = decode_tokens(
+            (graphdef, state), cache, first, steps=max_new_tokens - 1, rng=rng, return_logits=return_logits, **sampled
+        )
+        new = jnp.concatenate([new, rest[0]], axis=1)  # [B, max_new_tokens]
+        if return_logits:
+            logits = jnp.concatenate([logits, rest[1]], axis=1)  # [B, max_new_tokens, V]
+    tokens = jnp.concatenate([prompt, new], axis=1)
     return (tokens, logits) if return_logits else tokens

@@ -1,8 +1,10 @@
-"""Next-token sampling with per-row parameters, so one batch can mix greedy and sampled requests.
+"""Next-token sampling, the one sampler of `generate`, `decode_tokens`, the serving engine and the benchmarks.
 
 Order (as HF transformers): temperature, then top-k, then top-p (nucleus: the smallest set of most likely
 tokens whose probability reaches p), then a categorical draw. temperature 0 is greedy; top_k 0 and
-top_p 1.0 switch those filters off.
+top_p 1.0 switch those filters off. Parameters are scalars or per-row [B] arrays, so one batch can mix
+greedy and sampled requests. Stop tokens: `apply_stop_tokens` pads every token a row emits after its stop
+token.
 """
 
 from __future__ import annotations
@@ -24,18 +26,31 @@ def check_sampling(temperature, top_k, top_p, vocab_size: int) -> str | None:
     return None
 
 
+def _static(value, off) -> bool:
+    """True when `value` is a Python number equal to `off` (known when tracing, so its work can be skipped)."""
+    return isinstance(value, (int, float)) and value == off
+
+
 def sample_tokens(
-    logits: jax.Array, rng: jax.Array, *, temperature: ArrayOr = 0.0, top_k: ArrayOr = 0, top_p: ArrayOr = 1.0
+    logits: jax.Array, rng: jax.Array | None, *, temperature: ArrayOr = 0.0, top_k: ArrayOr = 0, top_p: ArrayOr = 1.0
 ) -> jax.Array:
-    """logits [B, V] -> token ids int32 [B]; temperature, top_k, top_p are scalars or per-row [B] arrays."""
+    """logits [B, V] -> token ids int32 [B]; temperature, top_k, top_p are scalars or per-row [B] arrays.
+
+    A Python temperature 0 is greedy without a draw (rng may be None); Python top_k 0 with top_p 1.0 draws
+    without sorting the vocabulary.
+    """
     b, v = logits.shape
-    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
-    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
-    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-
+    if _static(temperature, 0):
+        return greedy
+    temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [B, V]
+    if _static(top_k, 0) and _static(top_p, 1):
+        sampled = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)  # [B]
+        return jnp.where(temperature > 0, sampled, greedy)
+    top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
     sorted_logits, order = jax.lax.top_k(scaled, v)  # [B, V] descending
     rank = jnp.arange(v, dtype=jnp.int32)[None, :]  # [1, V]
     keep = rank < jnp.where(top_k > 0, top_k, v)[:, None]  # top-k
@@ -45,3 +60,15 @@ def sample_tokens(
     choice = jax.random.categorical(rng, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)  # [B]
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def apply_stop_tokens(
+    tokens: jax.Array, done: jax.Array, stop_tokens: jax.Array, pad_id: ArrayOr
+) -> tuple[jax.Array, jax.Array]:
+    """tokens int [B] just sampled, done bool [B] (the row already emitted a stop token), stop_tokens int [S]
+    -> (tokens with finished rows set to pad_id, done including rows that emitted a stop token now).
+    The stop token itself is kept; S = 0 returns the tokens unchanged."""
+    if stop_tokens.shape[0] == 0:
+        return tokens, done
+    out = jnp.where(done, jnp.asarray(pad_id, tokens.dtype), tokens)  # [B]
+    return out, done | jnp.isin(out, stop_tokens)

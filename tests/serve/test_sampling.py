@@ -1,10 +1,10 @@
-"""Per-row sampling: greedy, temperature, top-k, top-p, mixed in one batch; parameter checks."""
+"""The one sampler: greedy, temperature, top-k, top-p, per-row parameters in one batch, stop tokens; checks."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effitrans.serve import check_sampling, sample_tokens
+from effitrans.serve import apply_stop_tokens, check_sampling, sample_tokens
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
 
@@ -47,3 +47,48 @@ def test_check_sampling_messages():
     assert "temperature=-1" in check_sampling(-1, 0, 1.0, 10)
     assert "top_k=11" in check_sampling(1.0, 11, 1.0, 10)
     assert "top_p=0" in check_sampling(1.0, 0, 0, 10)
+
+
+def _nucleus_reference(probs, top_p):
+    """The set of token ids top-p keeps: most likely first, until the kept mass reaches top_p."""
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    return set(order[mass_before < top_p].tolist())
+
+
+def test_each_mode_against_a_reference():
+    logits = jax.random.normal(jax.random.key(3), (64, 50)) * 3
+    argmax = np.asarray(logits.argmax(-1))
+    # Greedy: argmax, by a Python 0 (no draw, rng None) and by per-row zeros.
+    np.testing.assert_array_equal(sample_tokens(logits, None), argmax)
+    np.testing.assert_array_equal(
+        _sample(logits, jax.random.key(0), jnp.zeros(64), jnp.zeros(64, jnp.int32), jnp.ones(64)), argmax
+    )
+    # Top-k: never outside each row's k most likely tokens.
+    top3 = np.asarray(jax.lax.top_k(logits, 3)[1])  # [B, 3]
+    for key in range(5):
+        drawn = np.asarray(sample_tokens(logits, jax.random.key(key), temperature=2.0, top_k=3))
+        assert all(d in row for d, row in zip(drawn, top3))
+    # Top-p: the drawn set is the reference nucleus.
+    probs = np.array([0.07, 0.3, 0.05, 0.1, 0.25, 0.08, 0.15], np.float32)
+    tiled = jnp.log(jnp.broadcast_to(probs, (3000, 7)))
+    for p in (0.2, 0.5, 0.65, 0.9):  # (masses before each rank: 0, .3, .55, .7, .8, .88, .95)
+        drawn = set(np.asarray(sample_tokens(tiled, jax.random.key(1), temperature=1.0, top_p=p)).tolist())
+        assert drawn == _nucleus_reference(probs, p), p
+    # Temperature (the unsorted draw of a Python top_k 0 / top_p 1): frequencies follow softmax(logits / T).
+    drawn = np.asarray(sample_tokens(tiled, jax.random.key(2), temperature=0.5))
+    want = probs**2 / (probs**2).sum()
+    np.testing.assert_allclose(np.bincount(drawn, minlength=7) / len(drawn), want, atol=0.03)
+
+
+def test_stop_tokens_pad_after_the_stop():
+    done = jnp.zeros(3, bool)
+    steps = [[5, 7, 1], [9, 2, 7], [4, 4, 4]]
+    out = []
+    for t in steps:
+        tok, done = apply_stop_tokens(jnp.array(t, jnp.int32), done, jnp.array([7, 9], jnp.int32), 0)
+        out.append(np.asarray(tok))
+    np.testing.assert_array_equal(np.stack(out), [[5, 7, 1], [9, 0, 7], [0, 0, 0]])  # columns are rows
+    np.testing.assert_array_equal(done, [True, True, True])
+    same, d = apply_stop_tokens(jnp.array([3, 7]), jnp.array([False, True]), jnp.zeros((0,), jnp.int32), 0)
+    np.testing.assert_array_equal(same, [3, 7])  # no stop tokens: unchanged
