@@ -7,6 +7,7 @@ the same run. Nothing here asserts absolute times.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -153,6 +154,23 @@ def write_json(path: str | None, rows: Iterable[dict], machine: dict | None = No
     payload = {"machine": machine if machine is not None else machine_description(), "rows": list(rows), **extra}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=float)
+    print(f"wrote {path}")
+
+
+def bench_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of `python -m effitrans.bench NAME` (help: the benchmark module's docstring), with --json."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m effitrans.bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", default=None, help='write {"machine", "rows"} here')
+    return parser
+
+
+def save_figure(fig, path: str) -> None:
+    """Lays out a matplotlib figure and writes it as a PNG to `path` (creating its folder)."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

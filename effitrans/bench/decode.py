@@ -10,17 +10,15 @@ attention's key/value design differs:
 
 Weights are deterministic pseudo-random values (common.build_model_fast); for each context L the cache is
 filled with random values up to L (decode cost does not depend on the values, and a 16K-token prefill of
-every variant would dominate the run), then `--steps` tokens are decoded greedily by one jitted lax.scan;
-tokens/s = batch * steps / median wall time. The variants of one context
-are timed round-robin, so load changes on a shared machine hit all of them alike. Each row carries the MHA row
-of the same context from the same run as its baseline (speed-up and cache-size ratio).
+every variant would dominate the run), then `--steps` tokens are decoded greedily by `serve.decode_tokens`
+(one jitted lax.scan, the decode of `serve.generate`); tokens/s = batch * steps / median wall time. The
+variants of one context are timed round-robin, so load changes on a shared machine hit all of them alike.
+Each row carries the MHA row of the same context from the same run as its baseline (speed-up and
+cache-size ratio).
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import os
 import time
 
 import numpy as np
@@ -53,9 +51,9 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from effitrans.attention import cache_bytes  # pylint: disable=import-outside-toplevel
+    from effitrans.serve import decode_tokens  # pylint: disable=import-outside-toplevel
 
     model = common.build_model_fast(model_config(variant))
-    graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, context + steps, jnp.float32)
 
     @jax.jit
@@ -71,24 +69,12 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
 
     holder = {"cache": fill(cache)}
     nbytes = cache_bytes(holder["cache"])
-
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def decode(state, cache, token):
-        m = nnx.merge(graphdef, state)
-
-        def step(carry, _):
-            tok, cache = carry
-            logits, cache = m(tok[:, None], cache=cache, decode=True)  # [B, 1, V]
-            nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
-            return (nxt, cache), nxt
-
-        (_, cache), toks = jax.lax.scan(step, (token, cache), None, length=steps)
-        return toks, [c.replace(lengths=c.lengths - steps) for c in cache]  # ready to rerun at L
-
+    model = nnx.split(model)  # split once: every timed call reuses it
     token = jnp.zeros((batch,), jnp.int32)
 
     def run():
-        toks, holder["cache"] = decode(state, holder["cache"], token)
+        toks, cache = decode_tokens(model, holder["cache"], token, steps=steps)  # greedy; the cache is donated
+        holder["cache"] = [c.replace(lengths=c.lengths - steps) for c in cache]  # ready to rerun at `context`
         return toks
 
     t0 = time.perf_counter()
@@ -192,19 +178,11 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend()
     fig.suptitle("decode: MHA / GQA / MQA / MLA (same model size)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m effitrans.bench decode",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--json", default=None, help='write {"machine", "rows"} here')
+    parser = common.bench_parser("decode", __doc__)
     parser.add_argument("--plot", default=None, help="write a PNG of tokens/s and cache MiB vs context")
     parser.add_argument("--contexts", default="1024,2048,4096,8192,16384")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"from {list(VARIANTS)}")

@@ -18,7 +18,6 @@ are not MLA models, the MLA row is hypothetical, with DeepSeek-V2's proportions 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 from effitrans.bench import common
@@ -191,7 +190,6 @@ COLUMNS = [
 
 def plot(rows: list[dict], path: str) -> None:
     """Grouped bars: bytes per token of each design, one group per config (log scale)."""
-    import os  # pylint: disable=import-outside-toplevel
 
     import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -215,19 +213,11 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel(f"KV-cache bytes per token ({rows[0]['dtype']})")
     ax.legend(ncol=len(designs), fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m effitrans.bench kvcache",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--json", default=None, help='write {"machine", "rows"} here')
+    parser = common.bench_parser("kvcache", __doc__)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"from {list(CONFIGS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     parser.add_argument("--context", type=int, default=32768, help="tokens, for the GiB column and sliding window")

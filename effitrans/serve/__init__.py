@@ -2,7 +2,7 @@
 
 from effitrans.serve.engine import Request, Result, ServingEngine, cache_mismatch
 from effitrans.serve.generate import decode_tokens, generate, split_model, vocab_size
-from effitrans.serve.sampling import apply_stop_tokens, check_sampling, sample_tokens
+from effitrans.serve.sampling import Sampling, apply_stop_tokens, check_sampling, sample_tokens
 
 
 def __getattr__(name):
@@ -17,6 +17,7 @@ def __getattr__(name):
 __all__ = [
     "Request",
     "Result",
+    "Sampling",
     "ServingEngine",
     "apply_stop_tokens",
     "cache_mismatch",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effitrans.serve.sampling import apply_stop_tokens, check_sampling, sample_tokens
+from effitrans.serve.sampling import Sampling, apply_stop_tokens, sample_tokens
 
 
 def split_model(model) -> tuple:
@@ -40,27 +40,17 @@ def vocab_size(graphdef, state) -> int:
     return int(_one_token_logits.eval_shape(graphdef, state).shape[-1])
 
 
-def _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id) -> dict:
-    """Checks the sampling arguments (top_k None = no filter) and returns them as the jitted steps take them."""
-    if top_k is not None:
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k={top_k!r} must be an int >= 1, or None for no top-k filter")
-        vocab = vocab_size(graphdef, state)
-        if top_k > vocab:
-            raise ValueError(f"top_k={top_k} must be in [1, vocab_size={vocab}] or None for no top-k filter")
-    problem = check_sampling(temperature, 0, top_p, 0)  # temperature and top_p (top_k is checked above)
-    if problem:
-        raise ValueError(problem)
-    stop = np.asarray(stop_tokens)
-    if stop.ndim != 1 or (stop.size and stop.dtype.kind not in "iu"):
-        raise ValueError(f"stop_tokens={stop_tokens!r} must be a sequence of int token ids")
-    if not isinstance(pad_id, (int, np.integer)) or isinstance(pad_id, bool):
-        raise ValueError(f"pad_id={pad_id!r} must be an int token id")
-    greedy = temperature == 0
+def _sampling_args(sampling: Sampling, graphdef, state) -> dict:
+    """`sampling` as the jitted steps take it, after checking top_k against the model's vocabulary."""
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a serve.Sampling, got {type(sampling).__name__}")
+    if sampling.top_k is not None and sampling.top_k > (vocab := vocab_size(graphdef, state)):
+        raise ValueError(f"top_k={sampling.top_k} must be in [1, vocab_size={vocab}] or None for no top-k filter")
+    params = (float(sampling.temperature), sampling.top_k or 0, float(sampling.top_p))
     return {
-        "params": None if greedy else (float(temperature), 0 if top_k is None else top_k, float(top_p)),
-        "stop_tokens": stop.astype(np.int32),
-        "pad_id": int(pad_id),
+        "params": None if sampling.greedy else params,
+        "stop_tokens": np.asarray(sampling.stop_tokens, np.int32).reshape(-1),
+        "pad_id": int(sampling.pad_id),
     }
 
 
@@ -105,20 +95,17 @@ def decode_tokens(
     token: jax.Array,
     *,
     steps: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    stop_tokens: Sequence[int] = (),
-    pad_id: int = 0,
+    sampling: Sampling = Sampling(),
     rng: jax.Array | None = None,
     return_logits: bool = False,
 ):
     """Decodes `steps` tokens from a filled cache in one jitted lax.scan.
 
     model: an nnx.Module or its nnx.split pair; cache: the model's cache (donated: use the returned one);
-    token int [B]: each row's last token, not yet in the cache. A row whose token is a stop token is
-    finished; every token after a row's stop token is pad_id. Returns (tokens int32 [B, steps], cache), and
-    the logits [B, steps, V] each token was sampled from between them when return_logits.
+    token int [B]: each row's last token, not yet in the cache; sampling: a `Sampling` (default greedy).
+    A row whose token is a stop token is finished; every token after a row's stop token is pad_id.
+    Returns (tokens int32 [B, steps], cache), with the logits [B, steps, V] each token was sampled from
+    between them when return_logits.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1")
@@ -126,10 +113,10 @@ def decode_tokens(
     if token.ndim != 1:
         raise ValueError(f"token must be int [batch], got shape {token.shape}")
     graphdef, state = split_model(model)
-    sampling = _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id)
-    rng = None if sampling["params"] is None else jax.random.key(0) if rng is None else rng  # greedy: no draw
+    args = _sampling_args(sampling, graphdef, state)
+    rng = None if args["params"] is None else jax.random.key(0) if rng is None else rng  # greedy: no draw
     tokens, logits, cache = _decode(
-        graphdef, state, cache, token, rng, **sampling, steps=steps, return_logits=return_logits
+        graphdef, state, cache, token, rng, **args, steps=steps, return_logits=return_logits
     )
     if return_logits:
         return tokens.T, logits.transpose(1, 0, 2), cache
@@ -162,24 +149,30 @@ def generate(
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be int [batch, length >= 1], got shape {prompt.shape}")
     graphdef, state = split_model(model)
-    sampling = _sampling(graphdef, state, temperature, top_k, top_p, stop_tokens, pad_id)
+    sampling = Sampling(temperature, top_k, top_p, stop_tokens, pad_id)
+    params = _sampling_args(sampling, graphdef, state)["params"]
     first_rng = None
-    if sampling["params"] is not None:  # greedy draws nothing
+    if params is not None:  # greedy draws nothing
         first_rng, rng = jax.random.split(jax.random.key(0) if rng is None else rng)
     first, first_logits, cache = _prefill(
         graphdef,
         state,
         prompt,
         first_rng,
-        sampling["params"],
+        params,
         max_len=prompt.shape[1] + max_new_tokens,
         cache_dtype=cache_dtype,
     )
     new, logits = first[:, None], first_logits[:, None]  # [B, 1], [B, 1, V]
     if max_new_tokens > 1:
-        sampled = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id)
         rest = decode_tokens(
-            (graphdef, state), cache, first, steps=max_new_tokens - 1, rng=rng, return_logits=return_logits, **sampled
+            (graphdef, state),
+            cache,
+            first,
+            steps=max_new_tokens - 1,
+            sampling=sampling,
+            rng=rng,
+            return_logits=return_logits,
         )
         new = jnp.concatenate([new, rest[0]], axis=1)  # [B, max_new_tokens]
         if return_logits:

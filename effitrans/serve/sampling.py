@@ -9,8 +9,12 @@ token.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ArrayOr = jax.Array | float | int
 
@@ -24,6 +28,37 @@ def check_sampling(temperature, top_k, top_p, vocab_size: int) -> str | None:
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
         return f"top_p={top_p!r} must be a number in (0, 1] (1 means no nucleus filter)"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How `generate` / `decode_tokens` pick each token: temperature 0 is greedy; top_k None and top_p 1.0
+    switch those filters off; after a row emits one of stop_tokens, its later tokens are pad_id."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop_tokens: Sequence[int] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.top_k is not None and (
+            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        ):
+            raise ValueError(f"top_k={self.top_k!r} must be an int >= 1, or None for no top-k filter")
+        problem = check_sampling(self.temperature, 0, self.top_p, 0)  # temperature and top_p
+        if problem:
+            raise ValueError(problem)
+        stop = np.asarray(self.stop_tokens)
+        if stop.ndim != 1 or (stop.size and stop.dtype.kind not in "iu"):
+            raise ValueError(f"stop_tokens={self.stop_tokens!r} must be a sequence of int token ids")
+        if not isinstance(self.pad_id, (int, np.integer)) or isinstance(self.pad_id, bool):
+            raise ValueError(f"pad_id={self.pad_id!r} must be an int token id")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 def _static(value, off) -> bool:
