@@ -19,6 +19,7 @@ evaluated, next to r_max pruning of the dense model to the same widths.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from effitrans import pruning  # noqa: E402
 from effitrans.bench.common import machine_description  # noqa: E402
 from effitrans.data import load_corpus, split_documents  # noqa: E402
 from effitrans.layers.glu import glu_feed_forward  # noqa: E402
+from effitrans.serve import generate  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "prune_smollm2")
 T0 = time.perf_counter()
@@ -201,32 +203,8 @@ def ffn_timing(model, keep_by_ratio, *, tokens: int, repeats: int):
     return rows
 
 
-def make_greedy_decoder(model, prompt_len: int, new_tokens: int):
-    """A jitted prefill + `new_tokens` greedy KV-cache decode steps (generate()'s loop, compiled once so
-    repeated timing calls do not recompile)."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, prompt):
-        m = nnx.merge(graphdef, state)
-        cache = m.init_cache(prompt.shape[0], prompt_len + new_tokens)
-        logits, cache = m(prompt, cache=cache, decode=True)  # [B, T0, V]
-        first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-
-        def step(carry, _):
-            tok, cache = carry
-            logits, cache = m(tok[:, None], cache=cache, decode=True)  # [B, 1, V]
-            nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
-            return (nxt, cache), nxt
-
-        _, toks = jax.lax.scan(step, (first, cache), None, length=new_tokens - 1)
-        return toks
-
-    return lambda prompt: run(state, prompt)
-
-
 def model_timing(models: dict, *, prompt, forward_tokens: int, new_tokens: int, repeats: int):
-    """Full forward latency on [1, forward_tokens] and decode tokens/s (prefill 16 + greedy steps).
+    """Full forward latency on [1, forward_tokens] and decode tokens/s (serve.generate: prefill 16 + greedy steps).
 
     Everything is compiled first; then each round times every model once (interleaved), so a change in
     machine load hits all models alike; the figures are medians over rounds.
@@ -237,10 +215,10 @@ def model_timing(models: dict, *, prompt, forward_tokens: int, new_tokens: int, 
     for name, m in models.items():
         graphdef, state = nnx.split(m)
         fwd = jax.jit(lambda state, t, g=graphdef: nnx.merge(g, state)(t)[0])
-        dec = make_greedy_decoder(m, 16, new_tokens)
+        dec = functools.partial(generate, (graphdef, state), p, max_new_tokens=new_tokens)  # compiled once
         jax.block_until_ready(fwd(state, toks))
-        jax.block_until_ready(dec(p))
-        fns[name] = (lambda f=fwd, s=state: f(s, toks), lambda d=dec: d(p))
+        jax.block_until_ready(dec())
+        fns[name] = (lambda f=fwd, s=state: f(s, toks), dec)
         log(f"compiled {name}")
     times = {name: ([], []) for name in models}
     for _ in range(repeats):
