@@ -1,11 +1,11 @@
 """Autoregressive generation with a KV cache: one jitted prefill of the prompt, then `decode_tokens`, one
 jitted lax.scan of decode steps from a filled cache.
 
-Both jitted functions live at module level with the model's graphdef static, so a compilation is cached per
-(model structure, batch, prompt length, cache length, steps, cache dtype, greedy or sampled, logits
-returned or not, number of stop tokens) and reused by every later call, for this model or any other of the
-same structure; weights, prompts, the rng and the sampling values are traced arguments. Sampling is
-`sampling.sample_tokens` (greedy when temperature is 0).
+Both jitted functions live at module level with the model's graphdef static (its hash computed once), so
+a compilation is cached per (model structure, batch, prompt length, cache length, steps, cache dtype, greedy
+or sampled, logits returned or not, number of stop tokens) and reused by every later call, for this model or
+any other of the same structure; weights, prompts, the rng and the sampling values are traced arguments.
+Sampling is `sampling.sample_tokens` (greedy when temperature is 0).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from flax import nnx
 
 from effitrans.serve.sampling import Sampling, apply_stop_tokens, sample_tokens
 
+GREEDY = Sampling()
+
 
 def split_model(model) -> tuple:
     """model: an nnx.Module, or its `nnx.split(model)` pair (hot loops split once) -> (graphdef, state)."""
@@ -30,14 +32,44 @@ def split_model(model) -> tuple:
     raise TypeError(f"model must be an nnx.Module or its nnx.split (graphdef, state) pair, got {type(model).__name__}")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _one_token_logits(graphdef, state):
-    return nnx.merge(graphdef, state)(jnp.zeros((1, 1), jnp.int32))[0]  # [1, 1, V]
+class _Structure:
+    """A graphdef as a static jit argument: hashing an nnx.GraphDef walks the whole graph (~0.1-0.5 ms), so the
+    hash is computed once per graphdef object (see `_structure`)."""
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef):
+        self.graphdef, self._hash = graphdef, hash(graphdef)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _Structure) and (
+            self.graphdef is other.graphdef or (self._hash == other._hash and self.graphdef == other.graphdef)
+        )
+
+
+_STRUCTURES: dict[int, _Structure] = {}  # id(graphdef) -> its _Structure (which keeps that graphdef alive)
+
+
+def _structure(graphdef) -> _Structure:
+    key = _STRUCTURES.get(id(graphdef))
+    if key is None or key.graphdef is not graphdef:
+        if len(_STRUCTURES) >= 32:  # generate() on modules splits afresh each call: keep only recent ones
+            del _STRUCTURES[next(iter(_STRUCTURES))]
+        key = _STRUCTURES[id(graphdef)] = _Structure(graphdef)
+    return key
+
+
+@functools.partial(jax.jit, static_argnames=("structure",))
+def _one_token_logits(structure, state):
+    return nnx.merge(structure.graphdef, state)(jnp.zeros((1, 1), jnp.int32))[0]  # [1, 1, V]
 
 
 def vocab_size(graphdef, state) -> int:
     """The model's vocabulary size, from the shape of its logits (traced once per structure, never run)."""
-    return int(_one_token_logits.eval_shape(graphdef, state).shape[-1])
+    return int(_one_token_logits.eval_shape(_structure(graphdef), state).shape[-1])
 
 
 def _sampling_args(sampling: Sampling, graphdef, state) -> dict:
@@ -46,6 +78,12 @@ def _sampling_args(sampling: Sampling, graphdef, state) -> dict:
         raise TypeError(f"sampling must be a serve.Sampling, got {type(sampling).__name__}")
     if sampling.top_k is not None and sampling.top_k > (vocab := vocab_size(graphdef, state)):
         raise ValueError(f"top_k={sampling.top_k} must be in [1, vocab_size={vocab}] or None for no top-k filter")
+    return _jit_args(sampling)
+
+
+@functools.lru_cache(maxsize=64)
+def _jit_args(sampling: Sampling) -> dict:
+    """Converted once per Sampling value (decode benchmarks call decode_tokens in a timed loop)."""
     params = (float(sampling.temperature), sampling.top_k or 0, float(sampling.top_p))
     return {
         "params": None if sampling.greedy else params,
@@ -62,20 +100,20 @@ def _sample(logits, rng, params):
     return sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "cache_dtype"))
-def _prefill(graphdef, state, prompt, rng, params, *, max_len, cache_dtype):
+@functools.partial(jax.jit, static_argnames=("structure", "max_len", "cache_dtype"))
+def _prefill(structure, state, prompt, rng, params, *, max_len, cache_dtype):
     """prompt [B, T0] -> (first token [B], its logits [B, V], a cache of max_len holding the prompt)."""
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(structure.graphdef, state)
     cache = model.init_cache(prompt.shape[0], max_len, cache_dtype)
     logits, cache = model(prompt, cache=cache, decode=True)  # [B, T0, V]
     last = logits[:, -1]  # [B, V]
     return _sample(last, rng, params), last, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "return_logits"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, token, rng, params, stop_tokens, pad_id, *, steps, return_logits):
-    """token [B] (not yet in the cache) -> (tokens [steps, B], logits [steps, B, V] or None, cache)."""
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("structure", "steps", "return_logits"), donate_argnames=("cache",))
+def _decode(structure, state, cache, token, rng, params, stop_tokens, pad_id, *, steps, return_logits):
+    """token [B] (not yet in the cache) -> (tokens [B, steps], logits [B, steps, V] or None, cache)."""
+    model = nnx.merge(structure.graphdef, state)
     done = jnp.isin(token, stop_tokens)  # [B] rows already finished
 
     def step(carry, r):
@@ -86,7 +124,7 @@ def _decode(graphdef, state, cache, token, rng, params, stop_tokens, pad_id, *, 
 
     rngs = None if params is None else jax.random.split(rng, steps)
     (_, _, cache), (tokens, logits) = jax.lax.scan(step, (token, done, cache), rngs, length=steps)
-    return tokens, logits, cache
+    return tokens.T, None if logits is None else logits.transpose(1, 0, 2), cache
 
 
 def decode_tokens(
@@ -95,7 +133,7 @@ def decode_tokens(
     token: jax.Array,
     *,
     steps: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     rng: jax.Array | None = None,
     return_logits: bool = False,
 ):
@@ -109,18 +147,17 @@ def decode_tokens(
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1")
-    token = jnp.asarray(token, jnp.int32)
+    if not (isinstance(token, jax.Array) and token.dtype == jnp.int32):
+        token = jnp.asarray(token, jnp.int32)
     if token.ndim != 1:
         raise ValueError(f"token must be int [batch], got shape {token.shape}")
     graphdef, state = split_model(model)
     args = _sampling_args(sampling, graphdef, state)
     rng = None if args["params"] is None else jax.random.key(0) if rng is None else rng  # greedy: no draw
     tokens, logits, cache = _decode(
-        graphdef, state, cache, token, rng, **args, steps=steps, return_logits=return_logits
+        _structure(graphdef), state, cache, token, rng, **args, steps=steps, return_logits=return_logits
     )
-    if return_logits:
-        return tokens.T, logits.transpose(1, 0, 2), cache
-    return tokens.T, cache
+    return (tokens, logits, cache) if return_logits else (tokens, cache)
 
 
 def generate(
@@ -155,7 +192,7 @@ def generate(
     if params is not None:  # greedy draws nothing
         first_rng, rng = jax.random.split(jax.random.key(0) if rng is None else rng)
     first, first_logits, cache = _prefill(
-        graphdef,
+        _structure(graphdef),
         state,
         prompt,
         first_rng,
