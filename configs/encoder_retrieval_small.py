@@ -8,27 +8,20 @@ the harder continuation task: ~2% recall@1 after 100-400 steps at this size. lr 
 loss on halves sit near chance (ln 32) after warmup; 3e-4 trains.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-import ml_collections  # noqa: E402
+from effitrans import defaults
 
 
 def get_config(arg=None):
     del arg
-    data = ml_collections.ConfigDict()
-    data.name = "text_retrieval"
-    data.query_len = 64  # bytes of the query (first half), CLS included
-    data.doc_len = 64  # bytes of the document (second half), CLS included
-    data.corpus_path = ml_collections.FieldReference(None, field_type=str)
-    data.val_fraction = 0.05
-    data.max_eval_examples = 512  # held-out pairs scored against each other
-    data.pairing = "crops"  # or "halves": query = first half, doc = second half (much harder)
-    data.eval_batch_size = ml_collections.FieldReference(None, field_type=int)
-    return common.experiment(
-        common.model(
+    data = defaults.data(
+        "text_retrieval",
+        query_len=64,  # bytes of the query (first half), CLS included
+        doc_len=64,  # bytes of the document (second half), CLS included
+        max_eval_examples=512,  # held-out pairs scored against each other
+        pairing="crops",  # or "halves": query = first half, doc = second half (much harder)
+    )
+    return defaults.experiment(
+        defaults.model(
             name="encoder_embedding",
             num_layers=6,
             d_model=192,
@@ -40,7 +33,7 @@ def get_config(arg=None):
             embed_dim=128,
         ),
         data,
-        common.train(
+        defaults.train(
             task="retrieval",
             steps=600,
             batch_size=32,
@@ -50,5 +43,5 @@ def get_config(arg=None):
             eval_every=200,
             log_every=20,
         ),
-        common.mesh(),
+        defaults.mesh(),
     )

@@ -7,17 +7,16 @@ funnel is also reachable by surgery on a trained encoder_retrieval_small (effitr
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import encoder_retrieval_small  # noqa: E402
-import funnel_common  # noqa: E402
+from effitrans import defaults
+from effitrans.schema import load_config
 
 
 def get_config(arg=None):
     del arg
-    config = encoder_retrieval_small.get_config()  # data, train and mesh as the dense model
+    # data, train and mesh as the dense model
+    config = load_config(os.path.join(os.path.dirname(__file__), "encoder_retrieval_small.py"))
     config.model.name = "funnel_embedding"  # the funnel version of encoder_embedding
     # 6 layers: 2 at full length (64 bytes), then 4 on the pooled sequence (CLS + 32 windows of 2 bytes).
-    config.model.funnel = funnel_common.funnel(block_layers=[2, 4], strides=[2])
+    config.model.funnel = defaults.funnel(block_layers=[2, 4], strides=[2])
     return config

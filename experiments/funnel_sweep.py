@@ -38,20 +38,18 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effitrans import funnel
+from effitrans.bench.common import machine_description
+from effitrans.data.retrieval import metrics_from_ranks, paired_recall_loss, retrieval_ranks
+from effitrans.funnel import recovery as funnel_recovery
+from effitrans.schema import load_config
+from effitrans.train.trainer import Trainer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-import encoder_retrieval_small  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from effitrans import funnel  # noqa: E402
-from effitrans.bench.common import machine_description  # noqa: E402
-from effitrans.data.retrieval import metrics_from_ranks, paired_recall_loss, retrieval_ranks  # noqa: E402
-from effitrans.funnel import recovery as funnel_recovery  # noqa: E402
-from effitrans.train.trainer import Trainer  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -61,7 +59,7 @@ def log(msg: str) -> None:
 
 
 def base_config(args, num_layers: int):
-    cfg = encoder_retrieval_small.get_config()
+    cfg = load_config(os.path.join(ROOT, "configs", "encoder_retrieval_small.py"))
     cfg.model.num_layers = num_layers
     cfg.model.attention.impl = args.impl
     cfg.train.batch_size = args.train_batch

@@ -26,8 +26,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 OUT = os.path.join(ROOT, "experiments", "results", "lra_listops")
 KINDS = ("dense", "sliding_window", "sparse_strided", "sparse_fixed", "lsh", "routing", "transient_global")
@@ -90,9 +88,9 @@ def family_options(kind: str, seq_len: int) -> dict:
 
 
 def make_config(kind: str, grid: dict, seed: int):
-    import listops_small
+    from effitrans.schema import load_config
 
-    cfg = listops_small.get_config()
+    cfg = load_config(os.path.join(ROOT, "configs", "listops_small.py"))
     m = cfg.model
     for key in ("num_layers", "d_model", "num_heads", "head_dim", "ffn_width"):
         m[key] = grid[key]

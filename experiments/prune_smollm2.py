@@ -25,21 +25,20 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from effitrans import pruning
+from effitrans.bench.common import machine_description
+from effitrans.data import load_corpus, split_documents
+from effitrans.layers.glu import glu_feed_forward
+from effitrans.schema import load_config
+from effitrans.serve import generate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from effitrans import pruning  # noqa: E402
-from effitrans.bench.common import machine_description  # noqa: E402
-from effitrans.data import load_corpus, split_documents  # noqa: E402
-from effitrans.layers.glu import glu_feed_forward  # noqa: E402
-from effitrans.serve import generate  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "prune_smollm2")
 T0 = time.perf_counter()
@@ -419,9 +418,7 @@ def run_smollm2(args, results):
 
 
 def lm_small_config(args):
-    import lm_small
-
-    c = lm_small.get_config()
+    c = load_config(os.path.join(ROOT, "configs", "lm_small.py"))
     c.data.seq_len = args.lm_seq
     c.data.max_eval_batches = 1
     c.data.eval_batch_size = args.lm_eval_windows

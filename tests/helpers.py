@@ -1,13 +1,16 @@
 """Small shared test utilities (not fixtures): tiny model configs built from the real config defaults."""
 
 import os
-import sys
+
+from effitrans import defaults
+from effitrans.schema import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.join(ROOT, "configs") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
 
-import common  # noqa: E402  (configs/common.py)
+
+def shipped_config(name: str):
+    """get_config() of configs/<name>.py."""
+    return load_config(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def tiny_model_config(**overrides):
@@ -15,7 +18,7 @@ def tiny_model_config(**overrides):
     base = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, ffn_width=48, vocab_size=61)
     base.update(overrides)
     attention = base.pop("attention", None)
-    cfg = common.model(**base)
+    cfg = defaults.model(**base)
     if attention:
         cfg.attention.update(attention)
     return cfg
@@ -23,9 +26,7 @@ def tiny_model_config(**overrides):
 
 def tiny_lm_experiment(**train_overrides):
     """configs/lm_tiny.py shrunk to a 1-layer model on 32-byte windows, for fast training tests."""
-    import lm_tiny
-
-    cfg = lm_tiny.get_config()
+    cfg = shipped_config("lm_tiny")
     cfg.model.num_layers = 1
     cfg.model.d_model = 64
     cfg.model.num_heads = 4

@@ -2,8 +2,9 @@
 
 `build_attention(model_cfg, ...)` is the one place a config's `model.attention.kind` becomes a module.
 A family registers an `AttentionFamily`: its builder and the extra keys it reads from
-`config.model.attention` (each with a check from effitrans.config_validation), so configs for every
-family are validated by the same code before anything is built.
+`config.model.attention` (each an effitrans.schema.Key: default, check, meaning), so configs for every
+family are validated by the same code before anything is built; `attention_keys(kind)` is the whole
+`config.model.attention` group.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from collections.abc import Callable, Mapping
 
 from flax import nnx
 
+from effitrans import schema
 from effitrans.attention.cache import KVCache, cache_bytes
 from effitrans.attention.dense import DenseAttention
-from effitrans.attention.latent import LatentAttention, LatentCache
+from effitrans.attention.latent import MLA_PATHS, LatentAttention, LatentCache
+from effitrans.kernels.api import IMPLS
+from effitrans.schema import Key, block_size, float_at_least, int_at_least, one_of, optional
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionFamily:
-    """build(model_cfg, attn_cfg, *, causal, rngs, dtype) -> module; options: extra attention keys -> check."""
+    """build(model_cfg, attn_cfg, *, causal, rngs, dtype) -> module; options: the family's own attention keys
+    (name -> Key; the Key's default is used when the config leaves the key None)."""
 
     build: Callable[..., nnx.Module]
-    options: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Key] = dataclasses.field(default_factory=dict)
     supports_decode: bool = False
 
 
@@ -49,6 +54,23 @@ ATTENTION_FAMILIES: dict[str, AttentionFamily] = {
 }
 
 
+LATENT_KEYS = {
+    "kv_lora_rank": Key(None, int_at_least(1), "C: latent width cached per token (required)", int),
+    "qk_rope_head_dim": Key(
+        None, int_at_least(2), "R: decoupled RoPE dims, one key shared by all heads (required)", int
+    ),
+    "q_lora_rank": Key(None, optional(int_at_least(1)), "None: full-rank query projection", int),
+    "v_head_dim": Key(None, optional(int_at_least(1)), "None: model.head_dim", int),
+    "mla_path": Key("auto", one_of(*MLA_PATHS), "auto: naive for full passes, absorbed for decode"),
+    "yarn_factor": Key(None, optional(float_at_least(1.0)), "None: plain RoPE; else YaRN context extension", float),
+    "yarn_original_max_len": Key(4096, int_at_least(1), "YaRN: the context length RoPE was trained at"),
+    "yarn_beta_fast": Key(32.0, float_at_least(0.0, strict=True), "YaRN: fast ramp boundary (rotations)"),
+    "yarn_beta_slow": Key(1.0, float_at_least(0.0, strict=True), "YaRN: slow ramp boundary (rotations)"),
+    "yarn_mscale": Key(1.0, float_at_least(0.0), "YaRN: attention scale factor"),
+    "yarn_mscale_all_dim": Key(0.0, float_at_least(0.0), "YaRN: attention scale factor of all dims"),
+}
+
+
 def _build_latent(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     """MLA: model.head_dim is the per-head no-RoPE query/key dim; kv_lora_rank and qk_rope_head_dim are required."""
     for key in ("kv_lora_rank", "qk_rope_head_dim"):
@@ -57,11 +79,7 @@ def _build_latent(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
                 f"config.model.attention.{key} is required when config.model.attention.kind='latent' "
                 f"(an int >= 1; DeepSeek-V3: kv_lora_rank=512, qk_rope_head_dim=64)"
             )
-
-    def g(key, default=None):  # a declared-but-unset key (None) means the default
-        value = attn_cfg.get(key)
-        return default if value is None else value
-
+    g = lambda key: schema.value(attn_cfg, LATENT_KEYS, key)
     return LatentAttention(
         model_cfg.d_model,
         model_cfg.num_heads,
@@ -71,40 +89,22 @@ def _build_latent(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
         v_head_dim=g("v_head_dim") or model_cfg.head_dim,
         q_lora_rank=g("q_lora_rank"),
         causal=causal,
-        path=g("mla_path", "auto"),
+        path=g("mla_path"),
         impl=attn_cfg.impl,
         rope_base=model_cfg.rope_base or 10000.0,
         rope_layout=model_cfg.rope_layout,
         yarn_factor=g("yarn_factor"),
-        yarn_original_max_len=g("yarn_original_max_len", 4096),
-        yarn_beta_fast=g("yarn_beta_fast", 32.0),
-        yarn_beta_slow=g("yarn_beta_slow", 1.0),
-        yarn_mscale=g("yarn_mscale", 1.0),
-        yarn_mscale_all_dim=g("yarn_mscale_all_dim", 0.0),
+        yarn_original_max_len=g("yarn_original_max_len"),
+        yarn_beta_fast=g("yarn_beta_fast"),
+        yarn_beta_slow=g("yarn_beta_slow"),
+        yarn_mscale=g("yarn_mscale"),
+        yarn_mscale_all_dim=g("yarn_mscale_all_dim"),
         norm_eps=model_cfg.norm_eps,
-        block_q=g("block_q"),
-        block_k=g("block_k"),
+        block_q=attn_cfg.get("block_q"),
+        block_k=attn_cfg.get("block_k"),
         rngs=rngs,
         dtype=dtype,
     )
-
-
-def _latent_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "kv_lora_rank": cv.int_at_least(1),  # C: latent width cached per token (required)
-        "qk_rope_head_dim": cv.int_at_least(2),  # R: decoupled RoPE dims, one key shared by all heads (required)
-        "q_lora_rank": cv.optional(cv.int_at_least(1)),  # None: full-rank query projection
-        "v_head_dim": cv.optional(cv.int_at_least(1)),  # None: model.head_dim
-        "mla_path": cv.one_of("naive", "absorbed", "auto"),  # auto: naive for full passes, absorbed for decode
-        "yarn_factor": cv.optional(cv.float_at_least(1.0)),  # None: plain RoPE; else YaRN context extension
-        "yarn_original_max_len": cv.int_at_least(1),
-        "yarn_beta_fast": cv.float_at_least(0.0, strict=True),
-        "yarn_beta_slow": cv.float_at_least(0.0, strict=True),
-        "yarn_mscale": cv.float_at_least(0.0),
-        "yarn_mscale_all_dim": cv.float_at_least(0.0),
-    }
 
 
 def register_family(kind: str, family: AttentionFamily) -> None:
@@ -122,18 +122,48 @@ def build_attention(model_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Mo
     return ATTENTION_FAMILIES[kind].build(model_cfg, model_cfg.attention, causal=causal, rngs=rngs, dtype=dtype)
 
 
-register_family("latent", AttentionFamily(_build_latent, _latent_options(), supports_decode=True))
+register_family("latent", AttentionFamily(_build_latent, LATENT_KEYS, supports_decode=True))
 
 from effitrans.attention import sparse_families as _sf  # noqa: E402  (sparse / routed / TGA families, issue 4)
 
 register_family(
-    "sliding_window", AttentionFamily(_sf.build_sliding_window, _sf.sliding_window_options(), supports_decode=True)
+    "sliding_window", AttentionFamily(_sf.build_sliding_window, _sf.SLIDING_WINDOW_KEYS, supports_decode=True)
 )
-register_family("sparse_strided", AttentionFamily(_sf.build_sparse_strided, _sf.sparse_strided_options()))
-register_family("sparse_fixed", AttentionFamily(_sf.build_sparse_fixed, _sf.sparse_fixed_options()))
-register_family("lsh", AttentionFamily(_sf.build_lsh, _sf.lsh_options()))
-register_family("routing", AttentionFamily(_sf.build_routing, _sf.routing_options()))
-register_family("transient_global", AttentionFamily(_sf.build_transient_global, _sf.transient_global_options()))
+register_family("sparse_strided", AttentionFamily(_sf.build_sparse_strided, _sf.SPARSE_STRIDED_KEYS))
+register_family("sparse_fixed", AttentionFamily(_sf.build_sparse_fixed, _sf.SPARSE_FIXED_KEYS))
+register_family("lsh", AttentionFamily(_sf.build_lsh, _sf.LSH_KEYS))
+register_family("routing", AttentionFamily(_sf.build_routing, _sf.ROUTING_KEYS))
+register_family("transient_global", AttentionFamily(_sf.build_transient_global, _sf.TRANSIENT_GLOBAL_KEYS))
+
+
+def attention_keys(kind: str = "dense") -> dict:
+    """The `config.model.attention` group for `kind`: kind, impl, kernel blocks, and every family's own keys.
+
+    Family keys default to None (the family's own default) so any of them can be set from the command line,
+    e.g. `--config.model.attention.kind=sliding_window --config.model.attention.window_left=128`. The
+    chosen kind's keys take None or a value its check allows; any other family's key must stay None, so a
+    key the chosen kind would ignore (window_left with kind='dense') is an error, not a silent no-op.
+    """
+    keys = {
+        "kind": Key("dense", one_of(*ATTENTION_FAMILIES), "attention family (ATTENTION_FAMILIES)"),
+        "impl": Key("auto", one_of(*IMPLS), "kernel: reference | xla | pallas | auto (pallas on TPU/GPU, xla on CPU)"),
+        "block_q": Key(None, block_size, "kernel query block (None: auto)", int),
+        "block_k": Key(None, block_size, "kernel key block (None: auto)", int),
+    }
+    for owner, family in ATTENTION_FAMILIES.items():
+        for name, key in family.options.items():
+            if owner == kind:
+                check = optional(key.check)
+            else:
+                check = lambda v, owner=owner, name=name: (
+                    None
+                    if v is None
+                    else f"None: {name} is a key of kind={owner!r}, not of kind={kind!r} (set kind={owner!r} to use it)"
+                )
+            field_type = key.field_type or (object if key.default is None else type(key.default))
+            keys[name] = Key(None, check, key.doc, field_type)
+    return keys
+
 
 # Decode caches: dense -> KVCache, latent -> LatentCache ([latent | rope key] per token), sliding_window ->
 # a ring buffer of the window (WindowCache, effitrans/attention/sliding_window.py).
@@ -145,6 +175,7 @@ __all__ = [
     "KVCache",
     "LatentAttention",
     "LatentCache",
+    "attention_keys",
     "build_attention",
     "cache_bytes",
     "register_family",

@@ -1,39 +1,62 @@
 """Builders and config options of the sparse / routed families (registered in effitrans/attention/__init__.py).
 
 Each `build_<kind>(model_cfg, attn_cfg, *, causal, rngs, dtype)` reads its keys from
-`config.model.attention` (defaults below, used when a key is absent), and each `<kind>_options()` returns
-the checks that config validation applies to those keys. See docs/attention_families.md.
+`config.model.attention`; `<KIND>_KEYS` declares them (default when the key is None, check, meaning).
+See docs/attention_families.md.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
+from effitrans import schema
 from effitrans.attention.lsh import LSHAttention
 from effitrans.attention.routing import RoutingAttention
 from effitrans.attention.sliding_window import SlidingWindowAttention
 from effitrans.attention.sparse_patterns import SparsePatternAttention
 from effitrans.attention.transient_global import TransientGlobalAttention
+from effitrans.schema import Key, int_at_least, optional
 
-DEFAULTS = {
-    "sliding_window": {"window_left": 64, "window_right": None, "num_global": 0},
-    "sparse_strided": {"stride": 32},
-    "sparse_fixed": {"block": 32, "summary": 4},
-    "lsh": {"n_buckets": 8, "n_hashes": 2, "chunk_len": 64},
-    "routing": {
-        "num_clusters": 4,
-        "routing_window": None,
-        "num_local_heads": None,
-        "local_window": 32,
-        "centroid_decay": 0.999,
-    },
-    "transient_global": {"local_radius": 127, "global_block": 16, "relative_buckets": 32, "relative_max_distance": 128},
+
+def _even_or_one(v):
+    ok = schema.is_int(v) and (v == 1 or (v >= 2 and v % 2 == 0))
+    return None if ok else "1 or an even int >= 2"
+
+
+def _unit_interval(v):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0
+    return None if ok else "a number in [0, 1)"
+
+
+# Each family's own keys of config.model.attention; a default is used when the config leaves the key None.
+SLIDING_WINDOW_KEYS = {
+    "window_left": Key(64, int_at_least(0), "keys before the query (inclusive window)"),
+    "window_right": Key(None, optional(int_at_least(0)), "keys after; None: = window_left (0 if causal)", int),
+    "num_global": Key(0, int_at_least(0), "the first n tokens are global (own projections)"),
 }
-
-
-def _get(attn_cfg, kind, key):
-    value = attn_cfg.get(key)
-    return DEFAULTS[kind][key] if value is None else value
+SPARSE_STRIDED_KEYS = {"stride": Key(32, int_at_least(1), "l: local span and stride of the column heads")}
+SPARSE_FIXED_KEYS = {
+    "block": Key(32, int_at_least(1), "l: block length"),
+    "summary": Key(4, int_at_least(1), "c: summary keys at the end of every block"),
+}
+LSH_KEYS = {
+    "n_buckets": Key(8, _even_or_one, "buckets per hash round"),
+    "n_hashes": Key(2, int_at_least(1), "hash rounds"),
+    "chunk_len": Key(64, int_at_least(1), "sorted chunk length (attends own + previous)"),
+}
+ROUTING_KEYS = {
+    "num_clusters": Key(4, int_at_least(1), "k-means centroids per routing head"),
+    "routing_window": Key(None, optional(int_at_least(1)), "w: queries/keys per cluster; None: ceil(S / C)", int),
+    "num_local_heads": Key(None, optional(int_at_least(0)), "None: num_heads // 2 local heads", int),
+    "local_window": Key(32, int_at_least(0), "local heads' window each side"),
+    "centroid_decay": Key(0.999, _unit_interval, "EMA decay of the centroids"),
+}
+TRANSIENT_GLOBAL_KEYS = {
+    "local_radius": Key(127, int_at_least(0), "r: local keys each side"),
+    "global_block": Key(16, int_at_least(1), "tokens summed per global token"),
+    "relative_buckets": Key(32, int_at_least(2), "T5 relative-position buckets"),
+    "relative_max_distance": Key(128, int_at_least(1), "beyond this, one bucket"),
+}
 
 
 def _require_mha(model_cfg, kind):
@@ -55,7 +78,7 @@ def _dense_kwargs(model_cfg, attn_cfg):
 
 
 def build_sliding_window(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    left = _get(attn_cfg, "sliding_window", "window_left")
+    left = schema.value(attn_cfg, SLIDING_WINDOW_KEYS, "window_left")
     right = attn_cfg.get("window_right")
     right = (0 if causal else left) if right is None else right
     return SlidingWindowAttention(
@@ -65,7 +88,7 @@ def build_sliding_window(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, d
         model_cfg.head_dim,
         window_left=left,
         window_right=right,
-        num_global=_get(attn_cfg, "sliding_window", "num_global"),
+        num_global=schema.value(attn_cfg, SLIDING_WINDOW_KEYS, "num_global"),
         causal=causal,
         rngs=rngs,
         dtype=dtype,
@@ -80,7 +103,7 @@ def build_sparse_strided(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, d
         model_cfg.num_kv_heads,
         model_cfg.head_dim,
         pattern="strided",
-        stride=_get(attn_cfg, "sparse_strided", "stride"),
+        stride=schema.value(attn_cfg, SPARSE_STRIDED_KEYS, "stride"),
         causal=causal,
         rngs=rngs,
         dtype=dtype,
@@ -89,7 +112,10 @@ def build_sparse_strided(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, d
 
 
 def build_sparse_fixed(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    block, summary = _get(attn_cfg, "sparse_fixed", "block"), _get(attn_cfg, "sparse_fixed", "summary")
+    block, summary = (
+        schema.value(attn_cfg, SPARSE_FIXED_KEYS, "block"),
+        schema.value(attn_cfg, SPARSE_FIXED_KEYS, "summary"),
+    )
     if summary > block:
         raise ValueError(f"config.model.attention.summary={summary} must be <= config.model.attention.block={block}")
     return SparsePatternAttention(
@@ -109,7 +135,7 @@ def build_sparse_fixed(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dty
 
 def build_lsh(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     _require_mha(model_cfg, "lsh")
-    g = lambda key: _get(attn_cfg, "lsh", key)
+    g = lambda key: schema.value(attn_cfg, LSH_KEYS, key)
     return LSHAttention(
         model_cfg.d_model,
         model_cfg.num_heads,
@@ -127,7 +153,7 @@ def build_lsh(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nn
 
 def build_routing(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     _require_mha(model_cfg, "routing")
-    g = lambda key: _get(attn_cfg, "routing", key)
+    g = lambda key: schema.value(attn_cfg, ROUTING_KEYS, key)
     local = g("num_local_heads")
     local = model_cfg.num_heads // 2 if local is None else local
     return RoutingAttention(
@@ -150,7 +176,7 @@ def build_routing(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
 
 def build_transient_global(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     _require_mha(model_cfg, "transient_global")
-    g = lambda key: _get(attn_cfg, "transient_global", key)
+    g = lambda key: schema.value(attn_cfg, TRANSIENT_GLOBAL_KEYS, key)
     return TransientGlobalAttention(
         model_cfg.d_model,
         model_cfg.num_heads,
@@ -164,71 +190,3 @@ def build_transient_global(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs,
         rngs=rngs,
         dtype=dtype,
     )
-
-
-def _even_or_one(v):
-    ok = isinstance(v, int) and not isinstance(v, bool) and (v == 1 or (v >= 2 and v % 2 == 0))
-    return None if ok else "1 or an even int >= 2"
-
-
-def _unit_interval(v):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0
-    return None if ok else "a number in [0, 1)"
-
-
-def sliding_window_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "window_left": cv.int_at_least(0),  # keys before the query (inclusive window)
-        "window_right": cv.optional(cv.int_at_least(0)),  # keys after; None: = window_left (0 if causal)
-        "num_global": cv.int_at_least(0),
-    }  # first n tokens are global (own projections)
-
-
-def sparse_strided_options():
-    from effitrans import config_validation as cv
-
-    return {"stride": cv.int_at_least(1)}  # l: local span and stride of the column heads
-
-
-def sparse_fixed_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "block": cv.int_at_least(1),  # l: block length
-        "summary": cv.int_at_least(1),
-    }  # c: summary keys at the end of every block
-
-
-def lsh_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "n_buckets": _even_or_one,  # buckets per hash round
-        "n_hashes": cv.int_at_least(1),  # hash rounds
-        "chunk_len": cv.int_at_least(1),
-    }  # sorted chunk length (attends own + previous)
-
-
-def routing_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "num_clusters": cv.int_at_least(1),  # k-means centroids per routing head
-        "routing_window": cv.optional(cv.int_at_least(1)),  # w: queries/keys per cluster; None: ceil(S / C)
-        "num_local_heads": cv.optional(cv.int_at_least(0)),  # None: num_heads // 2 local heads
-        "local_window": cv.int_at_least(0),  # local heads' window each side
-        "centroid_decay": _unit_interval,
-    }  # EMA decay of the centroids
-
-
-def transient_global_options():
-    from effitrans import config_validation as cv
-
-    return {
-        "local_radius": cv.int_at_least(0),  # r: local keys each side
-        "global_block": cv.int_at_least(1),  # tokens summed per global token
-        "relative_buckets": cv.int_at_least(2),  # T5 relative-position buckets
-        "relative_max_distance": cv.int_at_least(1),
-    }  # beyond this, one bucket

@@ -26,7 +26,9 @@ import math
 
 import numpy as np
 
+from effitrans import defaults
 from effitrans.bench import common
+from effitrans.registry import validate_model_config
 
 LAYER = dict(d_model=512, num_heads=8, num_kv_heads=8, head_dim=64)
 ENCODER = dict(LAYER, num_layers=4, ffn_width=2048)
@@ -71,10 +73,8 @@ def family_keys(kind: str, seq_len: int) -> dict:
 
 
 def model_config(kind: str, seq_len: int, **overrides):
-    """configs/common.py's model with the bench shape and `kind`'s keys (validated like any config)."""
-    from effitrans.config_validation import validate_model_config  # pylint: disable=import-outside-toplevel
-
-    cfg = common.config_common().model(**{**LAYER, **overrides})
+    """The default model with the bench shape and `kind`'s keys (validated like any config)."""
+    cfg = defaults.model(**{**LAYER, **overrides})
     cfg.attention.kind = kind
     cfg.attention.update(family_keys(kind, seq_len))
     validate_model_config(cfg)

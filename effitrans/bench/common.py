@@ -195,16 +195,6 @@ def run_json_subprocess(module: str, args: Sequence[str], timeout: float | None 
         return {"error": f"bad output: {lines[-1][:200]}"}
 
 
-def config_common():
-    """configs/common.py of this checkout (the documented defaults every config starts from)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if os.path.join(root, "configs") not in sys.path:
-        sys.path.insert(0, os.path.join(root, "configs"))
-    import common as configs_common  # pylint: disable=import-outside-toplevel
-
-    return configs_common
-
-
 def build_model_fast(model_cfg):
     """The model of `model_cfg` with deterministic pseudo-random weights (uniform, fan-in scaled) written by
     one small compiled function. Decode speed does not depend on the weight values, and drawing them with
@@ -214,7 +204,7 @@ def build_model_fast(model_cfg):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
-    from effitrans.models import build_model  # pylint: disable=import-outside-toplevel
+    from effitrans.registry import build_model  # pylint: disable=import-outside-toplevel
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
 

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from effitrans import defaults
 from effitrans.bench import common
 
 VARIANTS = ("mha", "gqa", "mqa", "mla_naive", "mla_absorbed")
@@ -31,9 +32,8 @@ MLA = dict(kv_lora_rank=128, qk_rope_head_dim=32)
 
 
 def model_config(variant: str, **overrides):
-    config_common = common.config_common()
     kv = {"mha": MODEL["num_heads"], "gqa": 4, "mqa": 1}.get(variant, MODEL["num_heads"])
-    m = config_common.model(**{**MODEL, **overrides}, num_kv_heads=kv)
+    m = defaults.model(**{**MODEL, **overrides}, num_kv_heads=kv)
     m.attention.impl = "xla"
     if variant.startswith("mla"):
         m.attention.kind = "latent"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from effitrans import defaults
 from effitrans.bench import common
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -97,15 +98,8 @@ def formula_text(cfg: RealConfig, design: str) -> str:
 
 def small_model_config(cfg: RealConfig, design: str, num_layers: int = 2):
     """A model config with `cfg`'s attention dimensions but 2 layers and a tiny width (never trained)."""
-    import os
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.join(root, "configs"))
-    import common as config_common  # configs/common.py  # pylint: disable=import-outside-toplevel
-
     kv_heads = {"mha": cfg.heads, "gqa": cfg.gqa_groups or cfg.kv_heads, "mqa": 1, "mla": cfg.heads}[design]
-    m = config_common.model(
+    m = defaults.model(
         d_model=64,
         num_layers=num_layers,
         num_heads=cfg.heads,
@@ -129,7 +123,7 @@ def measured_bytes_per_token(cfg: RealConfig, design: str, dtype: str) -> int:
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from effitrans.attention import cache_bytes  # pylint: disable=import-outside-toplevel
-    from effitrans.models import build_model  # pylint: disable=import-outside-toplevel
+    from effitrans.registry import build_model  # pylint: disable=import-outside-toplevel
 
     model_cfg = small_model_config(cfg, design, num_layers=2)
     model = nnx.eval_shape(lambda: build_model(model_cfg))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import sys
 import time
@@ -30,14 +29,7 @@ import time
 import numpy as np
 
 from effitrans.bench import common
-
-
-def load_config(path: str):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    spec = importlib.util.spec_from_file_location("serve_bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+from effitrans.schema import load_config
 
 
 def variants(model_cfg, args) -> list:
@@ -46,7 +38,7 @@ def variants(model_cfg, args) -> list:
     flops_fn(batch, length) -> forward FLOPs, or None where not modelled (TGA)."""
     from effitrans import funnel
     from effitrans.attention import ATTENTION_FAMILIES
-    from effitrans.models import build_model
+    from effitrans.registry import build_model
 
     dense = build_model(model_cfg, seed=0)
     k = max(1, round(model_cfg.num_layers / 3))

@@ -6,7 +6,7 @@ see docs/data.md.
 """
 
 from effitrans.data.listops import ListOpsDataset
-from effitrans.data.registry import DATASET_NAMES, FIELDS, build_dataset, resolve_config
+from effitrans.data.registry import DATA_KEYS, DATASET_NAMES, build_dataset, data_defaults, resolve_config
 from effitrans.data.retrieval import TextRetrievalDataset, paired_recall_loss, retrieval_metrics, retrieval_ranks
 from effitrans.data.synthetic import AssociativeRecallDataset, CopyDataset
 from effitrans.data.text import Corpus, TextLMDataset, load_corpus, split_documents, unigram_entropy_bits
@@ -19,8 +19,8 @@ __all__ = [
     "Corpus",
     "CopyDataset",
     "DATASET_NAMES",
+    "DATA_KEYS",
     "EOS",
-    "FIELDS",
     "ListOpsDataset",
     "MASK",
     "PAD",
@@ -31,6 +31,7 @@ __all__ = [
     "decode",
     "encode",
     "load_corpus",
+    "data_defaults",
     "resolve_config",
     "paired_recall_loss",
     "retrieval_metrics",

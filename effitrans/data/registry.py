@@ -1,81 +1,97 @@
 """Builds a dataset from a data config.
 
-``build_dataset(data_config, *, global_batch_size, seed)`` reads
-``data_config.name`` and the fields listed in FIELDS[name]; every field not
-set in the config takes the default shown there (configs/*.py should set them
-explicitly). Any other field is an error, so a typo never goes unnoticed.
+``build_dataset(data_config, *, global_batch_size, seed)`` reads ``data_config.name`` and the keys that
+DATA_KEYS[name] declares; a key not set in the config takes its declared default, which is the dataset
+constructor's own default (or, for a length the constructor requires, the one given here). Any other key
+is an error, so a typo never goes unnoticed. The values themselves are checked by the constructors.
 
-  text_lm:            seq_len=512, corpus_path=None, val_fraction=0.05,
-                      max_eval_batches=None, eval_batch_size=None
-  text_retrieval:     query_len=64, doc_len=64, corpus_path=None, val_fraction=0.05,
-                      max_eval_examples=None, eval_batch_size=None, pairing="halves"
-                      (or "crops": independent random crops of one passage)
-  listops:            seq_len=2048, min_len=500, max_len=2000, max_depth=10, max_args=10,
-                      num_eval_examples=2000, eval_seed=0, eval_batch_size=None
-  copy:               seq_len=64, min_copy_len=1, max_copy_len=16, num_symbols=16,
-                      num_eval_examples=256, eval_seed=0, eval_batch_size=None
-  associative_recall: seq_len=64, num_pairs=8, num_keys=32, num_values=32,
-                      num_eval_examples=256, eval_seed=0, eval_batch_size=None
-
-corpus_path None means the default search (the CPython docs if installed, else
-the built-in pydoc_data.topics); eval_batch_size None means global_batch_size.
+corpus_path None means the default search (the CPython docs if installed, else the built-in
+pydoc_data.topics); eval_batch_size None means global_batch_size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from effitrans.data import listops, retrieval, synthetic, text
+import ml_collections
 
-FIELDS = {
-    "text_lm": {
-        "seq_len": 512,
-        "corpus_path": None,
-        "val_fraction": 0.05,
-        "max_eval_batches": None,
-        "eval_batch_size": None,
-    },
-    "text_retrieval": {
-        "query_len": 64,
-        "doc_len": 64,
-        "corpus_path": None,
-        "val_fraction": 0.05,
-        "max_eval_examples": None,
-        "eval_batch_size": None,
-        "pairing": "halves",
-    },
-    "listops": {
-        "seq_len": 2048,
-        "min_len": 500,
-        "max_len": 2000,
-        "max_depth": 10,
-        "max_args": 10,
-        "num_eval_examples": 2000,
-        "eval_seed": 0,
-        "eval_batch_size": None,
-    },
-    "copy": {
-        "seq_len": 64,
-        "min_copy_len": 1,
-        "max_copy_len": 16,
-        "num_symbols": 16,
-        "num_eval_examples": 256,
-        "eval_seed": 0,
-        "eval_batch_size": None,
-    },
-    "associative_recall": {
-        "seq_len": 64,
-        "num_pairs": 8,
-        "num_keys": 32,
-        "num_values": 32,
-        "num_eval_examples": 256,
-        "eval_seed": 0,
-        "eval_batch_size": None,
-    },
+from effitrans.data import listops, retrieval, synthetic, text
+from effitrans.schema import Key, default_config
+
+_TYPES = {"corpus_path": str}  # ConfigDict field types of keys whose default is None (else int)
+
+
+# What each key means (the same name means the same thing in every dataset that takes it).
+_DOCS = {
+    "seq_len": "tokens per row, CLS included where there is one (text_lm: bytes per training window)",
+    "query_len": "bytes of the query, CLS included",
+    "doc_len": "bytes of the document, CLS included",
+    "corpus_path": "None: the CPython docs if installed, else pydoc topics",
+    "val_fraction": "share of documents held out (split by document)",
+    "max_eval_batches": "cap the held-out pass at this many batches (None: all)",
+    "max_eval_examples": "held-out pairs scored against each other (None: all)",
+    "pairing": "halves (first half -> second half) | crops (independent crops of one passage)",
+    "min_len": "shortest generated expression, in tokens",
+    "max_len": "longest generated expression, in tokens",
+    "max_depth": "nesting depth (LRA: 10)",
+    "max_args": "arguments per operator (LRA: 10)",
+    "min_copy_len": "shortest copied span",
+    "max_copy_len": "longest copied span",
+    "num_symbols": "copied ids are drawn from [0, num_symbols)",
+    "num_pairs": "key-value pairs per row",
+    "num_keys": "keys are drawn from [0, num_keys)",
+    "num_values": "values are drawn from num_values ids",
+    "num_eval_examples": "held-out examples, generated from eval_seed",
+    "eval_seed": "the held-out set's seed, apart from training",
+    "eval_batch_size": "None: the global batch size",
 }
-DATASET_NAMES = tuple(FIELDS)
+
+
+def _keys(constructor, names: str, **required) -> dict[str, Key]:
+    """The config keys `names` (space-separated) of one dataset, each with the constructor's keyword default,
+    or the value in `required` for a key the constructor has no default for."""
+    params = inspect.signature(constructor).parameters
+    out = {}
+    for name in names.split():
+        default = required[name] if name in required else params[name].default
+        out[name] = Key(default, doc=_DOCS[name], field_type=_TYPES.get(name, int) if default is None else None)
+    return out
+
+
+_EVAL = "num_eval_examples eval_seed eval_batch_size"
+DATA_KEYS = {
+    "text_lm": _keys(
+        text.TextLMDataset,
+        "seq_len corpus_path val_fraction max_eval_batches eval_batch_size",
+        seq_len=512,
+        corpus_path=None,
+    ),
+    "text_retrieval": _keys(
+        retrieval.TextRetrievalDataset,
+        "query_len doc_len corpus_path val_fraction max_eval_examples eval_batch_size pairing",
+        query_len=64,
+        doc_len=64,
+        corpus_path=None,
+    ),
+    "listops": _keys(listops.ListOpsDataset, f"seq_len min_len max_len max_depth max_args {_EVAL}", seq_len=2048),
+    "copy": _keys(synthetic.CopyDataset, f"seq_len min_copy_len max_copy_len num_symbols {_EVAL}", seq_len=64),
+    "associative_recall": _keys(
+        synthetic.AssociativeRecallDataset, f"seq_len num_pairs num_keys num_values {_EVAL}", seq_len=64
+    ),
+}
+DATASET_NAMES = tuple(DATA_KEYS)
+
+
+def data_defaults(name: str, **overrides) -> ml_collections.ConfigDict:
+    """The `config.data` group of dataset `name`: every declared key at its default, then `overrides`."""
+    if name not in DATA_KEYS:
+        raise ValueError(f"data.name={name!r} is not a known dataset; allowed {list(DATASET_NAMES)}")
+    cfg = default_config({"name": Key(name)})
+    cfg.update(default_config(DATA_KEYS[name], **overrides))
+    return cfg
 
 
 def _as_dict(cfg: Any) -> dict:
@@ -91,22 +107,22 @@ def _as_dict(cfg: Any) -> dict:
 
 
 def resolve_config(data_config: Any) -> dict:
-    """The config's fields merged over FIELDS[name] defaults (including "name").
+    """The config's keys merged over the DATA_KEYS[name] defaults (including "name").
 
     Raises:
       ValueError: unknown name, or a field not allowed for that name.
     """
     cfg = _as_dict(data_config)
     name = cfg.pop("name", None)
-    if name not in FIELDS:
+    if name not in DATA_KEYS:
         raise ValueError(f"data.name={name!r} is not a known dataset; allowed {list(DATASET_NAMES)}")
-    unknown = sorted(set(cfg) - set(FIELDS[name]))
+    unknown = sorted(set(cfg) - set(DATA_KEYS[name]))
     if unknown:
         raise ValueError(
             f"data.{unknown[0]}={cfg[unknown[0]]!r} is not a field of dataset "
-            f"{name!r}; allowed fields {sorted(FIELDS[name])} (unknown: {unknown})"
+            f"{name!r}; allowed fields {sorted(DATA_KEYS[name])} (unknown: {unknown})"
         )
-    out = dict(FIELDS[name])
+    out = {key: declared.default for key, declared in DATA_KEYS[name].items()}
     out.update(cfg)
     out["name"] = name
     return out

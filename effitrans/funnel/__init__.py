@@ -7,7 +7,7 @@
 See docs/funnel.md.
 """
 
-from effitrans.funnel.config import check_funnel_config, encoder_forward_flops, funnel_schema
+from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config, encoder_forward_flops
 from effitrans.funnel.decoder import FunnelDecoder, FunnelMaskedLM, mask_tokens, masked_lm_loss
 from effitrans.funnel.encoder import (
     FunnelEmbeddingEncoder,
@@ -21,6 +21,7 @@ from effitrans.funnel.pooling import pool_mask, pool_positions, pool_sequence, p
 from effitrans.funnel.surgery import FUNNEL_NAMES, funnel_config, insert, surgery_spec
 
 __all__ = [
+    "FUNNEL_KEYS",
     "FUNNEL_NAMES",
     "FunnelDecoder",
     "FunnelEmbeddingEncoder",
@@ -32,7 +33,6 @@ __all__ = [
     "encoder_forward_flops",
     "funnel_config",
     "funnel_forward",
-    "funnel_schema",
     "insert",
     "mask_tokens",
     "masked_lm_loss",

@@ -1,37 +1,39 @@
-"""Validation of `config.model.funnel` (called from effitrans.config_validation) and funnel FLOPs."""
+"""The keys of `config.model.funnel` (FUNNEL_KEYS: defaults, checks, meanings), the checks across them and
+the model's keys (check_funnel_config), and funnel FLOPs. Used with model.name = funnel_embedding |
+funnel_classifier.
+"""
 
 from __future__ import annotations
 
 import types
 from collections.abc import Iterable
 
+from effitrans.funnel.encoder import FunnelSpec, spec_problems
+from effitrans.funnel.pooling import POSITION_MODES
+from effitrans.models.transformer import ffn_widths
+from effitrans.schema import ConfigError, Key, boolean, int_at_least, int_list, one_of
 
-def funnel_schema():
-    """Checks of the keys of config.model.funnel (defaults and descriptions: configs/funnel_common.py)."""
-    from effitrans import config_validation as cv
-
-    def int_list(v):
-        ok = isinstance(v, (list, tuple)) and all(cv._is_int(x) and x >= 1 for x in v)
-        return None if ok else "a list of ints >= 1"
-
-    return {
-        "block_layers": int_list,
-        "strides": int_list,
-        "pooling": cv.one_of("mean", "max", "slice"),
-        "separate_cls": cv.boolean,
-        "truncate_seq": cv.boolean,
-        "pool_q_only": cv.boolean,
-        "position_pooling": cv.one_of("first", "mean"),
-        "decoder_layers": cv.int_at_least(0),
-    }
+FUNNEL_KEYS = {
+    "block_layers": Key(
+        [2, 4], int_list, "layers per block; they must sum to model.num_layers. Block 0 runs at full length", object
+    ),
+    "strides": Key(
+        [2], int_list, "strides[i] pools before block i + 1 (one fewer than blocks); 1 = no pooling", object
+    ),
+    "pooling": Key("mean", one_of("mean", "max", "slice"), "hidden-state pooling (slice: first token of each window)"),
+    "separate_cls": Key(True, boolean, "token 0 (CLS) is its own window, never pooled with other tokens"),
+    "truncate_seq": Key(False, boolean, "drop a partial trailing window instead of pooling it over fewer tokens"),
+    "pool_q_only": Key(True, boolean, "first pooled layer: pooled queries attend over the unpooled keys/values"),
+    "position_pooling": Key(
+        "first", one_of(*POSITION_MODES), "RoPE position of a pooled token: first (window start, int) | mean (float)"
+    ),
+    "decoder_layers": Key(0, int_at_least(0), "full-length layers after upsampling (FunnelMaskedLM only)"),
+}
 
 
 def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Iterable[int] | None = None) -> None:
     """Relations: funnel only on funnel models, block_layers sum to num_layers, one stride per pooled block,
     and (given the data's sequence lengths) no pooling leaves fewer than one token."""
-    from effitrans.config_validation import ConfigError
-    from effitrans.funnel.encoder import FunnelSpec, spec_problems
-
     m = model_cfg
     is_funnel = m.name.startswith("funnel_")
     if not is_funnel:
@@ -42,7 +44,9 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
             )
         return
     if "funnel" not in m:
-        raise ConfigError(f"{prefix}.funnel is required when {prefix}.name={m.name!r} (see configs/funnel_common.py)")
+        raise ConfigError(
+            f"{prefix}.funnel is required when {prefix}.name={m.name!r} (keys: effitrans.funnel.FUNNEL_KEYS)"
+        )
     f = m.funnel
     values = types.SimpleNamespace(
         block_layers=tuple(f.block_layers),
@@ -58,10 +62,6 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
             f"{prefix}.num_layers={m.num_layers}: a funnel block cannot start beyond the depth; the "
             f"blocks must cover exactly the num_layers layers"
         )
-    if m.name == "funnel_embedding" and "embed_dim" not in m:
-        raise ConfigError(f"{prefix}.embed_dim is required when {prefix}.name='funnel_embedding'")
-    if m.name == "funnel_classifier" and "num_classes" not in m:
-        raise ConfigError(f"{prefix}.num_classes is required when {prefix}.name='funnel_classifier'")
     full = FunnelSpec(
         block_layers=tuple(f.block_layers),
         strides=tuple(f.strides),
@@ -81,8 +81,6 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
 def encoder_forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
     """Forward FLOPs of an encoder (dense, or funnel `spec`) on [batch, length] tokens, PaLM-style: 2 x matmul
     params per token for projections/FFN plus 4 x T_q x T_kv x N x H per layer for attention."""
-    from effitrans.models.transformer import ffn_widths
-
     m = model_cfg
     d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
     widths = ffn_widths(m)

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from effitrans.funnel import pooling as P
-from effitrans.funnel.encoder import FunnelEncoder
+from effitrans.funnel.encoder import FunnelEncoder, funnel_forward
 from effitrans.models.transformer import Block, ffn_widths
 
 
@@ -47,8 +47,6 @@ class FunnelMaskedLM(FunnelEncoder):
 
     def hidden_states(self, tokens, mask):
         """[B, T, D] after the decoder (before the final norm)."""
-        from effitrans.funnel.encoder import funnel_forward
-
         hidden, _, first = funnel_forward(self.stack, self.spec, tokens, mask, return_first_block=True)
         return self.decoder(
             hidden, first, mask, total_stride=self.spec.total_stride, separate_cls=self.spec.separate_cls

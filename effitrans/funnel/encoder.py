@@ -85,7 +85,7 @@ def spec_problems(spec) -> list:
 
 
 def spec_from_config(model_cfg) -> FunnelSpec:
-    """The FunnelSpec of `model_cfg.funnel` (keys declared in configs/common.py:funnel)."""
+    """The FunnelSpec of `model_cfg.funnel` (keys: effitrans.funnel.FUNNEL_KEYS)."""
     f = model_cfg.funnel
     return FunnelSpec(
         block_layers=tuple(f.block_layers),

@@ -16,7 +16,7 @@ import copy
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoder, FunnelEncoderClassifier, FunnelSpec
 from effitrans.models.transformer import EmbeddingEncoder, Encoder, EncoderClassifier
 
-# Dense model name -> funnel model name (effitrans.models.registry.MODELS).
+# Dense model name -> funnel model name (effitrans.registry.MODELS).
 FUNNEL_NAMES = {"encoder_embedding": "funnel_embedding", "encoder_classifier": "funnel_classifier"}
 
 

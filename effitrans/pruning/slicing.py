@@ -148,7 +148,7 @@ def load_pruned(directory: str, model_cfg=None):
     """(model, model_cfg) saved by `save_pruned`; model_cfg defaults to DIR/model_config.json."""
     import ml_collections
 
-    from effitrans.models import build_model
+    from effitrans.registry import build_model
     from effitrans.train.checkpoints import Checkpointer
 
     if model_cfg is None:

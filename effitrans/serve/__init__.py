@@ -2,17 +2,8 @@
 
 from effitrans.serve.engine import Request, Result, ServingEngine, cache_mismatch
 from effitrans.serve.generate import decode_tokens, generate, split_model, vocab_size
+from effitrans.serve.loadgen import load_test, random_requests, run_load
 from effitrans.serve.sampling import Sampling, apply_stop_tokens, check_sampling, sample_tokens
-
-
-def __getattr__(name):
-    # Imported lazily so `python -m effitrans.serve.loadgen` does not find the module already imported.
-    if name == "run_load":
-        from effitrans.serve.loadgen import run_load
-
-        return run_load
-    raise AttributeError(f"module 'effitrans.serve' has no attribute {name!r}")
-
 
 __all__ = [
     "Request",
@@ -24,6 +15,8 @@ __all__ = [
     "check_sampling",
     "decode_tokens",
     "generate",
+    "load_test",
+    "random_requests",
     "run_load",
     "sample_tokens",
     "split_model",

@@ -1,7 +1,7 @@
 """Closed-loop load generator: keeps `concurrency` requests in flight on a ServingEngine and reports QPS,
 latency percentiles (p50 / p90 / p99), time to first token and generated tokens per second.
 
-    python -m effitrans.serve.loadgen --config=configs/lm_tiny.py [--concurrency 8] [--requests 32] [--json PATH]
+    python -m effitrans.bench loadgen --config=configs/lm_tiny.py [--concurrency 8] [--requests 32] [--json PATH]
 
 (a randomly initialised model of that config: the numbers measure the serving loop, not the text).
 Latency is submit -> last token; TTFT is submit -> first token (queueing + prefill); QPS counts finished
@@ -10,7 +10,6 @@ requests over the wall time of the run. Rejected requests are counted and exclud
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -59,68 +58,21 @@ def run_load(
     }
 
 
-def main(argv=None) -> int:
-    import importlib.util
-    import os
-    import sys
-
-    from effitrans.bench import common
-    from effitrans.models import build_model
-
-    parser = argparse.ArgumentParser(
-        prog="python -m effitrans.serve.loadgen",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default="configs/lm_tiny.py")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--prompt_len", type=int, default=32, help="prompts are 1..prompt_len random tokens")
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--max_len", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.join(os.getcwd(), "configs"))
-    spec = importlib.util.spec_from_file_location("serve_config", args.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    model = build_model(cfg.model)
-    engine = ServingEngine(model, max_batch=args.concurrency, max_len=args.max_len)
+def random_requests(vocab_size: int, *, prompt_len=32, new_tokens=32, temperature=0.8, top_p=0.95):
+    """make_request(i) for run_load: prompts of 1..prompt_len random tokens (a fixed seed), sampled replies."""
     rng = np.random.default_rng(0)
 
     def make(i):
-        n = int(rng.integers(1, args.prompt_len + 1))
-        return Request(
-            prompt=rng.integers(0, cfg.model.vocab_size, n).tolist(),
-            max_new_tokens=args.new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-        )
+        n = int(rng.integers(1, prompt_len + 1))
+        prompt = rng.integers(0, vocab_size, n).tolist()
+        return Request(prompt=prompt, max_new_tokens=new_tokens, temperature=temperature, top_p=top_p)
 
-    run_load(engine, make, num_requests=min(args.concurrency, args.requests), concurrency=args.concurrency)  # compile
-    stats = run_load(engine, make, num_requests=args.requests, concurrency=args.concurrency)
-    cols = [
-        (k, k)
-        for k in (
-            "concurrency",
-            "finished",
-            "qps",
-            "tokens_per_s",
-            "latency_p50_s",
-            "latency_p90_s",
-            "latency_p99_s",
-            "ttft_p50_s",
-            "ttft_p90_s",
-            "ttft_p99_s",
-        )
-    ]
-    print(common.format_table([stats], cols))
-    common.write_json(args.json, [stats])
-    return 0
+    return make
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def load_test(model, make_request, *, requests: int = 32, concurrency: int = 8, max_len: int = 128) -> dict:
+    """run_load's stats for `requests` requests on a ServingEngine of `model`, after one warm-up round of
+    `concurrency` requests (compiles)."""
+    engine = ServingEngine(model, max_batch=concurrency, max_len=max_len)
+    run_load(engine, make_request, num_requests=min(concurrency, requests), concurrency=concurrency)
+    return run_load(engine, make_request, num_requests=requests, concurrency=concurrency)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
 from effitrans.layers.params import StateParam
-from effitrans.models import build_model
+from effitrans.registry import build_model
 from effitrans.train import partitioning
 from effitrans.train.checkpoints import Checkpointer, abstract_like
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer

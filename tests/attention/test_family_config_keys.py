@@ -1,5 +1,6 @@
-"""Every family's own keys are declared in configs/common.py, settable from the command line, and only
-for the kind that reads them (a key the chosen kind would ignore is an error, not a silent no-op)."""
+"""Every family's own keys are in every config's model.attention (effitrans.defaults), settable from the
+command line, and only for the kind that reads them (a key the chosen kind would ignore is an error, not a
+silent no-op)."""
 
 import os
 
@@ -8,7 +9,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from effitrans.attention import ATTENTION_FAMILIES, build_attention
-from effitrans.config_validation import ConfigError, validate_model_config
+from effitrans.registry import validate_model_config
+from effitrans.schema import ConfigError
 from tests.helpers import ROOT, tiny_model_config
 
 

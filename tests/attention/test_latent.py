@@ -11,8 +11,8 @@ from flax import nnx
 
 from effitrans.attention import LatentAttention, LatentCache, cache_bytes
 from effitrans.attention.latent import rotate, yarn_frequencies, yarn_mscale
-from effitrans.config_validation import ConfigError
-from effitrans.models import build_model
+from effitrans.registry import build_model
+from effitrans.schema import ConfigError
 from tests.helpers import tiny_model_config
 
 DIMS = dict(kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from effitrans.attention.lsh import SELF_LOGIT, LSHAttention
-from effitrans.config_validation import ConfigError
-from effitrans.models import build_model
+from effitrans.registry import build_model
+from effitrans.schema import ConfigError
 from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 

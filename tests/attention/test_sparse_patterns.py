@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from effitrans.attention.sparse_patterns import SparsePatternAttention, StridedColumns, SummaryColumns
-from effitrans.config_validation import ConfigError
 from effitrans.kernels import masks
-from effitrans.models import build_model
+from effitrans.registry import build_model
+from effitrans.schema import ConfigError
 from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
 from tests.helpers import tiny_model_config
 

@@ -16,8 +16,8 @@ from effitrans.attention.transient_global import (
     transient_global_attention,
     transient_global_reference,
 )
-from effitrans.config_validation import ConfigError
-from effitrans.models import build_model
+from effitrans.registry import build_model
+from effitrans.schema import ConfigError
 from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate
 from tests.helpers import tiny_model_config
 

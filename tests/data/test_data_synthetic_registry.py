@@ -48,7 +48,7 @@ def test_registry_unknown_name_and_field():
 
 def test_registry_accepts_attribute_objects_and_defaults():
     ds = build_dataset(types.SimpleNamespace(name="associative_recall", seq_len=32), global_batch_size=4, seed=0)
-    assert ds.metadata["num_pairs"] == registry.FIELDS["associative_recall"]["num_pairs"]
+    assert ds.metadata["num_pairs"] == registry.DATA_KEYS["associative_recall"]["num_pairs"].default
     assert ds.metadata["seq_len"] == 32
     for name in registry.DATASET_NAMES:
-        assert set(registry.FIELDS[name]) >= {"eval_batch_size"}
+        assert set(registry.DATA_KEYS[name]) >= {"eval_batch_size"}

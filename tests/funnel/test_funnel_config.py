@@ -1,25 +1,24 @@
 """configs/funnel_retrieval_small.py validates as shipped and trains from scratch through the Trainer;
 a dense checkpoint's parameters evaluate in the funnel config unchanged (same tree)."""
 
-import importlib
-
 import jax
 import numpy as np
 import pytest
 
 from effitrans.config_validation import validate_config
 from effitrans.train.trainer import Trainer
+from tests.helpers import shipped_config
 
 
 def test_funnel_config_validates_as_shipped():
-    cfg = importlib.import_module("funnel_retrieval_small").get_config()
+    cfg = shipped_config("funnel_retrieval_small")
     validate_config(cfg)
     assert list(cfg.model.funnel.block_layers) == [2, 4] and sum(cfg.model.funnel.block_layers) == cfg.model.num_layers
 
 
 @pytest.mark.slow
 def test_funnel_config_trains_and_evaluates(tmp_path):
-    cfg = importlib.import_module("funnel_retrieval_small").get_config()
+    cfg = shipped_config("funnel_retrieval_small")
     cfg.model.num_layers, cfg.model.d_model, cfg.model.ffn_width = 3, 64, 96
     cfg.model.attention.impl = "reference"
     cfg.model.funnel.block_layers = [1, 2]
@@ -30,7 +29,7 @@ def test_funnel_config_trains_and_evaluates(tmp_path):
     ev = result["eval"]
     assert ev["eval_examples"] == 24 and 0.0 <= ev["eval_recall_at_1"] <= 1.0 and 0.0 < ev["eval_mrr"] <= 1.0
     # The funnel's parameter tree is the dense encoder's: the dense model evaluates the same weights.
-    dense = importlib.import_module("encoder_retrieval_small").get_config()
+    dense = shipped_config("encoder_retrieval_small")
     dense.model = cfg.model.copy_and_resolve_references()
     dense.model.name = "encoder_embedding"
     del dense.model["funnel"]

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from effitrans import funnel
-from effitrans.config_validation import ConfigError, validate_model_config
-from effitrans.models import build_model
+from effitrans.registry import build_model, validate_model_config
+from effitrans.schema import ConfigError
 from tests.helpers import tiny_model_config
 
 

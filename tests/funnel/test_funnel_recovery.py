@@ -1,9 +1,6 @@
 """Funnel recovery: the distillation term is the KL of in-batch score softmaxes, recovery without it is the
 Trainer's own contrastive step, and distilling pulls the funnel's scores towards the dense teacher's."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -11,10 +8,7 @@ import pytest
 from effitrans import funnel
 from effitrans.funnel import recovery
 from effitrans.train.trainer import Trainer
-from tests.helpers import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import encoder_retrieval_small  # noqa: E402
+from tests.helpers import shipped_config
 
 
 def test_score_distillation_kl_matches_numpy():
@@ -32,7 +26,7 @@ def test_score_distillation_kl_matches_numpy():
 
 
 def _tiny(tmp_path, model_cfg=None):
-    cfg = encoder_retrieval_small.get_config()
+    cfg = shipped_config("encoder_retrieval_small")
     cfg.model.update(num_layers=2, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, ffn_width=48, embed_dim=16)
     cfg.model.attention.impl = "reference"
     cfg.data.query_len = cfg.data.doc_len = 16

@@ -10,13 +10,11 @@ from effitrans.bench import serve
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 TINY = f"""
-import sys
-sys.path.insert(0, {CONFIGS!r})
-import encoder_retrieval_small
+from effitrans.schema import load_config
 
 
 def get_config(arg=None):
-    cfg = encoder_retrieval_small.get_config()
+    cfg = load_config({os.path.join(CONFIGS, "encoder_retrieval_small.py")!r})
     m = cfg.model
     m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.ffn_width, m.embed_dim = 3, 32, 2, 2, 16, 48, 8
     m.attention.impl = "reference"

@@ -1,6 +1,5 @@
 """Flash-decoding against the dense decode reference and against causal attention."""
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 from effitrans import kernels
 from effitrans.kernels import masks as M
+from tests.kernels import helpers
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TOLERANCES, check_impl_against_reference, random_qkv, random_segment_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effitrans.kernels import masks as M
 from effitrans.kernels import pallas_flash
 from effitrans.kernels.reference import reference_attention
+from tests.kernels.helpers import TOLERANCES, check_impl_against_reference, random_qkv, random_segment_ids
 
 # ----------------------------------------------------------------------------------------------
 # Through kernels.attention(impl="pallas") (the "tpu" formulation in interpret mode).

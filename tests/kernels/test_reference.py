@@ -1,6 +1,5 @@
 """The dense reference against a per-head numpy loop written from the definition, and jax.nn."""
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 from effitrans import kernels
 from effitrans.kernels import masks as M
+from tests.kernels import helpers
 
 
 def _numpy_attention(q, k, v, allowed, scale):

@@ -1,6 +1,5 @@
 """The blockwise xla implementation against the dense reference: forward, lse and all gradients."""
 
-import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ from hypothesis import strategies as st
 
 from effitrans.kernels import masks as M
 from effitrans.kernels import xla_flash
+from tests.kernels import helpers
 
 MASKS = [
     M.Full(),

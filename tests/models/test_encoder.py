@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effitrans.models import build_model
+from effitrans.registry import build_model
 from tests.helpers import tiny_model_config
 
 

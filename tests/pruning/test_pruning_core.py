@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from effitrans import pruning
-from effitrans.models import build_model
+from effitrans.registry import build_model
 from tests.helpers import tiny_model_config
 
 WIDTHS = [48, 40]

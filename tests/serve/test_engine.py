@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effitrans.models import build_model
+from effitrans.registry import build_model
 from effitrans.serve import Request, ServingEngine, run_load
 from tests.helpers import tiny_model_config
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effitrans.models import build_model
+from effitrans.registry import build_model
 from effitrans.serve import decode_tokens, generate
 from tests.helpers import tiny_model_config
 

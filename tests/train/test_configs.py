@@ -1,25 +1,24 @@
 """Every shipped config validates, builds, takes training steps and evaluates (shrunk to test size)."""
 
-import importlib
-
 import numpy as np
 import pytest
 
 from effitrans.config_validation import validate_config
 from effitrans.train.trainer import Trainer
+from tests.helpers import shipped_config
 
 CONFIGS = ["lm_tiny", "lm_small", "encoder_retrieval_small", "listops_small"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_validates_as_shipped(name):
-    validate_config(importlib.import_module(name).get_config())
+    validate_config(shipped_config(name))
 
 
 @pytest.mark.slow  # >= 8 s on 2 cores: CI runs it (keeps the default run under 10 min)
 @pytest.mark.parametrize("name", ["encoder_retrieval_small", "listops_small"])
 def test_encoder_configs_train_and_evaluate(name, tmp_path):
-    cfg = importlib.import_module(name).get_config()
+    cfg = shipped_config(name)
     cfg.model.num_layers, cfg.model.d_model, cfg.model.ffn_width = 1, 64, 96
     cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = 2, 8, 1
     if name == "listops_small":

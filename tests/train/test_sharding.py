@@ -31,7 +31,7 @@ def test_3d_mesh_matches_single_device_and_shards_params(tmp_path):
 
     params = state["params"]["stack"]
     block = params["blocks"][0]
-    # rules: embed -> fsdp, heads/kv_heads/mlp -> tensor (configs/common.py)
+    # rules: embed -> fsdp, heads/kv_heads/mlp -> tensor (effitrans.train.schema.DEFAULT_RULES)
     expect = {
         "gate": (("fsdp", "tensor"), (64 // 2, 128 // 2)),
         "down": (("tensor", "fsdp"), (128 // 2, 64 // 2)),

@@ -1,0 +1,52 @@
+"""The default groups every experiment config starts from, built from the keys each part declares:
+
+    from effitrans import defaults
+    config = defaults.experiment(
+        defaults.model(d_model=256), defaults.data("text_lm", seq_len=128), defaults.train(steps=100), defaults.mesh()
+    )
+
+Each function returns a fresh ml_collections.ConfigDict holding every declared key of its group at its default
+(keys whose default is None keep their type, so any of them can be set from the command line), then the
+given overrides. What each key means: the Key declarations (effitrans.registry.model_keys, FUNNEL_KEYS,
+data.registry.DATA_KEYS, train.schema), and docs/contracts.md.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from effitrans.data.registry import data_defaults
+from effitrans.funnel.config import FUNNEL_KEYS
+from effitrans.registry import model_keys
+from effitrans.schema import default_config
+from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
+
+
+def model(**overrides) -> ml_collections.ConfigDict:
+    """config.model: a causal LM with dense attention; every attention family's own keys declared None."""
+    return default_config(model_keys(), **overrides)
+
+
+def funnel(**overrides) -> ml_collections.ConfigDict:
+    """config.model.funnel, for model.name = funnel_embedding | funnel_classifier."""
+    return default_config(FUNNEL_KEYS, **overrides)
+
+
+def data(name: str, **overrides) -> ml_collections.ConfigDict:
+    """config.data of dataset `name` (effitrans.data.DATASET_NAMES)."""
+    return data_defaults(name, **overrides)
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+    return default_config(TRAIN_KEYS, **overrides)
+
+
+def mesh(**overrides) -> ml_collections.ConfigDict:
+    return default_config(MESH_KEYS, **overrides)
+
+
+def experiment(model_cfg, data_cfg, train_cfg, mesh_cfg) -> ml_collections.ConfigDict:
+    """The four groups as one config."""
+    c = ml_collections.ConfigDict()
+    c.model, c.data, c.train, c.mesh = model_cfg, data_cfg, train_cfg, mesh_cfg
+    return c

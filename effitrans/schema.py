@@ -1,0 +1,182 @@
+"""The config vocabulary every part of effitrans declares its keys with (imports nothing from effitrans).
+
+A part declares each key it reads once, as `Key(default, check, doc)`: the default the config starts from,
+the check of what is allowed, and a one-line description. A group of keys (a dict of name -> Key, or of
+name -> nested group) builds its ml_collections ConfigDict of defaults (`default_config`) and validates a
+ConfigDict (`validate`). Unknown keys are errors, so a typo never silently falls back to a default; every
+error names the key path, the value and what is allowed.
+
+A check is a function value -> None when allowed, else a phrase saying what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+Check = Callable[[Any], str | None]
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names the key, the value and what is allowed."""
+
+
+class _NotSet:
+    def __repr__(self):
+        return "NOT_SET"
+
+
+NOT_SET = _NotSet()  # default of a key a config may add but the default group leaves out
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: its default, its check and what it means.
+
+    A key whose check is a group (a Mapping of keys) is a nested group a config may add (default NOT_SET).
+
+    field_type: the ConfigDict field type when the default alone does not fix it (a None default, or a
+    value of several types such as `int | list[int]`: `object`); the default is then held in a
+    FieldReference so command-line overrides keep that type.
+    """
+
+    default: Any
+    check: Check | Mapping = None
+    doc: str = ""
+    field_type: type | None = None
+
+    def __post_init__(self):
+        if self.check is None:
+            object.__setattr__(self, "check", anything)
+
+
+Group = Mapping[str, "Key | Group"]
+
+
+# ---- small value checks: each returns None if ok, else a description of what is allowed -------------
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def int_at_least(lo: int) -> Check:
+    return lambda v: None if is_int(v) and v >= lo else f"an int >= {lo}"
+
+
+def float_at_least(lo: float, strict: bool = False) -> Check:
+    def check(v):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > lo if strict else v >= lo)
+        return None if ok else f"a number {'>' if strict else '>='} {lo}"
+
+    return check
+
+
+def one_of(*allowed) -> Check:
+    return lambda v: None if v in allowed else f"one of {list(allowed)}"
+
+
+def optional(check: Check) -> Check:
+    return lambda v: None if v is None else (None if check(v) is None else f"None or {check(v)}")
+
+
+def boolean(v):
+    return None if isinstance(v, bool) else "True or False"
+
+
+def string(v):
+    return None if isinstance(v, str) else "a string"
+
+
+def anything(v):
+    return None
+
+
+def block_size(v):
+    return None if v is None or (is_int(v) and v > 0 and v % 8 == 0) else "None or a positive multiple of 8"
+
+
+def int_list(v):
+    ok = isinstance(v, (list, tuple)) and all(is_int(x) and x >= 1 for x in v)
+    return None if ok else "a list of ints >= 1"
+
+
+def int_or_int_list(v):
+    if is_int(v) and v >= 1:
+        return None
+    if isinstance(v, (list, tuple)) and v and all(is_int(x) and x >= 1 for x in v):
+        return None
+    return "an int >= 1 or a non-empty list of ints >= 1"
+
+
+def rules_table(v):
+    try:
+        ok = all(len(r) == 2 and isinstance(r[0], str) for r in v)
+    except TypeError:
+        ok = False
+    return None if ok else "a sequence of (logical_axis, mesh_axis | tuple of mesh axes | None) pairs"
+
+
+# ---- groups ------------------------------------------------------------------------------------------
+
+
+def default_config(group: Group, **overrides) -> ml_collections.ConfigDict:
+    """The ConfigDict of a group's defaults (keys with default NOT_SET left out), then `overrides`."""
+    cfg = ml_collections.ConfigDict()
+    for name, key in group.items():
+        if isinstance(key, Mapping):
+            cfg[name] = default_config(key)
+        elif key.default is NOT_SET:
+            continue
+        elif key.field_type is not None:
+            cfg[name] = ml_collections.FieldReference(key.default, field_type=key.field_type)
+        else:
+            cfg[name] = key.default
+    cfg.update(overrides)
+    return cfg
+
+
+def validate(cfg: Mapping, group: Group, prefix: str) -> None:
+    """Checks every key of `cfg` against `group`; the first problem raises ConfigError naming its path."""
+    for name in cfg.keys():
+        path = f"{prefix}.{name}"
+        if name not in group:
+            raise ConfigError(f"{path} is not a known config key; known keys of {prefix}: {sorted(group)}")
+        key, value = group[name], cfg[name]
+        check = key if isinstance(key, Mapping) else key.check
+        if isinstance(check, Mapping):
+            if not hasattr(value, "keys"):
+                raise ConfigError(f"{path}={value!r} must be a group with keys {sorted(check)}")
+            validate(value, check, path)
+            continue
+        problem = check(value)
+        if problem is not None:
+            raise ConfigError(f"{path}={value!r} is not allowed: expected {problem}")
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path` (a configs/*.py file; `path:arg` is split off too).
+
+    Config files are plain modules loaded by path, as ml_collections' config_flags does, so they need no
+    package of their own and nothing on sys.path.
+    """
+    if arg is None and ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"effitrans_config_{name}", path)
+    if spec is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def value(cfg: Mapping, group: Group, name: str):
+    """cfg[name], or the key's declared default when the config leaves it out or None."""
+    v = cfg.get(name)
+    return group[name].default if v is None else v
