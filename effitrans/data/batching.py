@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from effitrans.data.tokenizer import VOCAB_SIZE
+
 Batch = dict[str, np.ndarray]
 
 # Domain-separation tags: the first word of every seed sequence, so that the
@@ -33,8 +35,17 @@ TAG_RECALL_TRAIN = 0xA55C
 TAG_RECALL_EVAL = 0xA55D
 
 
-def check_int(name: str, value, *, minimum: int | None = None) -> int:
-    """Validates an integer argument (bools rejected); returns it as int."""
+_REQUIRED = object()
+
+
+def check_int(name: str, value, *, minimum: int | None = None, default=_REQUIRED) -> int:
+    """Validates an integer argument (bools rejected); returns it as int.
+
+    With ``default`` given, ``value`` may be None, which returns ``default`` (e.g. eval_batch_size None
+    means the global batch size; max_eval_batches None stays None).
+    """
+    if value is None and default is not _REQUIRED:
+        return default
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
@@ -103,3 +114,77 @@ def eval_iterator(
             yield parts[0]
         else:
             yield {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+class BatchedDataset:
+    """What every dataset shares: global and eval batch sizes, the seed, the ordered eval loop and the
+    metadata keys that describe them.
+
+    eval_batch_size None means global_batch_size. Subclasses set ``name`` and ``task`` and define
+    ``get_batch``, ``num_eval_rows`` (size of the held-out set), ``_eval_rows(indices int64 [k])``
+    and ``_eval_padding(k)`` (k rows of weight 0).
+    """
+
+    name = ""
+    task = ""
+
+    def __init__(self, *, global_batch_size: int, seed: int, eval_batch_size: int | None = None):
+        self.global_batch_size = check_int("global_batch_size", global_batch_size, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.eval_batch_size = check_int("eval_batch_size", eval_batch_size, minimum=1, default=self.global_batch_size)
+
+    @property
+    def num_eval_rows(self) -> int:
+        raise NotImplementedError
+
+    def _eval_rows(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def _eval_padding(self, k: int) -> Batch:
+        raise NotImplementedError
+
+    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+        """The fixed held-out set in order, eval_batch_size rows per global batch; the last batch is
+        padded with rows of weight 0."""
+        return eval_iterator(
+            self.num_eval_rows, self.eval_batch_size, process_index, process_count, self._eval_rows, self._eval_padding
+        )
+
+    _META_ATTRS: tuple[str, ...] = ("global_batch_size", "eval_batch_size", "seed")
+
+    def _metadata(self, attrs: tuple[str, ...] = (), **extra) -> dict:
+        """JSON-serialisable metadata: name, task, vocab_size, the attributes named in _META_ATTRS and
+        ``attrs``, then ``extra``."""
+        meta = {"name": self.name, "task": self.task, "vocab_size": VOCAB_SIZE}
+        meta.update({key: getattr(self, key) for key in self._META_ATTRS + tuple(attrs)})
+        meta.update(extra)
+        return meta
+
+
+class GeneratedDataset(BatchedDataset):
+    """A dataset generated from seeds (no corpus): sequences of ``seq_len`` and a fixed held-out set of
+    ``num_eval_examples`` rows generated from ``eval_seed``."""
+
+    _META_ATTRS = BatchedDataset._META_ATTRS + ("seq_len", "eval_seed", "num_eval_examples")
+
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        seed: int,
+        num_eval_examples: int = 256,
+        eval_seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__(global_batch_size=global_batch_size, seed=seed, eval_batch_size=eval_batch_size)
+        self.seq_len = check_int("seq_len", seq_len, minimum=2)
+        self.num_eval_examples = check_int("num_eval_examples", num_eval_examples, minimum=1)
+        self.eval_seed = check_int("eval_seed", eval_seed, minimum=0)
+
+    @property
+    def num_eval_rows(self) -> int:
+        return self.num_eval_examples
+
+    def _metadata(self, attrs: tuple[str, ...] = (), **extra) -> dict:
+        return super()._metadata(attrs, corpus_path=None, **extra)

@@ -22,12 +22,12 @@ Rows are [CLS, tokens..., PAD...] of length seq_len >= max_len + 1.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from effitrans.data import batching
-from effitrans.data.tokenizer import CLS, PAD, VOCAB_SIZE
+from effitrans.data.tokenizer import CLS, PAD
 
 VALUE_P = 0.25
 NUM_CLASSES = 10
@@ -178,7 +178,7 @@ def tree_depth(tree) -> int:
     return 1 + max(tree_depth(c) for c in tree[1])
 
 
-class ListOpsDataset:
+class ListOpsDataset(batching.GeneratedDataset):
     """10-way ListOps classification.
 
     Batches: {"inputs": int32 [b, seq_len] (CLS, tokens, PAD...),
@@ -189,43 +189,32 @@ class ListOpsDataset:
     (seed, s, r), so each process builds only its own rows.
     The held-out set is ``num_eval_examples`` trees keyed on (eval_seed, i),
     independent of the training seed; padding rows are CLS then PAD with
-    example_weights 0 and label 0.
+    example_weights 0 and label 0. Other arguments (seq_len, global_batch_size,
+    seed, eval_seed=0, eval_batch_size=None): see batching.GeneratedDataset.
     """
 
+    name = "listops"
     task = "classification"
 
     def __init__(
         self,
         *,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
         min_len: int = 500,
         max_len: int = 2000,
         max_depth: int = 10,
         max_args: int = 10,
         num_eval_examples: int = 2000,
-        eval_seed: int = 0,
-        eval_batch_size: int | None = None,
+        **common,
     ):
-        self.seq_len = batching.check_int("seq_len", seq_len, minimum=2)
-        self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
-        self.seed = batching.check_int("seed", seed, minimum=0)
+        super().__init__(num_eval_examples=num_eval_examples, **common)
         self.min_len = batching.check_int("min_len", min_len, minimum=1)
         self.max_len = batching.check_int("max_len", max_len, minimum=1)
         self.max_depth = batching.check_int("max_depth", max_depth, minimum=1)
         self.max_args = batching.check_int("max_args", max_args, minimum=2)
-        self.num_eval_examples = batching.check_int("num_eval_examples", num_eval_examples, minimum=1)
-        self.eval_seed = batching.check_int("eval_seed", eval_seed, minimum=0)
-        self.eval_batch_size = (
-            self.global_batch_size
-            if eval_batch_size is None
-            else batching.check_int("eval_batch_size", eval_batch_size, minimum=1)
-        )
         if self.min_len > self.max_len:
             raise ValueError(f"min_len={min_len} must be <= max_len={max_len}")
         if self.max_len + 1 > self.seq_len:
-            raise ValueError(f"seq_len={seq_len} must be >= max_len + 1 = {max_len + 1} (CLS + tokens)")
+            raise ValueError(f"seq_len={self.seq_len} must be >= max_len + 1 = {max_len + 1} (CLS + tokens)")
 
     def _example(self, rng):
         return sample_example(
@@ -267,42 +256,20 @@ class ListOpsDataset:
             for i in range(self.num_eval_examples)
         ]
 
+    def _eval_rows(self, indices: np.ndarray) -> dict:
+        return self._rows([self.eval_examples[i] for i in indices])
+
     def _eval_padding(self, k: int) -> dict:
         out = self._rows([(np.zeros((0,), np.int32), 0, 0)] * k)
         out["example_weights"] = np.zeros((k,), np.float32)
         return out
 
-    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """The fixed held-out set in order; the last batch is padded with example_weights 0."""
-        examples = self.eval_examples
-        return batching.eval_iterator(
-            self.num_eval_examples,
-            self.eval_batch_size,
-            process_index,
-            process_count,
-            lambda idx: self._rows([examples[i] for i in idx]),
-            self._eval_padding,
-        )
-
     @property
     def metadata(self) -> dict:
-        return {
-            "name": "listops",
-            "task": self.task,
-            "vocab_size": VOCAB_SIZE,
-            "num_classes": NUM_CLASSES,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "seed": self.seed,
-            "eval_seed": self.eval_seed,
-            "min_len": self.min_len,
-            "max_len": self.max_len,
-            "max_depth": self.max_depth,
-            "max_args": self.max_args,
-            "num_eval_examples": self.num_eval_examples,
-            "value_p": VALUE_P,
-            "token_ids": dict(TOKEN_TO_ID),
-            "corpus_path": None,
-            "generator": "effitrans.data.listops (LRA spec, prefix tokens without parentheses)",
-        }
+        return self._metadata(
+            ("min_len", "max_len", "max_depth", "max_args"),
+            num_classes=NUM_CLASSES,
+            value_p=VALUE_P,
+            token_ids=dict(TOKEN_TO_ID),
+            generator="effitrans.data.listops (LRA spec, prefix tokens without parentheses)",
+        )

@@ -24,13 +24,13 @@ are dropped, so every query has exactly one matching doc.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from effitrans.data import batching
-from effitrans.data.text import Corpus, check_fraction, split_documents
-from effitrans.data.tokenizer import CLS, PAD, VOCAB_SIZE
+from effitrans.data.text import Corpus, CorpusDataset
+from effitrans.data.tokenizer import CLS, PAD
 
 
 def make_passages(docs: Sequence[bytes], query_bytes: int, doc_bytes: int) -> tuple:
@@ -62,7 +62,7 @@ def make_passages(docs: Sequence[bytes], query_bytes: int, doc_bytes: int) -> tu
 PAIRINGS = ("halves", "crops")
 
 
-class TextRetrievalDataset:
+class TextRetrievalDataset(CorpusDataset):
     """Query/doc pairs for in-batch contrastive training of an embedding encoder.
 
     Batches: {"query": int32 [b, query_len], "query_mask": float32 [b, query_len],
@@ -78,8 +78,11 @@ class TextRetrievalDataset:
     ones instead would put a few documents' consecutive passages against each
     other: every candidate would be a near-duplicate topic, unlike the random
     in-batch negatives of training (recall@1 stayed near chance that way).
+    Other arguments (global_batch_size, seed, val_fraction=0.05, eval_batch_size=None): see
+    text.CorpusDataset.
     """
 
+    name = "text_retrieval"
     task = "retrieval"
 
     def __init__(
@@ -88,34 +91,20 @@ class TextRetrievalDataset:
         *,
         query_len: int,
         doc_len: int,
-        global_batch_size: int,
-        seed: int,
-        val_fraction: float = 0.05,
         max_eval_examples: int | None = None,
-        eval_batch_size: int | None = None,
         pairing: str = "halves",
+        **common,
     ):
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing={pairing!r}; allowed: {', '.join(PAIRINGS)}")
+        super().__init__(corpus, **common)
         self.pairing = pairing
-        self.corpus = corpus
         self.query_len = batching.check_int("query_len", query_len, minimum=2)
         self.doc_len = batching.check_int("doc_len", doc_len, minimum=2)
-        self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
-        self.seed = batching.check_int("seed", seed, minimum=0)
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.eval_batch_size = (
-            self.global_batch_size
-            if eval_batch_size is None
-            else batching.check_int("eval_batch_size", eval_batch_size, minimum=1)
-        )
-        if max_eval_examples is not None:
-            max_eval_examples = batching.check_int("max_eval_examples", max_eval_examples, minimum=1)
-        self.max_eval_examples = max_eval_examples
-        self.train_docs, self.val_docs = split_documents(corpus, self.val_fraction)
+        self.max_eval_examples = batching.check_int("max_eval_examples", max_eval_examples, minimum=1, default=None)
         qb, db = self.query_len - 1, self.doc_len - 1
-        self.train_passages, tail_t, drop_t = make_passages([corpus.data[i] for i in self.train_docs], qb, db)
-        self.val_passages, tail_v, drop_v = make_passages([corpus.data[i] for i in self.val_docs], qb, db)
+        self.train_passages, tail_t, drop_t = make_passages(self._documents(self.train_docs), qb, db)
+        self.val_passages, tail_v, drop_v = make_passages(self._documents(self.val_docs), qb, db)
         self.unused_tail_bytes = tail_t + tail_v
         self.dropped_passages = drop_t + drop_v
         if len(self.train_passages) < self.global_batch_size:
@@ -126,7 +115,7 @@ class TextRetrievalDataset:
         if len(self.val_passages) == 0:
             raise ValueError(
                 f"corpus {corpus.path!r} yields no validation passages at "
-                f"query_len={query_len}, doc_len={doc_len}, val_fraction={val_fraction}"
+                f"query_len={query_len}, doc_len={doc_len}, val_fraction={self.val_fraction}"
             )
         self.num_eval = len(self.val_passages)
         if max_eval_examples is not None:
@@ -197,36 +186,19 @@ class TextRetrievalDataset:
         d, dm = pad(self.doc_len)
         return {"query": q, "query_mask": qm, "doc": d, "doc_mask": dm, "example_weights": np.zeros((k,), np.float32)}
 
-    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """Held-out pairs in order; the last batch is padded with example_weights 0."""
-        return batching.eval_iterator(
-            self.num_eval, self.eval_batch_size, process_index, process_count, self._eval_rows, self._eval_padding
-        )
+    @property
+    def num_eval_rows(self) -> int:
+        """Held-out pairs used for evaluation (num_eval)."""
+        return self.num_eval
 
     @property
     def metadata(self) -> dict:
-        meta = {
-            "name": "text_retrieval",
-            "task": self.task,
-            "vocab_size": VOCAB_SIZE,
-            "query_len": self.query_len,
-            "doc_len": self.doc_len,
-            "global_batch_size": self.global_batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "pairing": self.pairing,
-            "max_eval_examples": self.max_eval_examples,
-            "train_documents": int(len(self.train_docs)),
-            "val_documents": int(len(self.val_docs)),
-            "train_passages": int(len(self.train_passages)),
-            "val_passages": int(len(self.val_passages)),
-            "eval_examples": int(self.num_eval),
-            "unused_tail_bytes": int(self.unused_tail_bytes),
-            "dropped_passages": int(self.dropped_passages),
-        }
-        meta.update(self.corpus.describe())
-        return meta
+        return self._metadata(
+            ("query_len", "doc_len", "pairing", "max_eval_examples", "unused_tail_bytes", "dropped_passages"),
+            train_passages=len(self.train_passages),
+            val_passages=len(self.val_passages),
+            eval_examples=self.num_eval,
+        )
 
 
 def retrieval_ranks(query_emb, doc_emb, *, weights=None, chunk: int = 1024) -> np.ndarray:

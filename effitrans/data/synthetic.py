@@ -10,12 +10,11 @@ is generated once from (eval_seed) with a different stream tag.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import numpy as np
 
 from effitrans.data import batching
-from effitrans.data.tokenizer import BOS, MASK, NUM_BYTES, PAD, VOCAB_SIZE
+from effitrans.data.tokenizer import BOS, MASK, NUM_BYTES, PAD
 
 SEPARATOR = MASK  # the copy task's separator id
 VALUE_OFFSET = 128  # associative-recall values use ids VALUE_OFFSET + v
@@ -27,23 +26,13 @@ def _lm_from_full(full: np.ndarray, score: np.ndarray) -> dict:
     return {"inputs": full[:, :-1].copy(), "targets": full[:, 1:].copy(), "weights": score[:, 1:].astype(np.float32)}
 
 
-class _SyntheticLM:
+class _SyntheticLM(batching.GeneratedDataset):
+    """A synthetic LM task: ``_generate(rng, k)`` makes k rows; training from (seed, step), the held-out
+    set once from eval_seed. Arguments: see batching.GeneratedDataset."""
+
     task = "lm"
     _train_tag = 0
     _eval_tag = 0
-    name = ""
-
-    def __init__(self, *, seq_len, global_batch_size, seed, num_eval_examples, eval_seed, eval_batch_size):
-        self.seq_len = batching.check_int("seq_len", seq_len, minimum=2)
-        self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
-        self.seed = batching.check_int("seed", seed, minimum=0)
-        self.num_eval_examples = batching.check_int("num_eval_examples", num_eval_examples, minimum=1)
-        self.eval_seed = batching.check_int("eval_seed", eval_seed, minimum=0)
-        self.eval_batch_size = (
-            self.global_batch_size
-            if eval_batch_size is None
-            else batching.check_int("eval_batch_size", eval_batch_size, minimum=1)
-        )
 
     def _generate(self, rng: np.random.Generator, k: int) -> dict:
         raise NotImplementedError
@@ -60,35 +49,12 @@ class _SyntheticLM:
         """The whole held-out set, arrays with leading dim num_eval_examples."""
         return self._generate(batching.make_rng(self._eval_tag, self.eval_seed), self.num_eval_examples)
 
+    def _eval_rows(self, indices: np.ndarray) -> dict:
+        return {k: v[indices] for k, v in self.eval_set.items()}
+
     def _eval_padding(self, k: int) -> dict:
         full = np.full((k, self.seq_len), PAD, np.int32)
         return {"inputs": full, "targets": full.copy(), "weights": np.zeros((k, self.seq_len), np.float32)}
-
-    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """The fixed held-out set in order; the last batch is padded with weight 0."""
-        data = self.eval_set
-        return batching.eval_iterator(
-            self.num_eval_examples,
-            self.eval_batch_size,
-            process_index,
-            process_count,
-            lambda idx: {k: v[idx] for k, v in data.items()},
-            self._eval_padding,
-        )
-
-    def _base_metadata(self) -> dict:
-        return {
-            "name": self.name,
-            "task": self.task,
-            "vocab_size": VOCAB_SIZE,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "seed": self.seed,
-            "eval_seed": self.eval_seed,
-            "num_eval_examples": self.num_eval_examples,
-            "corpus_path": None,
-        }
 
 
 class CopyDataset(_SyntheticLM):
@@ -97,33 +63,16 @@ class CopyDataset(_SyntheticLM):
     x_i are uniform over ids [0, num_symbols); L is uniform in
     [min_copy_len, max_copy_len] per row. Weights are 1 exactly on the targets
     x_1..x_L of the second copy (L per row). Needs seq_len >= 2*max_copy_len + 1.
+    Other arguments (seq_len, global_batch_size, seed, num_eval_examples=256, eval_seed=0,
+    eval_batch_size=None): see batching.GeneratedDataset.
     """
 
     _train_tag = batching.TAG_COPY_TRAIN
     _eval_tag = batching.TAG_COPY_EVAL
     name = "copy"
 
-    def __init__(
-        self,
-        *,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        min_copy_len: int = 1,
-        max_copy_len: int = 16,
-        num_symbols: int = 16,
-        num_eval_examples: int = 256,
-        eval_seed: int = 0,
-        eval_batch_size: int | None = None,
-    ):
-        super().__init__(
-            seq_len=seq_len,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            num_eval_examples=num_eval_examples,
-            eval_seed=eval_seed,
-            eval_batch_size=eval_batch_size,
-        )
+    def __init__(self, *, min_copy_len: int = 1, max_copy_len: int = 16, num_symbols: int = 16, **common):
+        super().__init__(**common)
         self.min_copy_len = batching.check_int("min_copy_len", min_copy_len, minimum=1)
         self.max_copy_len = batching.check_int("max_copy_len", max_copy_len, minimum=1)
         self.num_symbols = batching.check_int("num_symbols", num_symbols, minimum=2)
@@ -132,7 +81,7 @@ class CopyDataset(_SyntheticLM):
         if self.min_copy_len > self.max_copy_len:
             raise ValueError(f"min_copy_len={min_copy_len} must be <= max_copy_len={max_copy_len}")
         if 2 * self.max_copy_len + 1 > self.seq_len:
-            raise ValueError(f"seq_len={seq_len} must be >= 2*max_copy_len+1 = {2 * max_copy_len + 1}")
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2*max_copy_len+1 = {2 * max_copy_len + 1}")
 
     def _generate(self, rng, k):
         lengths = rng.integers(self.min_copy_len, self.max_copy_len, size=k, endpoint=True)  # [k]
@@ -151,16 +100,7 @@ class CopyDataset(_SyntheticLM):
 
     @property
     def metadata(self) -> dict:
-        meta = self._base_metadata()
-        meta.update(
-            {
-                "min_copy_len": self.min_copy_len,
-                "max_copy_len": self.max_copy_len,
-                "num_symbols": self.num_symbols,
-                "separator_id": SEPARATOR,
-            }
-        )
-        return meta
+        return self._metadata(("min_copy_len", "max_copy_len", "num_symbols"), separator_id=SEPARATOR)
 
 
 class AssociativeRecallDataset(_SyntheticLM):
@@ -169,34 +109,15 @@ class AssociativeRecallDataset(_SyntheticLM):
     Keys are ``num_pairs`` distinct ids from [0, num_keys); values are ids
     VALUE_OFFSET + [0, num_values) drawn with replacement; the query q is one of
     the keys, uniformly. The only weighted target is v_q (predicted at the
-    position of q). Needs seq_len >= 2*num_pairs + 2.
+    position of q). Needs seq_len >= 2*num_pairs + 2. Other arguments: as CopyDataset.
     """
 
     _train_tag = batching.TAG_RECALL_TRAIN
     _eval_tag = batching.TAG_RECALL_EVAL
     name = "associative_recall"
 
-    def __init__(
-        self,
-        *,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        num_pairs: int = 8,
-        num_keys: int = 32,
-        num_values: int = 32,
-        num_eval_examples: int = 256,
-        eval_seed: int = 0,
-        eval_batch_size: int | None = None,
-    ):
-        super().__init__(
-            seq_len=seq_len,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            num_eval_examples=num_eval_examples,
-            eval_seed=eval_seed,
-            eval_batch_size=eval_batch_size,
-        )
+    def __init__(self, *, num_pairs: int = 8, num_keys: int = 32, num_values: int = 32, **common):
+        super().__init__(**common)
         self.num_pairs = batching.check_int("num_pairs", num_pairs, minimum=1)
         self.num_keys = batching.check_int("num_keys", num_keys, minimum=1)
         self.num_values = batching.check_int("num_values", num_values, minimum=2)
@@ -205,7 +126,7 @@ class AssociativeRecallDataset(_SyntheticLM):
         if self.num_values > NUM_BYTES - VALUE_OFFSET:
             raise ValueError(f"num_values={num_values} must be <= {NUM_BYTES - VALUE_OFFSET}")
         if 2 * self.num_pairs + 2 > self.seq_len:
-            raise ValueError(f"seq_len={seq_len} must be >= 2*num_pairs+2 = {2 * num_pairs + 2}")
+            raise ValueError(f"seq_len={self.seq_len} must be >= 2*num_pairs+2 = {2 * num_pairs + 2}")
 
     def _generate(self, rng, k):
         n = self.num_pairs
@@ -225,13 +146,4 @@ class AssociativeRecallDataset(_SyntheticLM):
 
     @property
     def metadata(self) -> dict:
-        meta = self._base_metadata()
-        meta.update(
-            {
-                "num_pairs": self.num_pairs,
-                "num_keys": self.num_keys,
-                "num_values": self.num_values,
-                "value_offset": VALUE_OFFSET,
-            }
-        )
-        return meta
+        return self._metadata(("num_pairs", "num_keys", "num_values"), value_offset=VALUE_OFFSET)

@@ -17,12 +17,12 @@ import glob
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from effitrans.data import batching
-from effitrans.data.tokenizer import EOS, PAD, VOCAB_SIZE
+from effitrans.data.tokenizer import EOS, PAD
 
 DEFAULT_CORPUS_DIR = "/usr/share/doc/python3.11/html/_sources"
 DEFAULT_CORPUS_GLOB = "/usr/share/doc/python3*/html/_sources"
@@ -221,7 +221,39 @@ def unigram_entropy_bits(corpus, *, val_fraction: float = 0.05) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-class TextLMDataset:
+class CorpusDataset(batching.BatchedDataset):
+    """A dataset over a Corpus split by document into train and validation (``split_documents``).
+
+    Arguments: corpus; keyword global_batch_size, seed, val_fraction=0.05, eval_batch_size=None
+    (None: global_batch_size).
+    """
+
+    _META_ATTRS = batching.BatchedDataset._META_ATTRS + ("val_fraction",)
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        *,
+        global_batch_size: int,
+        seed: int,
+        val_fraction: float = 0.05,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__(global_batch_size=global_batch_size, seed=seed, eval_batch_size=eval_batch_size)
+        self.corpus = corpus
+        self.val_fraction = check_fraction("val_fraction", val_fraction)
+        self.train_docs, self.val_docs = split_documents(corpus, self.val_fraction)
+
+    def _documents(self, indices: np.ndarray) -> list:
+        """The UTF-8 bytes of the corpus documents at ``indices``."""
+        return [self.corpus.data[i] for i in indices]
+
+    def _metadata(self, attrs: tuple[str, ...] = (), **extra) -> dict:
+        docs = {"train_documents": len(self.train_docs), "val_documents": len(self.val_docs)}
+        return super()._metadata(attrs, **docs, **self.corpus.describe(), **extra)
+
+
+class TextLMDataset(CorpusDataset):
     """Byte-level causal LM over a text corpus.
 
     Training rows: ``seq_len + 1`` consecutive ids starting at a uniform random
@@ -238,37 +270,19 @@ class TextLMDataset:
 
     Batches: {"inputs": int32 [b, T], "targets": int32 [b, T],
               "weights": float32 [b, T]} with b = B / process_count.
+    Other arguments (global_batch_size, seed, val_fraction=0.05, eval_batch_size=None): see
+    CorpusDataset.
     """
 
+    name = "text_lm"
     task = "lm"
 
-    def __init__(
-        self,
-        corpus: Corpus,
-        *,
-        seq_len: int,
-        global_batch_size: int,
-        seed: int,
-        val_fraction: float = 0.05,
-        max_eval_batches: int | None = None,
-        eval_batch_size: int | None = None,
-    ):
-        self.corpus = corpus
+    def __init__(self, corpus: Corpus, *, seq_len: int, max_eval_batches: int | None = None, **common):
+        super().__init__(corpus, **common)
         self.seq_len = batching.check_int("seq_len", seq_len, minimum=1)
-        self.global_batch_size = batching.check_int("global_batch_size", global_batch_size, minimum=1)
-        self.seed = batching.check_int("seed", seed, minimum=0)
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.eval_batch_size = (
-            self.global_batch_size
-            if eval_batch_size is None
-            else batching.check_int("eval_batch_size", eval_batch_size, minimum=1)
-        )
-        if max_eval_batches is not None:
-            max_eval_batches = batching.check_int("max_eval_batches", max_eval_batches, minimum=1)
-        self.max_eval_batches = max_eval_batches
-        self.train_docs, self.val_docs = split_documents(corpus, self.val_fraction)
-        self.train_stream = join_documents([corpus.data[i] for i in self.train_docs])
-        self.val_stream = join_documents([corpus.data[i] for i in self.val_docs])
+        self.max_eval_batches = batching.check_int("max_eval_batches", max_eval_batches, minimum=1, default=None)
+        self.train_stream = join_documents(self._documents(self.train_docs))
+        self.val_stream = join_documents(self._documents(self.val_docs))
         if len(self.train_stream) < self.seq_len + 1:
             raise ValueError(
                 f"seq_len={self.seq_len} needs a train stream of at least seq_len+1 ids; "
@@ -307,11 +321,10 @@ class TextLMDataset:
         full = np.full((k, self.seq_len), PAD, np.int32)
         return {"inputs": full, "targets": full.copy(), "weights": np.zeros((k, self.seq_len), np.float32)}
 
-    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-        """Validation windows in order, eval_batch_size per global batch, padding weighted 0."""
-        return batching.eval_iterator(
-            self.eval_windows, self.eval_batch_size, process_index, process_count, self._eval_rows, self._eval_padding
-        )
+    @property
+    def num_eval_rows(self) -> int:
+        """Validation windows used for evaluation (eval_windows)."""
+        return self.eval_windows
 
     def unigram_entropy_bits(self) -> float:
         """Byte-unigram entropy (bits/byte) of the validation documents."""
@@ -319,24 +332,10 @@ class TextLMDataset:
 
     @property
     def metadata(self) -> dict:
-        meta = {
-            "name": "text_lm",
-            "task": self.task,
-            "vocab_size": VOCAB_SIZE,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-            "eval_batch_size": self.eval_batch_size,
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "max_eval_batches": self.max_eval_batches,
-            "train_documents": int(len(self.train_docs)),
-            "val_documents": int(len(self.val_docs)),
-            "train_stream_ids": int(len(self.train_stream)),
-            "val_stream_ids": int(len(self.val_stream)),
-            "eval_windows": int(self.eval_windows),
-            "eval_windows_total": int(self.eval_windows_total),
-            "eval_batches": int(-(-self.eval_windows // self.eval_batch_size)),
-            "val_unigram_entropy_bits": self.unigram_entropy_bits(),
-        }
-        meta.update(self.corpus.describe())
-        return meta
+        return self._metadata(
+            ("seq_len", "max_eval_batches", "eval_windows", "eval_windows_total"),
+            train_stream_ids=len(self.train_stream),
+            val_stream_ids=len(self.val_stream),
+            eval_batches=-(-self.eval_windows // self.eval_batch_size),
+            val_unigram_entropy_bits=self.unigram_entropy_bits(),
+        )

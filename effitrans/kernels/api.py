@@ -65,8 +65,7 @@ def _default_block(default: int, length: int) -> int:
 
 
 def _visited_area(mask, t: int, s: int, bq: int, bk: int) -> int:
-    bm = mask.block_map(t, s, bq, bk)
-    return int(np.count_nonzero(bm != masks_lib.SKIP)) * bq * bk
+    return masks_lib.mask_info(mask, t, s, bq, bk).visited * bq * bk
 
 
 def _default_xla_blocks(mask, t: int, s: int, block_q, block_k) -> tuple[int, int]:
@@ -207,11 +206,11 @@ def attention(
             q, k, v, mask=mask, segment_ids=segs, scale=scale, block_q=int(bq), block_k=int(bk), return_lse=return_lse
         )
     # impl == 'pallas'
-    from effitrans.kernels import pallas_flash  # pylint: disable=import-outside-toplevel
+    from effitrans.kernels import pallas  # pylint: disable=import-outside-toplevel
 
     bq = block_q if block_q is not None else _default_pallas_block(PALLAS_BLOCK_Q, t)
     bk = block_k if block_k is not None else _default_pallas_block(PALLAS_BLOCK_K, s)
-    return pallas_flash.pallas_attention(
+    return pallas.pallas_attention(
         q,
         k,
         v,

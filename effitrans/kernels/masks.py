@@ -20,11 +20,19 @@ the end is at most PARTIAL, so kernels mask the padding). Base masks are exact; 
 exact for FULL of ``&`` and SKIP of ``|`` and may report PARTIAL conservatively otherwise.
 
 Masks are frozen dataclasses, hence hashable and usable as static jit arguments.
+
+Block lists. ``mask_info(mask, q_len, kv_len, block_q, block_k, has_segments)`` turns a block map into
+what the block-sparse kernels walk (the role of splash attention's ``MaskInfo``): per q block the
+left-packed list of kv blocks to visit with their kind (partial / full) and count (``rows``), the
+transposed lists per kv block (``cols``, for dk/dv) and the lists of one kind (``partial_rows``,
+``full_rows``). ``block_lists`` is the packer they all come from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import numpy as np
@@ -274,37 +282,129 @@ class Chunked(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
-    """Union: allowed if either side allows."""
+class _Combined(Mask):
+    """Two masks combined elementwise by ``_op`` (| or &), in mask_fn and in block maps alike."""
 
     a: Mask
     b: Mask
+    _op = None  # a binary operator on bool arrays, set by the subclass
 
     def mask_fn(self, q_idx, kv_idx):
-        return self.a.mask_fn(q_idx, kv_idx) | self.b.mask_fn(q_idx, kv_idx)
+        return self._op(self.a.mask_fn(q_idx, kv_idx), self.b.mask_fn(q_idx, kv_idx))
 
     def _any_all(self, qa, qb, ka, kb):
         a_any, a_all = self.a._any_all(qa, qb, ka, kb)
         b_any, b_all = self.b._any_all(qa, qb, ka, kb)
-        # Two partial halves may cover a block fully; we report PARTIAL then (conservative).
-        return a_any | b_any, a_all | b_all
+        return self._op(a_any, b_any), self._op(a_all, b_all)
 
 
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
-    """Intersection: allowed if both sides allow."""
+class Or(_Combined):
+    """Union: allowed if either side allows.
 
-    a: Mask
-    b: Mask
+    Two partial halves may cover a block fully; the block map reports PARTIAL then (conservative).
+    """
 
-    def mask_fn(self, q_idx, kv_idx):
-        return self.a.mask_fn(q_idx, kv_idx) & self.b.mask_fn(q_idx, kv_idx)
+    _op = staticmethod(operator.or_)
 
-    def _any_all(self, qa, qb, ka, kb):
-        a_any, a_all = self.a._any_all(qa, qb, ka, kb)
-        b_any, b_all = self.b._any_all(qa, qb, ka, kb)
-        # Two partial halves may be disjoint; we report PARTIAL then (conservative).
-        return a_any & b_any, a_all & b_all
+
+@dataclasses.dataclass(frozen=True)
+class And(_Combined):
+    """Intersection: allowed if both sides allow.
+
+    Two partial halves may be disjoint; the block map reports PARTIAL then (conservative).
+    """
+
+    _op = staticmethod(operator.and_)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockLists:
+    """The blocks of each row of a block map that a kernel visits, left-packed.
+
+    idx:   int32 [rows, width]  column index of the j-th visited block of the row; entries past the
+                                row's count repeat its last index (0 for an empty row), so a
+                                pipelined kernel re-uses the buffer it already holds.
+    kind:  int32 [rows, width]  PARTIAL or FULL; 0 (SKIP) on padding entries (do nothing).
+    count: int32 [rows]         number of visited blocks in the row.
+    """
+
+    idx: np.ndarray
+    kind: np.ndarray
+    count: np.ndarray
+
+    @property
+    def width(self) -> int:
+        """Length of the longest row's list (>= 1, so a grid over it is never empty)."""
+        return self.idx.shape[1]
+
+
+def block_lists(block_map: np.ndarray, kinds: tuple[int, ...] = (PARTIAL, FULL)) -> BlockLists:
+    """Packs the blocks of an int8 block map [rows, cols] whose kind is in ``kinds``, row by row."""
+    block_map = np.asarray(block_map)
+    if block_map.ndim != 2 or 0 in block_map.shape:
+        raise ValueError(f"block_lists: block_map must be a non-empty 2-D array, got shape {block_map.shape}.")
+    if not set(kinds) <= {PARTIAL, FULL}:
+        raise ValueError(f"block_lists: kinds must be a subset of (PARTIAL, FULL) = (1, 2), got {kinds!r}.")
+    selected = np.isin(block_map, kinds)  # [rows, cols]
+    count = selected.sum(axis=1).astype(np.int32)  # [rows]
+    width = max(int(count.max()), 1)
+    # A stable sort on "not selected" puts each row's selected columns first, in column order.
+    order = np.argsort(~selected, axis=1, kind="stable")[:, :width]  # [rows, width]
+    used = np.arange(width)[None, :] < count[:, None]  # [rows, width]
+    last = np.take_along_axis(order, np.maximum(count - 1, 0)[:, None], axis=1)  # [rows, 1]
+    idx = np.where(used, order, np.where(count[:, None] > 0, last, 0)).astype(np.int32)
+    kind = np.where(used, np.take_along_axis(block_map, idx, axis=1), SKIP).astype(np.int32)
+    return BlockLists(idx=idx, kind=kind, count=count)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskInfo:
+    """The static tables the block-sparse kernels need for one mask, shape and tiling.
+
+    block_map: int8 [nq, nk], the mask's map; with segment ids every FULL block is demoted to PARTIAL
+    (segment ids are data, so a full block may still straddle a segment boundary). The lists are
+    built on first use:
+      rows:         BlockLists over q blocks: the kv blocks each q block visits (forward, dq).
+      cols:         BlockLists over kv blocks: the q blocks that visit each kv block (dk/dv).
+      partial_rows: rows restricted to PARTIAL blocks (elementwise mask needed).
+      full_rows:    rows restricted to FULL blocks (no mask work).
+    """
+
+    block_map: np.ndarray
+
+    @functools.cached_property
+    def rows(self) -> BlockLists:
+        return block_lists(self.block_map)
+
+    @functools.cached_property
+    def cols(self) -> BlockLists:
+        return block_lists(self.block_map.T)
+
+    @functools.cached_property
+    def partial_rows(self) -> BlockLists:
+        return block_lists(self.block_map, (PARTIAL,))
+
+    @functools.cached_property
+    def full_rows(self) -> BlockLists:
+        return block_lists(self.block_map, (FULL,))
+
+    @property
+    def visited(self) -> int:
+        """Number of (q block, kv block) pairs a kernel computes."""
+        return int(np.count_nonzero(self.block_map != SKIP))
+
+
+@functools.lru_cache(maxsize=256)
+def mask_info(mask: Mask, q_len: int, kv_len: int, block_q: int, block_k: int, has_segments: bool = False) -> MaskInfo:
+    """MaskInfo for ``mask`` at [q_len, kv_len] in [block_q, block_k] tiles; cached, so the forward and
+    backward passes (and every layer with the same mask) share one set of tables."""
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask_info: mask must be a Mask, got {type(mask).__name__}: {mask!r}.")
+    block_map = mask.block_map(q_len, kv_len, block_q, block_k)  # [nq, nk] int8
+    if has_segments:
+        block_map = np.minimum(block_map, PARTIAL).astype(np.int8)
+    return MaskInfo(block_map=block_map)
 
 
 __all__ = [
@@ -319,6 +419,10 @@ __all__ = [
     "Or",
     "And",
     "bottom_right_offset",
+    "BlockLists",
+    "block_lists",
+    "MaskInfo",
+    "mask_info",
     "SKIP",
     "PARTIAL",
     "FULL",

@@ -4,11 +4,12 @@ Layout. q is viewed as [B, K, G, T, H] (G = N // K query heads per kv head) and 
 so one dot_general per block covers a whole GQA group without repeating k or v in memory.
 
 Work. The mask's static block map (masks.py) says, per (q block, kv block), skip / partial / full.
-For every q block we build two static lists: kv blocks that are partial and kv blocks that are full.
-The forward visits q blocks in a loop and, per q block, runs one loop over its partial list (mask_fn
-applied elementwise) and one over its full list (no mask work at all); skipped blocks are never
-touched, so a causal mask costs about half of dense and a sliding window costs O(S * window).
-Loop trip counts come from the tables, so rows of different lengths do not pad to the longest.
+``masks.mask_info`` packs it, for every q block, into two static lists: kv blocks that are partial and
+kv blocks that are full. The forward visits q blocks in a loop and, per q block, runs one loop over
+its partial list (mask_fn applied elementwise) and one over its full list (no mask work at all);
+skipped blocks are never touched, so a causal mask costs about half of dense and a sliding window
+costs O(S * window). Loop trip counts come from the tables, so rows of different lengths do not pad
+to the longest.
 
 Numerics. Running max and sum are float32. The max starts at -inf and the sum at 0 so the first
 block's rescale factor exp(-inf - m) is exactly 0; a row that never sees a key keeps l = 0 and we
@@ -44,42 +45,39 @@ class _Config(NamedTuple):
     has_segments: bool
 
 
-class _Tables(NamedTuple):
-    """Static per-q-block visit lists (numpy int32)."""
-
-    partial_idx: np.ndarray  # [nq, max(1, max partial count)] kv block ids, padded with 0
-    partial_cnt: np.ndarray  # [nq]
-    full_idx: np.ndarray  # [nq, max(1, max full count)]
-    full_cnt: np.ndarray  # [nq]
-
-
-def _visit_lists(block_map: np.ndarray, kind: int):
-    nq = block_map.shape[0]
-    rows = [np.nonzero(block_map[i] == kind)[0] for i in range(nq)]
-    width = max([1] + [len(r) for r in rows])
-    idx = np.zeros((nq, width), np.int32)
-    cnt = np.zeros((nq,), np.int32)
-    for i, r in enumerate(rows):
-        idx[i, : len(r)] = r
-        cnt[i] = len(r)
-    return idx, cnt
-
-
-@functools.lru_cache(maxsize=256)
-def _tables(cfg: _Config) -> _Tables:
-    bm = cfg.mask.block_map(cfg.q_len, cfg.kv_len, cfg.block_q, cfg.block_k)  # [nq, nk] int8
-    if cfg.has_segments:
-        # Segment ids are runtime data: every visited block needs the elementwise test.
-        bm = np.where(bm != masks_lib.SKIP, masks_lib.PARTIAL, masks_lib.SKIP).astype(np.int8)
-    p_idx, p_cnt = _visit_lists(bm, masks_lib.PARTIAL)
-    f_idx, f_cnt = _visit_lists(bm, masks_lib.FULL)
-    return _Tables(p_idx, p_cnt, f_idx, f_cnt)
+def _info(cfg: _Config) -> masks_lib.MaskInfo:
+    return masks_lib.mask_info(cfg.mask, cfg.q_len, cfg.kv_len, cfg.block_q, cfg.block_k, cfg.has_segments)
 
 
 def visited_block_count(mask, q_len, kv_len, block_q, block_k, has_segments=False) -> int:
     """Number of (q block, kv block) pairs the xla kernel computes (for benchmarks/tests)."""
-    t = _tables(_Config(mask, 1.0, block_q, block_k, q_len, kv_len, has_segments))
-    return int(t.partial_cnt.sum() + t.full_cnt.sum())
+    return masks_lib.mask_info(mask, q_len, kv_len, block_q, block_k, has_segments).visited
+
+
+def _visit_row(info: masks_lib.MaskInfo, qi, visit, state):
+    """Runs ``visit(kj, state, masked)`` over q block qi's partial kv blocks, then over its full ones.
+
+    Trip counts come from the row's own counts, so rows of different lengths do not pad to the longest.
+    """
+    for lists, masked in ((info.partial_rows, True), (info.full_rows, False)):
+        idx, count = jnp.asarray(lists.idx), jnp.asarray(lists.count)  # [nq, width], [nq]
+        state = jax.lax.fori_loop(0, count[qi], lambda j, st, idx=idx, m=masked: visit(idx[qi, j], st, m), state)
+    return state
+
+
+def _block_logits(cfg: _Config, segs, prec, q_blk, kt, vt, qi, kj, masked: bool):
+    """Scaled logits of q block qi against kv block kj, -inf where masked (when ``masked``).
+
+    q_blk [B, K, G, bq, H]; kt [B, K, Sp, H]; vt [B, K, Sp, Hv] ->
+    s f32 [B, K, G, bq, bk], k_blk [B, K, bk, H], v_blk [B, K, bk, Hv].
+    """
+    k_blk = jax.lax.dynamic_slice_in_dim(kt, kj * cfg.block_k, cfg.block_k, axis=2)  # [B, K, bk, H]
+    v_blk = jax.lax.dynamic_slice_in_dim(vt, kj * cfg.block_k, cfg.block_k, axis=2)  # [B, K, bk, Hv]
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", q_blk, k_blk, precision=prec, preferred_element_type=jnp.float32)
+    s = s * cfg.scale  # [B, K, G, bq, bk]
+    if masked:
+        s = jnp.where(_block_allowed(cfg, segs, qi, kj), s, -jnp.inf)
+    return s, k_blk, v_blk
 
 
 def _precision(dtype):
@@ -126,16 +124,14 @@ def _block_allowed(cfg: _Config, segs, qi, kj):
 
 def _forward(cfg: _Config, q, k, v, segs):
     """Returns o [B, K, G, Tp, Hv] float32 and lse [B, K, G, Tp] float32 (padded layout)."""
-    tabs = _tables(cfg)
+    info = _info(cfg)
     prec = _precision(q.dtype)
     qt, kt, vt = _to_blocked_layout(q, k, v, cfg)
     segs = _pad_segments(segs, cfg)
     b, kh, g, tp, _ = qt.shape
     hv = vt.shape[-1]
-    bq, bk = cfg.block_q, cfg.block_k
+    bq = cfg.block_q
     nq = tp // bq
-    p_idx, p_cnt = jnp.asarray(tabs.partial_idx), jnp.asarray(tabs.partial_cnt)
-    f_idx, f_cnt = jnp.asarray(tabs.full_idx), jnp.asarray(tabs.full_cnt)
 
     def row(qi, bufs):
         o_buf, lse_buf = bufs
@@ -143,14 +139,7 @@ def _forward(cfg: _Config, q, k, v, segs):
 
         def visit(kj, state, masked):
             m, l, acc = state  # [B,K,G,bq], [B,K,G,bq], [B,K,G,bq,Hv]
-            k_blk = jax.lax.dynamic_slice_in_dim(kt, kj * bk, bk, axis=2)  # [B, K, bk, H]
-            v_blk = jax.lax.dynamic_slice_in_dim(vt, kj * bk, bk, axis=2)  # [B, K, bk, Hv]
-            s = (
-                jnp.einsum("BKGTH,BKSH->BKGTS", q_blk, k_blk, precision=prec, preferred_element_type=jnp.float32)
-                * cfg.scale
-            )  # [B, K, G, bq, bk]
-            if masked:
-                s = jnp.where(_block_allowed(cfg, segs, qi, kj), s, -jnp.inf)
+            s, _, v_blk = _block_logits(cfg, segs, prec, q_blk, kt, vt, qi, kj, masked)  # s [B, K, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [B, K, G, bq]
             # Rows with nothing visible so far keep m = -inf; shift by 0 there so exp gives 0, not NaN.
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -168,9 +157,7 @@ def _forward(cfg: _Config, q, k, v, segs):
             jnp.zeros((b, kh, g, bq), jnp.float32),
             jnp.zeros((b, kh, g, bq, hv), jnp.float32),
         )
-        state = jax.lax.fori_loop(0, p_cnt[qi], lambda j, st: visit(p_idx[qi, j], st, True), state)
-        state = jax.lax.fori_loop(0, f_cnt[qi], lambda j, st: visit(f_idx[qi, j], st, False), state)
-        m, l, acc = state
+        m, l, acc = _visit_row(info, qi, visit, state)
         o_blk = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, bq, Hv]; 0 when nothing seen
         lse_blk = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)  # [B, K, G, bq]
         o_buf = jax.lax.dynamic_update_slice_in_dim(o_buf, o_blk, qi * bq, axis=3)
@@ -183,7 +170,7 @@ def _forward(cfg: _Config, q, k, v, segs):
 
 def _backward(cfg: _Config, q, k, v, segs, o, lse, d_out, d_lse):
     """FlashAttention-2 style backward; returns dq, dk, dv in the input layouts and dtypes."""
-    tabs = _tables(cfg)
+    info = _info(cfg)
     prec = _precision(q.dtype)
     qt, kt, vt = _to_blocked_layout(q, k, v, cfg)
     segs = _pad_segments(segs, cfg)
@@ -192,8 +179,6 @@ def _backward(cfg: _Config, q, k, v, segs, o, lse, d_out, d_lse):
     sp, hv = kt.shape[2], vt.shape[-1]
     bq, bk = cfg.block_q, cfg.block_k
     nq = tp // bq
-    p_idx, p_cnt = jnp.asarray(tabs.partial_idx), jnp.asarray(tabs.partial_cnt)
-    f_idx, f_cnt = jnp.asarray(tabs.full_idx), jnp.asarray(tabs.full_cnt)
 
     do_t = d_out.reshape(b, t, kh, g, hv).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Hv]
     do_t = jnp.pad(do_t, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))  # [B, K, G, Tp, Hv]
@@ -213,14 +198,7 @@ def _backward(cfg: _Config, q, k, v, segs, o, lse, d_out, d_lse):
 
         def visit(kj, state, masked):
             dq_acc, dk_buf, dv_buf = state
-            k_blk = jax.lax.dynamic_slice_in_dim(kt, kj * bk, bk, axis=2)  # [B, K, bk, H]
-            v_blk = jax.lax.dynamic_slice_in_dim(vt, kj * bk, bk, axis=2)  # [B, K, bk, Hv]
-            s = (
-                jnp.einsum("BKGTH,BKSH->BKGTS", q_blk, k_blk, precision=prec, preferred_element_type=jnp.float32)
-                * cfg.scale
-            )  # [B, K, G, bq, bk]
-            if masked:
-                s = jnp.where(_block_allowed(cfg, segs, qi, kj), s, -jnp.inf)
+            s, k_blk, v_blk = _block_logits(cfg, segs, prec, q_blk, kt, vt, qi, kj, masked)  # s [B, K, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # [B, K, G, bq, bk]
             dv_blk = jnp.einsum(
                 "BKGTS,BKGTH->BKSH", p.astype(do_blk.dtype), do_blk, precision=prec, preferred_element_type=jnp.float32
@@ -242,9 +220,7 @@ def _backward(cfg: _Config, q, k, v, segs, o, lse, d_out, d_lse):
             return dq_acc, dk_buf, dv_buf
 
         state = (jnp.zeros((b, kh, g, bq, h), jnp.float32), dk_buf, dv_buf)
-        state = jax.lax.fori_loop(0, p_cnt[qi], lambda j, st: visit(p_idx[qi, j], st, True), state)
-        state = jax.lax.fori_loop(0, f_cnt[qi], lambda j, st: visit(f_idx[qi, j], st, False), state)
-        dq_acc, dk_buf, dv_buf = state
+        dq_acc, dk_buf, dv_buf = _visit_row(info, qi, visit, state)
         dq_buf = jax.lax.dynamic_update_slice_in_dim(dq_buf, dq_acc, qi * bq, axis=3)
         return dq_buf, dk_buf, dv_buf
 

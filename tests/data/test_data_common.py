@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from effitrans.data import build_dataset, tokenizer
+from effitrans.data import batching, build_dataset, tokenizer
 
 # Small configs for every dataset (the text ones use the pydoc fallback: small and always present).
 CONFIGS = {
@@ -143,3 +143,24 @@ def test_metadata_is_json(ds):
 def test_negative_step_raises(ds):
     with pytest.raises(ValueError, match="step"):
         ds.get_batch(-1)
+
+
+def test_shared_fields_are_checked_for_every_dataset(ds):
+    # global_batch_size, seed and eval_batch_size are validated once, in batching.BatchedDataset.
+    cfg = ml_collections.ConfigDict(CONFIGS[ds.metadata["name"]])
+    with pytest.raises(ValueError, match="global_batch_size"):
+        build_dataset(cfg, global_batch_size=0, seed=3)
+    with pytest.raises(ValueError, match="seed"):
+        build_dataset(cfg, global_batch_size=B, seed=-1)
+    assert ds.eval_batch_size == B  # eval_batch_size None means global_batch_size
+    assert {"name", "task", "vocab_size", "global_batch_size", "eval_batch_size", "seed"} <= ds.metadata.keys()
+
+
+def test_check_int_default_stands_in_for_none_only():
+    assert batching.check_int("n", None, minimum=1, default=7) == 7
+    assert batching.check_int("n", None, minimum=1, default=None) is None
+    assert batching.check_int("n", 3, minimum=1, default=None) == 3
+    with pytest.raises(TypeError, match="n must be an int"):
+        batching.check_int("n", None, minimum=1)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        batching.check_int("n", 0, minimum=1, default=None)

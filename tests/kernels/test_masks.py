@@ -174,3 +174,75 @@ def test_masks_are_hashable_frozen_static_args():
 def test_invalid_mask_arguments(ctor, match):
     with pytest.raises(ValueError, match=match):
         ctor()
+
+
+def test_block_lists():
+    bmap = np.array([[2, 0, 1, 0], [0, 0, 0, 0], [1, 1, 2, 2]], np.int8)
+    lists = M.block_lists(bmap)
+    assert lists.width == 4
+    np.testing.assert_array_equal(lists.count, [2, 0, 4])
+    np.testing.assert_array_equal(lists.idx, [[0, 2, 2, 2], [0, 0, 0, 0], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(lists.kind, [[2, 1, 0, 0], [0, 0, 0, 0], [1, 1, 2, 2]])
+    empty = M.block_lists(np.zeros((2, 3), np.int8))
+    assert empty.width == 1 and not empty.count.any() and not empty.kind.any()
+
+
+def test_block_lists_cover_block_map():
+    # Every non-skipped block of a real mask's map appears exactly once, with its kind.
+    bmap = M.Fixed(16, 4).block_map(96, 80, 16, 32)
+    rows = M.block_lists(bmap)
+    rebuilt = np.zeros_like(bmap)
+    for r in range(bmap.shape[0]):
+        for j in range(rows.count[r]):
+            rebuilt[r, rows.idx[r, j]] = rows.kind[r, j]
+    np.testing.assert_array_equal(rebuilt, bmap)
+
+
+def test_block_lists_of_one_kind_pad_with_the_last_index():
+    bmap = np.array([[2, 0, 1, 1], [2, 2, 0, 0]], np.int8)
+    partial = M.block_lists(bmap, (M.PARTIAL,))
+    np.testing.assert_array_equal(partial.count, [2, 0])
+    np.testing.assert_array_equal(partial.idx, [[2, 3], [0, 0]])
+    np.testing.assert_array_equal(partial.kind, [[1, 1], [0, 0]])
+    full = M.block_lists(bmap, (M.FULL,))
+    np.testing.assert_array_equal(full.count, [1, 2])
+    np.testing.assert_array_equal(full.idx, [[0, 0], [0, 1]])
+    np.testing.assert_array_equal(full.kind, [[2, 0], [2, 2]])
+
+
+@pytest.mark.parametrize(
+    "block_map, kinds, match",
+    [
+        (np.zeros((4,), np.int8), (M.PARTIAL,), "2-D"),
+        (np.zeros((0, 3), np.int8), (M.PARTIAL,), "non-empty"),
+        (np.zeros((2, 3), np.int8), (M.SKIP,), "kinds"),
+    ],
+)
+def test_block_lists_rejects_bad_arguments(block_map, kinds, match):
+    with pytest.raises(ValueError, match=match):
+        M.block_lists(block_map, kinds)
+
+
+def test_mask_info_tables_agree_with_the_block_map():
+    mask = M.GlobalTokens(8) | M.SlidingWindow(20, 0)
+    info = M.mask_info(mask, 96, 80, 16, 32)
+    bmap = mask.block_map(96, 80, 16, 32)
+    np.testing.assert_array_equal(info.block_map, bmap)
+    assert info.visited == np.count_nonzero(bmap)
+    # Rows visit each q block's non-skipped kv blocks; cols are the same pairs seen per kv block.
+    pairs_rows = {(r, int(info.rows.idx[r, j])) for r in range(bmap.shape[0]) for j in range(info.rows.count[r])}
+    pairs_cols = {(int(info.cols.idx[c, j]), c) for c in range(bmap.shape[1]) for j in range(info.cols.count[c])}
+    assert pairs_rows == pairs_cols == set(zip(*np.nonzero(bmap)))
+    # The partial and full lists split the rows by kind.
+    np.testing.assert_array_equal(info.partial_rows.count + info.full_rows.count, info.rows.count)
+    np.testing.assert_array_equal(info.partial_rows.count, (bmap == M.PARTIAL).sum(1))
+    assert M.mask_info(mask, 96, 80, 16, 32) is info  # cached: forward and backward share the tables
+
+
+def test_mask_info_with_segments_demotes_full_blocks():
+    info = M.mask_info(M.Causal(), 64, 64, 16, 16, has_segments=True)
+    causal = M.Causal().block_map(64, 64, 16, 16)
+    np.testing.assert_array_equal(info.block_map, np.minimum(causal, M.PARTIAL))
+    assert info.full_rows.count.sum() == 0 and info.visited == np.count_nonzero(causal)
+    with pytest.raises(TypeError, match="mask"):
+        M.mask_info("causal", 64, 64, 16, 16)

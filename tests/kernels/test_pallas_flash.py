@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from effitrans.kernels import masks as M
-from effitrans.kernels import pallas_flash
+from effitrans.kernels import pallas
 from effitrans.kernels.reference import reference_attention
 from tests.kernels.helpers import TOLERANCES, check_impl_against_reference, random_qkv, random_segment_ids
 
@@ -229,7 +229,7 @@ def _check_direct(
     scale = head_dim**-0.5
 
     def pallas_fn(q, k, v):
-        return pallas_flash.pallas_attention(
+        return pallas.pallas_attention(
             q,
             k,
             v,
@@ -330,7 +330,7 @@ def test_skipped_blocks_are_never_read(platform):
     v_bad = v.at[:, 16:].set(jnp.nan)
 
     def f(q, k, v):
-        out = pallas_flash.pallas_attention(
+        out = pallas.pallas_attention(
             q,
             k,
             v,
@@ -355,7 +355,7 @@ def test_skipped_blocks_are_never_read(platform):
 def test_repeat_is_bitwise_equal():
     q, k, v = random_qkv(30, batch=1, q_len=32, kv_len=32, num_heads=2, num_kv_heads=2, head_dim=16)
     f = jax.jit(
-        lambda q, k, v: pallas_flash.pallas_attention(
+        lambda q, k, v: pallas.pallas_attention(
             q,
             k,
             v,
@@ -373,28 +373,6 @@ def test_repeat_is_bitwise_equal():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_block_lists():
-    bmap = np.array([[2, 0, 1, 0], [0, 0, 0, 0], [1, 1, 2, 2]], np.int8)
-    lists = pallas_flash.block_lists(bmap)
-    assert lists.width == 4
-    np.testing.assert_array_equal(lists.count, [2, 0, 4])
-    np.testing.assert_array_equal(lists.idx, [[0, 2, 2, 2], [0, 0, 0, 0], [0, 1, 2, 3]])
-    np.testing.assert_array_equal(lists.kind, [[2, 1, 0, 0], [0, 0, 0, 0], [1, 1, 2, 2]])
-    empty = pallas_flash.block_lists(np.zeros((2, 3), np.int8))
-    assert empty.width == 1 and not empty.count.any() and not empty.kind.any()
-
-
-def test_block_lists_cover_block_map():
-    # Every non-skipped block of a real mask's map appears exactly once, with its kind.
-    bmap = M.Fixed(16, 4).block_map(96, 80, 16, 32)
-    rows = pallas_flash.block_lists(bmap)
-    rebuilt = np.zeros_like(bmap)
-    for r in range(bmap.shape[0]):
-        for j in range(rows.count[r]):
-            rebuilt[r, rows.idx[r, j]] = rows.kind[r, j]
-    np.testing.assert_array_equal(rebuilt, bmap)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -409,13 +387,13 @@ def test_rejects_bad_arguments(kwargs, match):
     args = dict(mask=M.Causal(), segment_ids=None, scale=1.0, block_q=16, block_k=16, return_lse=False, interpret=True)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        pallas_flash.pallas_attention(q, k, v, **args)
+        pallas.pallas_attention(q, k, v, **args)
 
 
 def test_rejects_bad_head_grouping():
     q, k, v = random_qkv(0, batch=1, q_len=16, kv_len=16, num_heads=3, num_kv_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        pallas_flash.pallas_attention(
+        pallas.pallas_attention(
             q,
             k,
             v,
@@ -456,7 +434,7 @@ def _export_train_step(platform, export_platform, mask, dtype, segments, block, 
 
     def step(q, k, v, q_seg, kv_seg):
         def loss(q, k, v):
-            out, lse = pallas_flash.pallas_attention(
+            out, lse = pallas.pallas_attention(
                 q,
                 k,
                 v,

@@ -23,7 +23,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from effitrans.kernels import masks as M
-from effitrans.kernels import pallas_flash
+from effitrans.kernels import pallas
 
 splash_info = splash_pkg.splash_attention_mask_info  # MaskInfo tables (block_mask, data_next)
 
@@ -101,7 +101,7 @@ def test_matches_splash_outputs_and_grads(name, mqa):
 
     def ours_fn(q, k, v):
         # [N, T, H] -> [1, T, N, H] (BTNH); scale 1 because splash does not scale logits.
-        out = pallas_flash.pallas_attention(
+        out = pallas.pallas_attention(
             jnp.swapaxes(q, 0, 1)[None],
             jnp.swapaxes(k, 0, 1)[None],
             jnp.swapaxes(v, 0, 1)[None],
@@ -156,6 +156,6 @@ def test_block_map_matches_splash_mask_info(name, shape):
         assert not np.any((ours == M.SKIP) & (theirs != M.SKIP))
         assert not np.any((ours == M.FULL) & (theirs != M.FULL))
     # The per-row lists our kernel walks are no longer than splash's packed rows when exact.
-    lists = pallas_flash.block_lists(ours)
+    lists = M.block_lists(ours)
     if exact:
         np.testing.assert_array_equal(lists.count, (np.asarray(info.block_mask)[0] != 0).sum(-1))
