@@ -50,13 +50,22 @@ _DOCS = {
 }
 
 
+def _keyword_default(cls: type, name: str) -> Any:
+    """The default of keyword `name` in the first `__init__` along `cls`'s MRO that declares it (datasets pass
+    the shared keywords to their base class through **common)."""
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters if "__init__" in vars(klass) else {}
+        if name in params:
+            return params[name].default
+    raise TypeError(f"{cls.__name__} has no keyword {name!r} along {[k.__name__ for k in cls.__mro__]}")
+
+
 def _keys(constructor, names: str, **required) -> dict[str, Key]:
     """The config keys `names` (space-separated) of one dataset, each with the constructor's keyword default,
     or the value in `required` for a key the constructor has no default for."""
-    params = inspect.signature(constructor).parameters
     out = {}
     for name in names.split():
-        default = required[name] if name in required else params[name].default
+        default = required[name] if name in required else _keyword_default(constructor, name)
         out[name] = Key(default, doc=_DOCS[name], field_type=_TYPES.get(name, int) if default is None else None)
     return out
 
