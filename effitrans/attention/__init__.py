@@ -15,7 +15,7 @@ from flax import nnx
 
 from effitrans.attention.cache import KVCache, cache_bytes
 from effitrans.attention.dense import DenseAttention
-from effitrans.attention.latent import LatentAttention, LatentCache
+from effitrans.attention.latent import MLA_PATHS, LatentAttention, LatentCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _latent_options():
         "qk_rope_head_dim": cv.int_at_least(2),  # R: decoupled RoPE dims, one key shared by all heads (required)
         "q_lora_rank": cv.optional(cv.int_at_least(1)),  # None: full-rank query projection
         "v_head_dim": cv.optional(cv.int_at_least(1)),  # None: model.head_dim
-        "mla_path": cv.one_of("naive", "absorbed", "auto"),  # auto: naive for full passes, absorbed for decode
+        "mla_path": cv.one_of(*MLA_PATHS),  # auto: naive for full passes, absorbed for decode
         "yarn_factor": cv.optional(cv.float_at_least(1.0)),  # None: plain RoPE; else YaRN context extension
         "yarn_original_max_len": cv.int_at_least(1),
         "yarn_beta_fast": cv.float_at_least(0.0, strict=True),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable
 
+from effitrans.funnel.pooling import HIDDEN_POOL_MODES, POSITION_MODES
+
 
 def funnel_schema():
     """Checks of the keys of config.model.funnel (defaults and descriptions: configs/funnel_common.py)."""
@@ -17,11 +19,11 @@ def funnel_schema():
     return {
         "block_layers": int_list,
         "strides": int_list,
-        "pooling": cv.one_of("mean", "max", "slice"),
+        "pooling": cv.one_of(*HIDDEN_POOL_MODES),
         "separate_cls": cv.boolean,
         "truncate_seq": cv.boolean,
         "pool_q_only": cv.boolean,
-        "position_pooling": cv.one_of("first", "mean"),
+        "position_pooling": cv.one_of(*POSITION_MODES),
         "decoder_layers": cv.int_at_least(0),
     }
 
@@ -30,7 +32,7 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
     """Relations: funnel only on funnel models, block_layers sum to num_layers, one stride per pooled block,
     and (given the data's sequence lengths) no pooling leaves fewer than one token."""
     from effitrans.config_validation import ConfigError
-    from effitrans.funnel.encoder import FunnelSpec, spec_problems
+    from effitrans.funnel.encoder import spec_from_config, spec_problems
 
     m = model_cfg
     is_funnel = m.name.startswith("funnel_")
@@ -62,15 +64,7 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
         raise ConfigError(f"{prefix}.embed_dim is required when {prefix}.name='funnel_embedding'")
     if m.name == "funnel_classifier" and "num_classes" not in m:
         raise ConfigError(f"{prefix}.num_classes is required when {prefix}.name='funnel_classifier'")
-    full = FunnelSpec(
-        block_layers=tuple(f.block_layers),
-        strides=tuple(f.strides),
-        pooling=f.pooling,
-        separate_cls=f.separate_cls,
-        truncate_seq=f.truncate_seq,
-        pool_q_only=f.pool_q_only,
-        position_pooling=f.position_pooling,
-    )
+    full = spec_from_config(m)
     for t in seq_lens or ():
         try:
             full.pooled_lengths(int(t))
