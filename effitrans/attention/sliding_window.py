@@ -100,15 +100,14 @@ def sliding_window_mask(left: int, right: int, num_global: int, causal: bool) ->
 
 
 class SlidingWindowAttention(DenseAttention, kind="sliding_window", cross_attention=False):
-    """Longformer attention. Weights: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q/k/v_global if num_global)."""
+    """Longformer attention. Weights: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q/k/v_global if num_global).
+
+    dims: d_model, num_heads, num_kv_heads, head_dim, as for DenseAttention.
+    """
 
     def __init__(
         self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
+        *dims: int,
         window_left: int,
         window_right: int = 0,
         num_global: int = 0,
@@ -125,9 +124,10 @@ class SlidingWindowAttention(DenseAttention, kind="sliding_window", cross_attent
             )
         if num_global < 0:
             raise ValueError(f"num_global={num_global} must be >= 0")
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, causal=causal, rngs=rngs, **kw)
+        super().__init__(*dims, causal=causal, rngs=rngs, **kw)
         self.window_left, self.window_right, self.num_global = window_left, window_right, num_global
         if num_global:
+            d_model, num_heads, num_kv_heads, head_dim = dims
             self._init_heads(rngs, ("q_global",), d_model, num_heads, head_dim)
             self._init_heads(rngs, ("k_global", "v_global"), d_model, num_kv_heads, head_dim, axis="kv_heads")
 

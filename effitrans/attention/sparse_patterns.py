@@ -24,7 +24,6 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from effitrans.attention.base import AttentionBase
 from effitrans.attention.dense import DenseAttention
@@ -93,31 +92,20 @@ def split_heads(num_heads: int, num_kv_heads: int) -> tuple[slice, slice, slice,
 
 
 class SparsePatternAttention(DenseAttention, cross_attention=False, decodes=False):
-    """Strided or fixed Sparse Transformer attention; same weights as DenseAttention."""
+    """Strided or fixed Sparse Transformer attention; same weights as DenseAttention.
+
+    dims: d_model, num_heads, num_kv_heads, head_dim, as for DenseAttention.
+    """
 
     init_cache = AttentionBase.init_cache  # no cache
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        pattern: str,
-        causal: bool,
-        rngs: nnx.Rngs,
-        stride: int = 0,
-        block: int = 0,
-        summary: int = 1,
-        **kw,
-    ):
+    def __init__(self, *dims: int, pattern: str, stride: int = 0, block: int = 0, summary: int = 1, **kw):
         if pattern == "strided" and stride < 1:
             raise ValueError(f"config.model.attention.stride={stride} must be >= 1")
         if pattern == "fixed" and (block < 1 or not 1 <= summary <= block):
             raise ValueError(f"config.model.attention.summary={summary} must be in [1, block={block}]")
-        self.heads = split_heads(num_heads, num_kv_heads)
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, causal=causal, rngs=rngs, **kw)
+        self.heads = split_heads(*dims[1:3])  # (num_heads, num_kv_heads)
+        super().__init__(*dims, **kw)
         self.pattern, self.stride, self.block, self.summary = pattern, stride, block, summary
 
     @property
