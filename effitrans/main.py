@@ -44,15 +44,15 @@ def _init_distributed() -> None:
     )
 
 
-def sample_text(trainer, params, prompt: str, num_tokens: int) -> str:
-    """Greedy continuation of `prompt` by the LM in `params`, decoded from bytes."""
+def sample_text(trainer, params, prompt: str, num_tokens: int, model_state=None) -> str:
+    """Greedy continuation of `prompt` by the LM in `params` (and `model_state`), decoded from bytes."""
     import jax.numpy as jnp
 
     from effitrans.data import tokenizer
     from effitrans.serve import generate
 
     ids = jnp.asarray(tokenizer.encode(prompt))[None, :]
-    out = generate(trainer.model_from(params), ids, max_new_tokens=num_tokens)
+    out = generate(trainer.model_from(params, model_state), ids, max_new_tokens=num_tokens)
     return tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
 
@@ -79,12 +79,12 @@ def main(argv) -> None:
         state, metrics = result["state"], result["eval"]
     else:
         state = trainer.restore_or_init()
-        metrics = trainer.evaluate(state["params"]) if _MODE.value == "eval" else {}
+        metrics = trainer.evaluate(state["params"], state["model_state"]) if _MODE.value == "eval" else {}
     if metrics:
         print("held-out: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     if config.train.task == "lm" and (_MODE.value != "eval") and config.train.sample_tokens > 0:
         prompt = _PROMPT.value if _PROMPT.value is not None else config.train.sample_prompt
-        text = sample_text(trainer, state["params"], prompt, config.train.sample_tokens)
+        text = sample_text(trainer, state["params"], prompt, config.train.sample_tokens, state["model_state"])
         print(f"sample: {prompt}{text}", flush=True)
     trainer.checkpointer.close()
 

@@ -46,13 +46,19 @@ class KVCache:
 
     def append(self, k_new: jax.Array, v_new: jax.Array) -> KVCache:
         """Writes k_new [B, T, K, H], v_new at each row's current length; returns the updated cache."""
-
-        def write(buf, new, start):  # buf [L, K, H], new [T, K, H]
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
-
-        k = jax.vmap(write)(self.k, k_new, self.lengths)
-        v = jax.vmap(write)(self.v, v_new, self.lengths)
+        k = write_at_lengths(self.k, k_new, self.lengths)
+        v = write_at_lengths(self.v, v_new, self.lengths)
         return KVCache(k=k, v=v, lengths=self.lengths + k_new.shape[1])
+
+
+def write_at_lengths(buf: jax.Array, new: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The one cache writer: new [B, T, ...] written into buf [B, L, ...] at slots lengths[b] .. + T - 1 of
+    each row b (in buf's dtype). Callers keep lengths + T <= L."""
+
+    def write(row, new_row, start):  # row [L, ...], new_row [T, ...]
+        return jax.lax.dynamic_update_slice(row, new_row.astype(row.dtype), (start,) + (0,) * (row.ndim - 1))
+
+    return jax.vmap(write)(buf, new, lengths)
 
 
 def cache_bytes(cache) -> int:

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans import kernels
+from effitrans.attention.base import AttentionBase
 from effitrans.attention.cache import KVCache
-from effitrans.layers.params import fan_in_normal, init_param
-from effitrans.layers.rope import ROPE_LAYOUTS, apply_rope
+from effitrans.layers.rope import ROPE_LAYOUTS
 
 
-class DenseAttention(nnx.Module):
+class DenseAttention(AttentionBase, kind="dense", cross_attention=True, decodes=True):
     """Softmax attention over all (allowed) keys, through `effitrans.kernels.attention`.
 
     Weights: q [D, N, H], k and v [D, K, H], o [N, H, D].
@@ -48,60 +48,29 @@ class DenseAttention(nnx.Module):
         self.rope_base, self.rope_layout = rope_base, rope_layout
         self.block_q, self.block_k = block_q, block_k
         self.dtype = dtype
-        init = fan_in_normal((0,))
-        self.q = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.k = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
-        self.v = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
-        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
-
-    def _rope(self, x, positions):
-        if self.rope_base is None:
-            return x
-        return apply_rope(x, positions, base=self.rope_base, layout=self.rope_layout)
+        self._init_heads(rngs, ("q",), d_model, num_heads, head_dim)
+        self._init_heads(rngs, ("k", "v"), d_model, num_kv_heads, head_dim, axis="kv_heads")
+        self._init_output(rngs, num_heads, head_dim, d_model)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         return KVCache.zeros(batch, max_len, self.num_kv_heads, self.head_dim, dtype=dtype)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-        decode: bool = False,
-    ):
-        """x [B, T, D], positions int [B, T] -> (y [B, T, D], cache).
+    def _kernel(self, q, k, v, mask, segment_ids) -> jax.Array:
+        """kernels.attention with this module's impl and block sizes: [B, T, N, H]."""
+        return kernels.attention(
+            q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, block_q=self.block_q, block_k=self.block_k
+        )
 
-        kv_x [B, S, D] (with kv_positions [B, S]) takes keys/values from another sequence, e.g. a funnel's
-        pooled queries over unpooled tokens. With decode=True, x holds the newest T tokens of each row;
-        their keys/values are appended to `cache` and they attend to everything cached before them.
-        """
-        c = lambda p: p[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        src = x if kv_x is None else kv_x.astype(self.dtype)
-        src_positions = positions if kv_x is None else kv_positions
-        if kv_x is not None and kv_positions is None:
-            raise ValueError("kv_x was given without kv_positions; pass the positions of the key/value tokens")
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", src, c(self.k)), src_positions)  # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", src, c(self.v))  # [B, S, K, H]
+    def _forward(self, x, positions, segment_ids, kv_x=None, kv_positions=None):
+        """x [B, T, D] (keys/values from kv_x [B, S, D] when given) -> y [B, T, D]."""
+        q, k, v = self._qkv(x, positions, kv_x, kv_positions)  # [B, T, N, H], [B, S, K, H] x 2
+        mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
+        return self._output(self._kernel(q, k, v, mask, segment_ids))  # [B, T, N, H] -> [B, T, D]
 
-        if decode:
-            if cache is None:
-                raise ValueError("decode=True needs a cache; create one with init_cache(batch, max_len)")
-            if kv_x is not None:
-                raise ValueError("decode=True with kv_x is not supported: a cache holds self-attention keys")
-            cache = cache.append(k, v)
-            out = kernels.decode_attention(
-                q, cache.k, cache.v, lengths=cache.lengths, impl=self.impl if self.impl != "pallas" else "auto"
-            )
-        else:
-            mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
-            out = kernels.attention(
-                q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, block_q=self.block_q, block_k=self.block_k
-            )  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
-        return y, cache
+    def _decode(self, x, positions, cache: KVCache):
+        """The newest T tokens x [B, T, D]: appended to `cache`, attending to all of it -> (y, cache)."""
+        q, k, v = self._qkv(x, positions)  # [B, T, N, H], [B, T, K, H] x 2
+        cache = cache.append(k, v)
+        impl = self.impl if self.impl != "pallas" else "auto"
+        out = kernels.decode_attention(q, cache.k, cache.v, lengths=cache.lengths, impl=impl)  # [B, T, N, H]
+        return self._output(out), cache

@@ -33,6 +33,8 @@ import numpy as np
 from flax import nnx, struct
 
 from effitrans import kernels
+from effitrans.attention.base import AttentionBase
+from effitrans.attention.cache import write_at_lengths
 from effitrans.layers.norms import rms_norm
 from effitrans.layers.params import fan_in_normal, init_param
 from effitrans.layers.rope import ROPE_LAYOUTS, apply_rope
@@ -66,12 +68,7 @@ class LatentCache:
 
     def append(self, kv_new: jax.Array) -> LatentCache:
         """Writes kv_new [B, T, C + R] at each row's current length; returns the updated cache."""
-
-        def write(buf, new, start):  # buf [L, C+R], new [T, C+R]
-            return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0))
-
-        kv = jax.vmap(write)(self.kv, kv_new, self.lengths)
-        return LatentCache(kv=kv, lengths=self.lengths + kv_new.shape[1])
+        return LatentCache(kv=write_at_lengths(self.kv, kv_new, self.lengths), lengths=self.lengths + kv_new.shape[1])
 
 
 # ---- YaRN and RoPE with explicit frequencies ----------------------------------------------------------
@@ -121,7 +118,7 @@ def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, layout: str)
 # ---- the module --------------------------------------------------------------------------------------
 
 
-class LatentAttention(nnx.Module):
+class LatentAttention(AttentionBase, kind="latent", cross_attention=True, decodes=True):
     """MLA with the shared attention protocol (`__call__`, `init_cache`).
 
     Weights: wq [D, N, H+R] (or wq_a [D, L], q_norm [L], wq_b [L, N, H+R] with q_lora_rank=L),
@@ -203,7 +200,7 @@ class LatentAttention(nnx.Module):
 
         init, n = fan_in_normal((0,)), num_heads
         if q_lora_rank is None:
-            self.wq = init_param(rngs, (d_model, n, qk_dim), ("embed", "heads", None), init)
+            self._init_heads(rngs, ("wq",), d_model, n, qk_dim)
         else:
             self.wq_a = init_param(rngs, (d_model, q_lora_rank), ("embed", None), init)
             self.q_norm = init_param(rngs, (q_lora_rank,), (None,), nnx.initializers.ones)
@@ -212,7 +209,7 @@ class LatentAttention(nnx.Module):
         self.kv_norm = init_param(rngs, (kv_lora_rank,), (None,), nnx.initializers.ones)
         self.wk_b = init_param(rngs, (kv_lora_rank, n, qk_nope_head_dim), (None, "heads", None), init)
         self.wv_b = init_param(rngs, (kv_lora_rank, n, v_head_dim), (None, "heads", None), init)
-        self.wo = init_param(rngs, (n, v_head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
+        self._init_output(rngs, n, v_head_dim, d_model, "wo")
 
     # -- pieces -------------------------------------------------------------------------------------
 
@@ -226,7 +223,7 @@ class LatentAttention(nnx.Module):
     def queries(self, x, positions):
         """x [B, T, D] -> (q_nope [B, T, N, H], q_rope [B, T, N, R] rotated)."""
         if self.q_lora_rank is None:
-            q = jnp.einsum("BTD,DNK->BTNK", x, self._w(self.wq))  # [B, T, N, H+R]
+            q = self._project(x, self.wq)  # [B, T, N, H+R]
         else:
             q_lat = jnp.einsum("BTD,DL->BTL", x, self._w(self.wq_a))  # [B, T, L]
             q_lat = rms_norm(q_lat, self.q_norm[...], self.norm_eps)
@@ -262,66 +259,50 @@ class LatentAttention(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> LatentCache:
         return LatentCache.zeros(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype=dtype)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache: LatentCache | None = None,
-        decode: bool = False,
-    ):
-        """x [B, T, D], positions int [B, T] -> (y [B, T, D], cache). Same protocol as DenseAttention."""
-        if kv_x is not None and kv_positions is None:
-            raise ValueError("kv_x was given without kv_positions; pass the positions of the key/value tokens")
+    def _forward(self, x, positions, segment_ids, kv_x=None, kv_positions=None):
+        """x [B, T, D] (keys/values from kv_x [B, S, D] when given) -> y [B, T, D]."""
         x = x.astype(self.dtype)
-        src = x if kv_x is None else kv_x.astype(self.dtype)
-        src_positions = positions if kv_x is None else kv_positions
-        q_nope, q_rope = self.queries(x, positions)  # [B,T,N,H], [B,T,N,R]
+        src, src_positions = (x, positions) if kv_x is None else (kv_x.astype(self.dtype), kv_positions)
+        q_nope, q_rope = self.queries(x, positions)  # [B, T, N, H], [B, T, N, R]
         kv = self.latents(src, src_positions)  # [B, S, C+R]
-        absorbed = self.path == "absorbed" or (self.path == "auto" and decode)
-
-        if decode:
-            if cache is None:
-                raise ValueError("decode=True needs a cache; create one with init_cache(batch, max_len)")
-            if kv_x is not None:
-                raise ValueError("decode=True with kv_x is not supported: a cache holds self-attention keys")
-            cache = cache.append(kv)
-            impl = self.impl if self.impl != "pallas" else "auto"
-            cached = cache.kv.astype(self.dtype)  # [B, L, C+R]
-            if absorbed:
-                q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
-                # One kv head; the values are the same array (its first C columns are the latent), so
-                # the cache is read once and never copied; the R extra output columns are dropped.
-                out_lat = kernels.decode_attention(
-                    q, cached[:, :, None], cached[:, :, None], lengths=cache.lengths, scale=self.scale, impl=impl
-                )
-                out = self._absorbed_output(out_lat)  # [B, T, N, V]
-            else:
-                k, v = self._expand(cached)  # [B, L, N, H+R], [B, L, N, V]
-                q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
-                out = kernels.decode_attention(q, k, v, lengths=cache.lengths, scale=self.scale, impl=impl)
+        mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
+        kw = dict(
+            mask=mask,
+            segment_ids=segment_ids,
+            scale=self.scale,
+            impl=self.impl,
+            block_q=self.block_q,
+            block_k=self.block_k,
+        )
+        if self.path == "absorbed":
+            q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
+            out = self._absorbed_output(kernels.attention(q, kv[:, :, None], kv[:, :, None], **kw))  # [B, T, N, V]
         else:
-            mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
-            kw = dict(
-                mask=mask,
-                segment_ids=segment_ids,
-                scale=self.scale,
-                impl=self.impl,
-                block_q=self.block_q,
-                block_k=self.block_k,
+            k, v = self._expand(kv)  # [B, S, N, H+R], [B, S, N, V]
+            q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
+            out = kernels.attention(q, k, v, **kw)  # [B, T, N, V]
+        return self._output(out, "wo")  # [B, T, D]
+
+    def _decode(self, x, positions, cache: LatentCache):
+        """The newest T tokens x [B, T, D]: their latents appended to `cache` -> (y [B, T, D], cache)."""
+        x = x.astype(self.dtype)
+        q_nope, q_rope = self.queries(x, positions)  # [B, T, N, H], [B, T, N, R]
+        cache = cache.append(self.latents(x, positions))
+        impl = self.impl if self.impl != "pallas" else "auto"
+        cached = cache.kv.astype(self.dtype)  # [B, L, C+R]
+        if self.path in ("absorbed", "auto"):
+            q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
+            # One kv head; the values are the same array (its first C columns are the latent), so
+            # the cache is read once and never copied; the R extra output columns are dropped.
+            out_lat = kernels.decode_attention(
+                q, cached[:, :, None], cached[:, :, None], lengths=cache.lengths, scale=self.scale, impl=impl
             )
-            if absorbed:
-                q = self._absorbed_query(q_nope, q_rope)  # [B, T, N, C+R]
-                out = self._absorbed_output(kernels.attention(q, kv[:, :, None], kv[:, :, None], **kw))
-            else:
-                k, v = self._expand(kv)
-                q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
-                out = kernels.attention(q, k, v, **kw)  # [B, T, N, V]
-        y = jnp.einsum("BTNV,NVD->BTD", out, self._w(self.wo))  # [B, T, D]
-        return y, cache
+            out = self._absorbed_output(out_lat)  # [B, T, N, V]
+        else:
+            k, v = self._expand(cached)  # [B, L, N, H+R], [B, L, N, V]
+            q = jnp.concatenate([q_nope, q_rope], axis=-1)  # [B, T, N, H+R]
+            out = kernels.decode_attention(q, k, v, lengths=cache.lengths, scale=self.scale, impl=impl)
+        return self._output(out, "wo"), cache  # [B, T, D]
 
 
 def latent_cache_bytes_per_token(kv_lora_rank: int, rope_head_dim: int, num_layers: int, bytes_per: int) -> int:

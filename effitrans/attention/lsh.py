@@ -27,15 +27,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.attention.attention_math import masked_softmax_stats, merge_by_lse
-from effitrans.layers.params import StateParam, fan_in_normal, init_param
-from effitrans.layers.rope import apply_rope
+from effitrans.attention.base import AttentionBase
+from effitrans.layers.params import StateVariable
 
 SELF_LOGIT = -1e5
 
 
-class LSHRotations(StateParam):
-    """Random rotations of the hash; a Param (so it is saved, sharded and restored with the model) that
-    the module reads through stop_gradient. Hashing is scale-invariant, so weight decay cannot change it."""
+class LSHRotations(StateVariable):
+    """Random rotations of the hash: fixed non-trainable state (saved, sharded and restored with the model,
+    never seen by an optimizer over nnx.Param)."""
 
 
 def lsh_buckets(x: jax.Array, rotations: jax.Array, n_buckets: int) -> jax.Array:
@@ -128,8 +128,8 @@ def lsh_attention(
     return jnp.moveaxis(out, 1, 2)[:, :s].astype(v.dtype)  # [B, S, N, H]
 
 
-class LSHAttention(nnx.Module):
-    """Reformer attention. Weights: qk [D, N, H], v [D, N, H], o [N, H, D], rotations [H, R, n_buckets/2]."""
+class LSHAttention(AttentionBase, kind="lsh"):
+    """Reformer attention. Weights: qk [D, N, H], v [D, N, H], o [N, H, D]; state: rotations [H, R, n_buckets/2]."""
 
     def __init__(
         self,
@@ -158,40 +158,17 @@ class LSHAttention(nnx.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.n_buckets, self.n_hashes, self.chunk_len, self.causal = n_buckets, n_hashes, chunk_len, causal
         self.rope_base, self.rope_layout, self.dtype = rope_base, rope_layout, dtype
-        init = fan_in_normal((0,))
-        self.qk = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.v = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
+        self._init_heads(rngs, ("qk", "v"), d_model, num_heads, head_dim)
+        self._init_output(rngs, num_heads, head_dim, d_model)
         self.rotations = LSHRotations(
             jax.random.normal(rngs.params(), (head_dim, n_hashes, max(n_buckets // 2, 1)), jnp.float32),
             logical_axes=(None, None, None),
         )
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        raise ValueError("lsh attention does not support decode (no cache)")
-
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache=None,
-        decode: bool = False,
-    ):
-        """x [B, S, D], positions [B, S] -> (y [B, S, D], None)."""
-        if kv_x is not None:
-            raise ValueError("lsh attention is shared-QK self-attention; kv_x is not supported")
-        if decode:
-            raise ValueError("lsh attention does not support decode (no cache)")
-        c = lambda p: p[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        qk = jnp.einsum("BSD,DNH->BSNH", x, c(self.qk))  # [B, S, N, H]
-        if self.rope_base is not None:
-            qk = apply_rope(qk, positions, base=self.rope_base, layout=self.rope_layout)
-        v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))  # [B, S, N, H]
+    def _forward(self, x, positions, segment_ids):
+        """x [B, S, D], positions [B, S] -> y [B, S, D]. Shared-QK self-attention, no decode."""
+        qk = self._project(x, self.qk, positions)  # [B, S, N, H]
+        v = self._project(x, self.v)  # [B, S, N, H]
         buckets = lsh_buckets(qk, jax.lax.stop_gradient(self.rotations[...]), self.n_buckets)  # [B, N, R, S]
         out = lsh_attention(
             qk,
@@ -202,5 +179,4 @@ class LSHAttention(nnx.Module):
             causal=self.causal,
             segment_ids=segment_ids,
         )  # [B, S, N, H]
-        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))  # [B, S, D]
-        return y, None
+        return self._output(out)  # [B, S, D]

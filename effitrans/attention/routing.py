@@ -10,10 +10,9 @@
   clusters merges its per-cluster results by their log-sum-exp; a query no cluster picks outputs 0.
 - Centroids are updated online by exponential moving average (Sec. 4.1): each normalised query and key
   of real (non-padding) tokens goes to its nearest centroid; mu_c <- decay * mu_c + (1 - decay) * mean.
-  The update runs when `use_running_average` is False (NNX `model.train()`), and is frozen after
-  `model.eval()`. Centroids are an `nnx.Param` subclass read through stop_gradient, so they are saved
-  and restored with the model; the Trainer, which only keeps gradient updates, leaves them at their
-  initial draw unless it writes the module's mutated state back (see docs/attention_families.md).
+  Centroids are non-trainable state (`StateVariable`): saved, sharded and restored with the model, never
+  given to an optimizer over nnx.Param. A forward pass does not change them: it proposes the EMA step
+  (`propose_update`), which a training step applies with `commit_updates`; evaluation and serving drop it.
 - The first `num_local_heads` heads are local sliding-window heads (the paper mixes both kinds):
   window `local_window` keys each side (or `local_window` previous keys when causal), through the kernel.
 - causal=True masks later keys inside each cluster; segment_ids mask keys of another segment.
@@ -27,13 +26,13 @@ from flax import nnx
 
 from effitrans import kernels
 from effitrans.attention.attention_math import layer_norm_no_params, masked_softmax_stats
+from effitrans.attention.base import AttentionBase
 from effitrans.kernels import masks
-from effitrans.layers.params import StateParam, fan_in_normal, init_param
-from effitrans.layers.rope import apply_rope
+from effitrans.layers.params import StateVariable, propose_update
 
 
-class RoutingCentroids(StateParam):
-    """k-means centroids [N, C, H] of the routing heads, updated by EMA (not by gradients)."""
+class RoutingCentroids(StateVariable):
+    """k-means centroids [N, C, H] of the routing heads, updated by EMA in training steps (not by gradients)."""
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:
@@ -105,8 +104,8 @@ def ema_centroids(centroids: jax.Array, x: jax.Array, weight: jax.Array, decay: 
     return jnp.where(counts > 0, decay * centroids + (1.0 - decay) * mean, centroids)
 
 
-class RoutingAttention(nnx.Module):
-    """Weights: q [D, N, H], k/v [D, N, H], o [N, H, D]; centroids [N - num_local_heads, C, H]."""
+class RoutingAttention(AttentionBase, kind="routing"):
+    """Weights: q [D, N, H], k/v [D, N, H], o [N, H, D]; state: centroids [N - num_local_heads, C, H]."""
 
     def __init__(
         self,
@@ -141,45 +140,22 @@ class RoutingAttention(nnx.Module):
         self.num_local_heads, self.local_window, self.decay = num_local_heads, local_window, decay
         self.causal, self.impl, self.dtype = causal, impl, dtype
         self.rope_base, self.rope_layout = rope_base, rope_layout
-        self.use_running_average = False  # False: EMA-update centroids (nnx model.train()); True: frozen
-        init = fan_in_normal((0,))
-        self.q = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.k = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.v = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
+        self._init_heads(rngs, ("q", "k", "v"), d_model, num_heads, head_dim)
+        self._init_output(rngs, num_heads, head_dim, d_model)
         self.centroids = RoutingCentroids(
             jax.random.normal(rngs.params(), (num_heads - num_local_heads, num_clusters, head_dim), jnp.float32),
             logical_axes=(None, None, None),
         )
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        raise ValueError("routing attention does not support decode (no cache)")
+    def _forward(self, x, positions, segment_ids):
+        """x [B, S, D], positions [B, S] -> y [B, S, D]. Self-attention, no decode.
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache=None,
-        decode: bool = False,
-    ):
-        """x [B, S, D], positions [B, S] -> (y [B, S, D], None)."""
-        if kv_x is not None:
-            raise ValueError("routing attention is self-attention; kv_x is not supported")
-        if decode:
-            raise ValueError("routing attention does not support decode (no cache)")
-        c = lambda p: p[...].astype(self.dtype)
-        x = x.astype(self.dtype)
+        Also proposes the centroids' EMA step (applied only by `commit_updates` in a training step).
+        """
         s = x.shape[1]
-        q = layer_norm_no_params(jnp.einsum("BSD,DNH->BSNH", x, c(self.q)))  # [B, S, N, H]
-        k = layer_norm_no_params(jnp.einsum("BSD,DNH->BSNH", x, c(self.k)))
-        v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))
-        if self.rope_base is not None:
-            q = apply_rope(q, positions, base=self.rope_base, layout=self.rope_layout)
-            k = apply_rope(k, positions, base=self.rope_base, layout=self.rope_layout)
+        q = self._rope(layer_norm_no_params(self._project(x, self.q)), positions)  # [B, S, N, H]
+        k = self._rope(layer_norm_no_params(self._project(x, self.k)), positions)  # [B, S, N, H]
+        v = self._project(x, self.v)  # [B, S, N, H]
         window = min(self.window or -(-s // self.num_clusters), s)
         nl = self.num_local_heads
         mu = jax.lax.stop_gradient(self.centroids[...])
@@ -198,11 +174,7 @@ class RoutingAttention(nnx.Module):
             )
         )  # [B, S, N - nl, H]
         out = jnp.concatenate(outs, axis=2) if nl else outs[0]  # [B, S, N, H]
-        if not self.use_running_average:
-            real = jnp.ones(x.shape[:2], jnp.float32) if segment_ids is None else (segment_ids != 0).astype(jnp.float32)
-            both = jax.lax.stop_gradient(jnp.concatenate([q[:, :, nl:], k[:, :, nl:]], axis=1))  # [B, 2S, N-nl, H]
-            self.centroids[...] = ema_centroids(
-                self.centroids[...], both, jnp.concatenate([real, real], axis=1), self.decay
-            )
-        y = jnp.einsum("BSNH,NHD->BSD", out.astype(self.dtype), c(self.o))  # [B, S, D]
-        return y, None
+        real = jnp.ones(x.shape[:2], jnp.float32) if segment_ids is None else (segment_ids != 0).astype(jnp.float32)
+        both = jax.lax.stop_gradient(jnp.concatenate([q[:, :, nl:], k[:, :, nl:]], axis=1))  # [B, 2S, N-nl, H]
+        propose_update(self, "centroids", ema_centroids(mu, both, jnp.concatenate([real, real], axis=1), self.decay))
+        return self._output(out)  # [B, S, D]

@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from effitrans import kernels
 from effitrans.attention.dense import DenseAttention
 from effitrans.kernels import masks
-from effitrans.layers.params import fan_in_normal, init_param
 
 
 @struct.dataclass
@@ -101,16 +99,15 @@ def sliding_window_mask(left: int, right: int, num_global: int, causal: bool) ->
     return mask
 
 
-class SlidingWindowAttention(DenseAttention):
-    """Longformer attention. Weights: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q/k/v_global if num_global)."""
+class SlidingWindowAttention(DenseAttention, kind="sliding_window", cross_attention=False):
+    """Longformer attention. Weights: q [D, N, H], k/v [D, K, H], o [N, H, D] (+ q/k/v_global if num_global).
+
+    dims: d_model, num_heads, num_kv_heads, head_dim, as for DenseAttention.
+    """
 
     def __init__(
         self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
+        *dims: int,
         window_left: int,
         window_right: int = 0,
         num_global: int = 0,
@@ -127,64 +124,40 @@ class SlidingWindowAttention(DenseAttention):
             )
         if num_global < 0:
             raise ValueError(f"num_global={num_global} must be >= 0")
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, causal=causal, rngs=rngs, **kw)
+        super().__init__(*dims, causal=causal, rngs=rngs, **kw)
         self.window_left, self.window_right, self.num_global = window_left, window_right, num_global
         if num_global:
-            init = fan_in_normal((0,))
-            self.q_global = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-            self.k_global = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
-            self.v_global = init_param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", None), init)
+            d_model, num_heads, num_kv_heads, head_dim = dims
+            self._init_heads(rngs, ("q_global",), d_model, num_heads, head_dim)
+            self._init_heads(rngs, ("k_global", "v_global"), d_model, num_kv_heads, head_dim, axis="kv_heads")
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> WindowCache:
         """A ring buffer of the window (max_len is accepted for the protocol; the cache never grows)."""
         del max_len
         return WindowCache.zeros(batch, self.window_left + 1, self.num_kv_heads, self.head_dim, dtype)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache: WindowCache | None = None,
-        decode: bool = False,
-    ):
-        """x [B, T, D], positions [B, T] -> (y [B, T, D], cache). Self-attention only (kv_x must be None)."""
-        if kv_x is not None:
-            raise ValueError("sliding_window attention is self-attention; kv_x is not supported")
-        c = lambda p: p[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)  # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))  # [B, S, K, H]
-        scale = self.head_dim**-0.5
+    def _forward(self, x, positions, segment_ids):
+        """x [B, T, D] -> y [B, T, D]: the local pass, then the global rows replaced by their own pass."""
+        q, k, v = self._qkv(x, positions)  # [B, T, N, H], [B, T, K, H] x 2
+        mask = sliding_window_mask(self.window_left, self.window_right, self.num_global, self.causal)
+        out = self._kernel(q, k, v, mask, segment_ids)  # [B, T, N, H]
+        if self.num_global:
+            n = min(self.num_global, x.shape[1])
+            qg = self._project(x[:, :n], self.q_global, positions[:, :n])  # [B, n, N, H]
+            kg = self._project(x, self.k_global, positions)  # [B, T, K, H]
+            vg = self._project(x, self.v_global)  # [B, T, K, H]
+            seg = None if segment_ids is None else (segment_ids[:, :n], segment_ids)
+            gmask = masks.Causal() if self.causal else masks.Full()
+            out = out.at[:, :n].set(self._kernel(qg, kg, vg, gmask, seg))  # [B, n, N, H] into the first rows
+        return self._output(out)  # [B, T, D]
 
-        if decode:
-            if cache is None:
-                raise ValueError("decode=True needs a cache; create one with init_cache(batch, max_len)")
-            if not self.causal or self.num_global:
-                raise ValueError(
-                    "sliding_window decode needs a causal model without global tokens "
-                    f"(causal={self.causal}, num_global={self.num_global})"
-                )
-            out, cache = window_decode_attention(q, k, v, cache, scale=scale)
-        else:
-            mask = sliding_window_mask(self.window_left, self.window_right, self.num_global, self.causal)
-            out = kernels.attention(
-                q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, block_q=self.block_q, block_k=self.block_k
-            )  # [B, T, N, H]
-            if self.num_global:
-                n = min(self.num_global, x.shape[1])
-                qg = self._rope(jnp.einsum("BTD,DNH->BTNH", x[:, :n], c(self.q_global)), positions[:, :n])
-                kg = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k_global)), positions)
-                vg = jnp.einsum("BSD,DKH->BSKH", x, c(self.v_global))
-                seg = None if segment_ids is None else (segment_ids[:, :n], segment_ids)
-                gmask = masks.Causal() if self.causal else masks.Full()
-                out_g = kernels.attention(
-                    qg, kg, vg, mask=gmask, segment_ids=seg, impl=self.impl, block_q=self.block_q, block_k=self.block_k
-                )  # [B, n, N, H]
-                out = out.at[:, :n].set(out_g)
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
-        return y, cache
+    def _decode(self, x, positions, cache: WindowCache):
+        """The newest T tokens against the ring buffer -> (y [B, T, D], cache)."""
+        if not self.causal or self.num_global:
+            raise ValueError(
+                "sliding_window decode needs a causal model without global tokens "
+                f"(causal={self.causal}, num_global={self.num_global})"
+            )
+        q, k, v = self._qkv(x, positions)  # [B, T, N, H], [B, T, K, H] x 2
+        out, cache = window_decode_attention(q, k, v, cache, scale=self.head_dim**-0.5)
+        return self._output(out), cache

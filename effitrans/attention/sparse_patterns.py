@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from effitrans import kernels
+from effitrans.attention.base import AttentionBase
 from effitrans.attention.dense import DenseAttention
 from effitrans.kernels import masks
 
@@ -93,75 +91,37 @@ def split_heads(num_heads: int, num_kv_heads: int) -> tuple[slice, slice, slice,
     return slice(0, hq), slice(0, hk), slice(hq, num_heads), slice(hk, num_kv_heads)
 
 
-class SparsePatternAttention(DenseAttention):
-    """Strided or fixed Sparse Transformer attention; same weights as DenseAttention."""
+class SparsePatternAttention(DenseAttention, cross_attention=False, decodes=False):
+    """Strided or fixed Sparse Transformer attention; same weights as DenseAttention.
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        pattern: str,
-        causal: bool,
-        rngs: nnx.Rngs,
-        stride: int = 0,
-        block: int = 0,
-        summary: int = 1,
-        **kw,
-    ):
+    dims: d_model, num_heads, num_kv_heads, head_dim, as for DenseAttention.
+    """
+
+    init_cache = AttentionBase.init_cache  # no cache
+
+    def __init__(self, *dims: int, pattern: str, stride: int = 0, block: int = 0, summary: int = 1, **kw):
         if pattern == "strided" and stride < 1:
             raise ValueError(f"config.model.attention.stride={stride} must be >= 1")
         if pattern == "fixed" and (block < 1 or not 1 <= summary <= block):
             raise ValueError(f"config.model.attention.summary={summary} must be in [1, block={block}]")
-        self.heads = split_heads(num_heads, num_kv_heads)
-        super().__init__(d_model, num_heads, num_kv_heads, head_dim, causal=causal, rngs=rngs, **kw)
+        self.heads = split_heads(*dims[1:3])  # (num_heads, num_kv_heads)
+        super().__init__(*dims, **kw)
         self.pattern, self.stride, self.block, self.summary = pattern, stride, block, summary
+
+    @property
+    def kind(self) -> str:
+        return f"sparse_{self.pattern}"
 
     def masks(self) -> tuple[masks.Mask, masks.Mask]:
         return pattern_masks(
             self.pattern, causal=self.causal, stride=self.stride, block=self.block, summary=self.summary
         )
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache=None,
-        decode: bool = False,
-    ):
-        """x [B, T, D], positions [B, T] -> (y [B, T, D], None). Self-attention, no decode."""
-        if kv_x is not None:
-            raise ValueError(f"sparse_{self.pattern} attention is self-attention; kv_x is not supported")
-        if decode:
-            raise ValueError(f"sparse_{self.pattern} attention does not support decode (no cache)")
-        c = lambda p: p[...].astype(self.dtype)
-        x = x.astype(self.dtype)
-        q = self._rope(jnp.einsum("BTD,DNH->BTNH", x, c(self.q)), positions)  # [B, T, N, H]
-        k = self._rope(jnp.einsum("BSD,DKH->BSKH", x, c(self.k)), positions)  # [B, S, K, H]
-        v = jnp.einsum("BSD,DKH->BSKH", x, c(self.v))  # [B, S, K, H]
-        outs = []
-        for (qs, ks), mask in zip((self.heads[:2], self.heads[2:]), self.masks()):
-            outs.append(
-                kernels.attention(
-                    q[:, :, qs],
-                    k[:, :, ks],
-                    v[:, :, ks],
-                    mask=mask,
-                    segment_ids=segment_ids,
-                    impl=self.impl,
-                    block_q=self.block_q,
-                    block_k=self.block_k,
-                )
-            )  # [B, T, N/2, H]
-        out = jnp.concatenate(outs, axis=2)  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, c(self.o))  # [B, T, D]
-        return y, None
-
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        raise ValueError(f"sparse_{self.pattern} attention does not support decode (no cache)")
+    def _forward(self, x, positions, segment_ids):
+        """x [B, T, D] -> y [B, T, D]: half of the heads through each pattern."""
+        q, k, v = self._qkv(x, positions)  # [B, T, N, H], [B, T, K, H] x 2
+        outs = [
+            self._kernel(q[:, :, qs], k[:, :, ks], v[:, :, ks], mask, segment_ids)  # [B, T, N/2, H]
+            for (qs, ks), mask in zip((self.heads[:2], self.heads[2:]), self.masks())
+        ]
+        return self._output(jnp.concatenate(outs, axis=2))  # [B, T, N, H] -> [B, T, D]

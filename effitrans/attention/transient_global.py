@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.attention.attention_math import masked_softmax_stats, relative_position_bucket
+from effitrans.attention.base import AttentionBase
 from effitrans.layers.norms import rms_norm
-from effitrans.layers.params import fan_in_normal, init_param
+from effitrans.layers.params import init_param
 
 
 def global_block_ids(token_mask: jax.Array, global_block: int):
@@ -217,9 +218,11 @@ def transient_global_reference(
     return out.astype(q.dtype)
 
 
-class TransientGlobalAttention(nnx.Module):
+class TransientGlobalAttention(AttentionBase, kind="transient_global"):
     """LongT5 TGA. Weights: q [D, N, H], k/v [D, N, H], o [N, H, D], global_norm [D],
     local_bias and global_bias [num_buckets, N] (T5 relative-position embeddings)."""
+
+    rope_base = None  # position comes from the relative biases
 
     def __init__(
         self,
@@ -243,53 +246,28 @@ class TransientGlobalAttention(nnx.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.local_radius, self.global_block, self.causal = local_radius, global_block, causal
         self.num_buckets, self.max_distance, self.norm_eps, self.dtype = num_buckets, max_distance, norm_eps, dtype
-        init = fan_in_normal((0,))
-        self.q = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.k = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.v = init_param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", None), init)
-        self.o = init_param(rngs, (num_heads, head_dim, d_model), ("heads", None, "embed"), fan_in_normal((0, 1)))
+        self._init_heads(rngs, ("q", "k", "v"), d_model, num_heads, head_dim)
+        self._init_output(rngs, num_heads, head_dim, d_model)
         self.global_norm = init_param(rngs, (d_model,), ("embed",), nnx.initializers.ones)
         bias_init = nnx.initializers.normal(0.02)
         self.local_bias = init_param(rngs, (num_buckets, num_heads), (None, "heads"), bias_init)
         self.global_bias = init_param(rngs, (num_buckets, num_heads), (None, "heads"), bias_init)
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32):
-        raise ValueError("transient_global attention does not support decode (no cache)")
-
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array,
-        segment_ids: jax.Array | None = None,
-        kv_x: jax.Array | None = None,
-        kv_positions: jax.Array | None = None,
-        cache=None,
-        decode: bool = False,
-    ):
-        """x [B, S, D] -> (y [B, S, D], None). positions are unused (relative biases carry position)."""
-        del positions, kv_positions
-        if kv_x is not None:
-            raise ValueError("transient_global attention is self-attention; kv_x is not supported")
-        if decode:
-            raise ValueError("transient_global attention does not support decode (no cache)")
+    def _forward(self, x, positions, segment_ids):
+        """x [B, S, D] -> y [B, S, D]. positions are unused (relative biases carry position)."""
         b, s, _ = x.shape
         if s % self.global_block:
             raise ValueError(
                 f"config.model.attention.global_block={self.global_block} must divide the padded "
                 f"sequence length {s} (pad sequences to a multiple of global_block)"
             )
-        c = lambda p: p[...].astype(self.dtype)
         x = x.astype(self.dtype)
         token_seg = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         ids, gvalid = global_block_ids(token_seg != 0, self.global_block)
         num_globals = s // self.global_block
         side = rms_norm(global_aggregates(x, ids, num_globals), self.global_norm[...], self.norm_eps)  # [B, G, D]
-        q = jnp.einsum("BSD,DNH->BSNH", x, c(self.q))  # [B, S, N, H]
-        k = jnp.einsum("BSD,DNH->BSNH", x, c(self.k))
-        v = jnp.einsum("BSD,DNH->BSNH", x, c(self.v))
-        side_k = jnp.einsum("BGD,DNH->BGNH", side, c(self.k))  # [B, G, N, H]
-        side_v = jnp.einsum("BGD,DNH->BGNH", side, c(self.v))
+        q, k, v = self._qkv(x, positions)  # [B, S, N, H] x 3 (no RoPE)
+        side_k, side_v = self._project(side, self.k), self._project(side, self.v)  # [B, G, N, H] x 2
         out = transient_global_attention(
             q,
             k,
@@ -307,5 +285,4 @@ class TransientGlobalAttention(nnx.Module):
             max_distance=self.max_distance,
             scale=self.head_dim**-0.5,
         )  # [B, S, N, H]
-        y = jnp.einsum("BSNH,NHD->BSD", out, c(self.o))  # [B, S, D]
-        return y, None
+        return self._output(out)  # [B, S, D]

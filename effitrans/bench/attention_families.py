@@ -100,8 +100,6 @@ def _layer_fns(kind: str, seq_len: int, batch: int):
 
     cfg = model_config(kind, seq_len)
     layer = build_attention(cfg, causal=False, rngs=nnx.Rngs(0), dtype=jnp.float32)
-    if hasattr(layer, "use_running_average"):
-        layer.use_running_average = True  # inference: routing centroids frozen
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (batch, seq_len, cfg.d_model), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))

@@ -8,8 +8,8 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable
 
-from effitrans.funnel.encoder import FunnelSpec, spec_problems
-from effitrans.funnel.pooling import POSITION_MODES
+from effitrans.funnel.encoder import spec_from_config, spec_problems
+from effitrans.funnel.pooling import HIDDEN_POOL_MODES, POSITION_MODES
 from effitrans.models.transformer import ffn_widths
 from effitrans.schema import ConfigError, Key, boolean, int_at_least, int_list, one_of
 
@@ -20,7 +20,7 @@ FUNNEL_KEYS = {
     "strides": Key(
         [2], int_list, "strides[i] pools before block i + 1 (one fewer than blocks); 1 = no pooling", object
     ),
-    "pooling": Key("mean", one_of("mean", "max", "slice"), "hidden-state pooling (slice: first token of each window)"),
+    "pooling": Key("mean", one_of(*HIDDEN_POOL_MODES), "hidden-state pooling (slice: first token of each window)"),
     "separate_cls": Key(True, boolean, "token 0 (CLS) is its own window, never pooled with other tokens"),
     "truncate_seq": Key(False, boolean, "drop a partial trailing window instead of pooling it over fewer tokens"),
     "pool_q_only": Key(True, boolean, "first pooled layer: pooled queries attend over the unpooled keys/values"),
@@ -62,15 +62,7 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
             f"{prefix}.num_layers={m.num_layers}: a funnel block cannot start beyond the depth; the "
             f"blocks must cover exactly the num_layers layers"
         )
-    full = FunnelSpec(
-        block_layers=tuple(f.block_layers),
-        strides=tuple(f.strides),
-        pooling=f.pooling,
-        separate_cls=f.separate_cls,
-        truncate_seq=f.truncate_seq,
-        pool_q_only=f.pool_q_only,
-        position_pooling=f.position_pooling,
-    )
+    full = spec_from_config(m)
     for t in seq_lens or ():
         try:
             full.pooled_lengths(int(t))

@@ -75,8 +75,8 @@ def spec_problems(spec) -> list:
                 f"{len(bl)} blocks; expected len(block_layers) - 1 = {max(len(bl) - 1, 0)} strides",
             )
         )
-    if spec.pooling not in ("mean", "max", "slice"):
-        out.append(("pooling", f"pooling={spec.pooling!r} is not one of ['mean', 'max', 'slice']"))
+    if spec.pooling not in P.HIDDEN_POOL_MODES:
+        out.append(("pooling", f"pooling={spec.pooling!r} is not one of {list(P.HIDDEN_POOL_MODES)}"))
     if spec.position_pooling not in P.POSITION_MODES:
         out.append(
             ("position_pooling", f"position_pooling={spec.position_pooling!r} is not one of {list(P.POSITION_MODES)}")
@@ -176,21 +176,29 @@ class FunnelEncoder(nnx.Module):
         hidden, pmask = self.encode(tokens, mask)
         return pool(hidden, pmask, self.pooling)
 
+    @staticmethod
+    def _head_weight(weight, model_cfg, width_key: str, rngs):
+        """`weight` when given (surgery keeps the dense model's), else a new [D, model_cfg.<width_key>] one."""
+        if weight is not None:
+            return weight
+        width = getattr(model_cfg, width_key)
+        return init_param(rngs, (model_cfg.d_model, width), ("embed", None), fan_in_normal())
+
+    def _pooled_through(self, tokens, mask, weight) -> jnp.ndarray:
+        """The pooled summary [B, D] through weight [D, F] -> float32 [B, F]."""
+        h = self.pooled(tokens, mask)  # [B, D]
+        return jnp.einsum("BD,DF->BF", h, weight[...].astype(h.dtype)).astype(jnp.float32)
+
 
 class FunnelEmbeddingEncoder(FunnelEncoder):
     """Funnel version of EmbeddingEncoder: __call__(tokens, mask) -> unit-norm [B, embed_dim] float32."""
 
     def __init__(self, model_cfg=None, *, rngs=None, stack=None, spec=None, pooling=None, proj=None):
         super().__init__(model_cfg, rngs=rngs, stack=stack, spec=spec, pooling=pooling)
-        self.proj = (
-            proj
-            if proj is not None
-            else init_param(rngs, (model_cfg.d_model, model_cfg.embed_dim), ("embed", None), fan_in_normal())
-        )
+        self.proj = self._head_weight(proj, model_cfg, "embed_dim", rngs)
 
     def __call__(self, tokens, mask):
-        h = self.pooled(tokens, mask)  # [B, D]
-        e = jnp.einsum("BD,DE->BE", h, self.proj[...].astype(h.dtype)).astype(jnp.float32)  # [B, E]
+        e = self._pooled_through(tokens, mask, self.proj)  # [B, E]
         return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
 
 
@@ -199,12 +207,7 @@ class FunnelEncoderClassifier(FunnelEncoder):
 
     def __init__(self, model_cfg=None, *, rngs=None, stack=None, spec=None, pooling=None, head=None):
         super().__init__(model_cfg, rngs=rngs, stack=stack, spec=spec, pooling=pooling)
-        self.head = (
-            head
-            if head is not None
-            else init_param(rngs, (model_cfg.d_model, model_cfg.num_classes), ("embed", None), fan_in_normal())
-        )
+        self.head = self._head_weight(head, model_cfg, "num_classes", rngs)
 
     def __call__(self, tokens, mask):
-        h = self.pooled(tokens, mask)  # [B, D]
-        return jnp.einsum("BD,DC->BC", h, self.head[...].astype(h.dtype)).astype(jnp.float32)
+        return self._pooled_through(tokens, mask, self.head)  # [B, C]

@@ -25,7 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-POOL_MODES = ("mean", "max", "min", "slice")
+HIDDEN_POOL_MODES = ("mean", "max", "slice")  # what a funnel's `pooling` may name (hidden states)
+POOL_MODES = (*HIDDEN_POOL_MODES, "min")  # "min" pools masks and segment ids
 POSITION_MODES = ("first", "mean")
 
 

@@ -1,8 +1,14 @@
-"""Parameters that carry logical axis names.
+"""Parameters and non-trainable state that carry logical axis names.
 
 Every weight in effitrans is an `nnx.Param` whose metadata holds `logical_axes`, a tuple with one name per
 dimension (e.g. ("embed", "mlp")). The names say what a dimension *is*; `effitrans.train.partitioning` maps
 them to mesh axes through the rules table in `config.mesh.rules`, so modules never know about meshes.
+
+Non-trainable state (LSH rotations, routing centroids) is a `StateVariable`: not an `nnx.Param`, so an
+optimizer built over `nnx.Param` never sees it, but tagged with `logical_axes` like a parameter, so it is
+sharded and checkpointed the same way. A forward pass never changes it: a module that learns state
+outside of gradients (a k-means EMA) records the new value with `propose_update`, and only a training
+step applies it with `commit_updates`; evaluation and serving drop the proposal.
 """
 
 from __future__ import annotations
@@ -44,7 +50,44 @@ def fan_in_normal(fan_in_axes: Sequence[int] = (0,)) -> Initializer:
     return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes), out_axis=-1)
 
 
-class StateParam(nnx.Param):
-    """A parameter that gradients do not train: the module keeps it fixed (random LSH rotations) or updates
-    it in its own forward pass (k-means centroids by EMA). It is saved and sharded like any Param; the
-    trainer leaves it out of the optimizer's update and carries the value the forward pass left in it."""
+class StateVariable(nnx.Variable):
+    """Non-trainable model state with `logical_axes` metadata: kept fixed (LSH rotations) or moved only by
+    `commit_updates` in a training step (k-means centroids). Optimizers over `nnx.Param` skip it."""
+
+
+class StateUpdate(nnx.Variable):
+    """A forward pass's proposed new value of the StateVariable named by its `target` metadata (an attribute
+    of the same module). It exists only after a forward pass and lives until `commit_updates` applies it."""
+
+
+def _update_name(name: str) -> str:
+    return f"{name}_update"
+
+
+def propose_update(module: nnx.Module, name: str, value: jax.Array) -> None:
+    """Records `value` as the next value of `module.<name>` (a StateVariable); the variable is unchanged."""
+    target = getattr(module, name)
+    if not isinstance(target, StateVariable):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(target).__name__}; expected a StateVariable")
+    if jnp.shape(value) != jnp.shape(target.get_value()):
+        raise ValueError(
+            f"proposed update of {type(module).__name__}.{name} has shape {jnp.shape(value)}; "
+            f"expected the variable's shape {jnp.shape(target.get_value())}"
+        )
+    setattr(module, _update_name(name), StateUpdate(jax.lax.stop_gradient(value), target=name))
+
+
+def commit_updates(model: nnx.Module) -> int:
+    """Writes every pending StateUpdate in `model` into its StateVariable and removes it; returns how many.
+
+    Training steps call this after the forward pass; evaluation and serving never do.
+    """
+    count = 0
+    for _, module in nnx.iter_modules(model):
+        for attr, update in list(vars(module).items()):
+            if isinstance(update, StateUpdate):
+                target = getattr(module, update.get_metadata()["target"])
+                target.set_value(update.get_value().astype(target.get_value().dtype))
+                delattr(module, attr)
+                count += 1
+    return count

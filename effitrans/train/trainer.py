@@ -2,8 +2,10 @@
 
 Reads top to bottom: build (validate config -> mesh -> dataset -> abstract model -> shardings -> sharded
 init or restore), then `train()` runs steps, logging, evaluation and checkpointing. The state is a plain
-pytree {"params", "opt_state", "step"}; the model is rebuilt from its graphdef inside each jitted step, so
-the same model classes serve training, eval and serving.
+pytree {"params", "model_state", "opt_state", "step"}: params are what the optimizer trains, model_state the
+non-trainable `StateVariable`s (routing centroids, LSH rotations), carried and updated only by the train
+step's `commit_updates`. The model is rebuilt from its graphdef inside each jitted step, so the same model
+classes serve training, eval and serving.
 """
 
 from __future__ import annotations
@@ -24,20 +26,12 @@ from jax.sharding import PartitionSpec as P
 
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
-from effitrans.layers.params import StateParam
+from effitrans.layers.params import StateVariable, commit_updates
 from effitrans.registry import build_model
 from effitrans.train import partitioning
 from effitrans.train.checkpoints import Checkpointer, abstract_like
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer
 from effitrans.train.tasks import BITS_PER_NAT, TASK_LOSSES, tokens_in_batch, train_flops_per_step
-
-
-def _overwrite(tree: dict, values: dict) -> dict:
-    """`tree` (a nested pure dict) with the leaves present in `values` replaced by them."""
-    out = dict(tree)
-    for key, v in values.items():
-        out[key] = _overwrite(tree[key], v) if isinstance(v, dict) else v
-    return out
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,17 +58,19 @@ class Trainer:
 
         # Abstract model: shapes and logical axes without allocating anything.
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, seed=config.train.seed))
-        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, StateVariable)
         self.param_specs = partitioning.param_specs(abstract_params, self.rules, self.mesh)
         abstract_pure = nnx.to_pure_dict(abstract_params)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_pure)
         opt_specs = partitioning.mirror_specs(abstract_opt, self.param_specs, abstract_pure)
-        specs = {"params": self.param_specs, "opt_state": opt_specs, "step": P()}
+        model_state_specs = partitioning.param_specs(abstract_model_state, self.rules, self.mesh)
+        specs = {"params": self.param_specs, "model_state": model_state_specs, "opt_state": opt_specs, "step": P()}
         self.state_shardings = jax.tree.map(
             lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
         )
         self.abstract_state = {
             "params": abstract_pure,
+            "model_state": nnx.to_pure_dict(abstract_model_state),
             "opt_state": abstract_opt,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
@@ -97,8 +93,15 @@ class Trainer:
         cfg = self.config
 
         def init():
-            params = nnx.to_pure_dict(nnx.state(build_model(cfg.model, seed=cfg.train.seed), nnx.Param))
-            return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+            model = build_model(cfg.model, seed=cfg.train.seed)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            model_state = nnx.to_pure_dict(nnx.state(model, StateVariable))
+            return {
+                "params": params,
+                "model_state": model_state,
+                "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32),
+            }
 
         return jax.jit(init, out_shardings=self.state_shardings)()
 
@@ -109,9 +112,20 @@ class Trainer:
         self._log(f"resumed from checkpoint at step {step} in {self.checkpointer.directory}")
         return state
 
-    def model_from(self, params) -> nnx.Module:
-        """An NNX model holding `params` (a pure dict), e.g. for generation after training."""
-        return nnx.merge(self.graphdef, params)
+    def _model_state(self, model_state) -> dict:
+        """`model_state` (the state's "model_state"); None is allowed for models without non-trainable state."""
+        if model_state is None:
+            if self.abstract_state["model_state"]:
+                raise ValueError(
+                    "model_state=None, but this model has non-trainable state (e.g. routing centroids); "
+                    'pass model_state=state["model_state"]'
+                )
+            return {}
+        return model_state
+
+    def model_from(self, params, model_state=None) -> nnx.Module:
+        """An NNX model holding `params` (a pure dict) and `model_state`, e.g. for generation after training."""
+        return nnx.merge(self.graphdef, params, self._model_state(model_state))
 
     # ---- jitted steps -----------------------------------------------------------------------------
 
@@ -125,20 +139,20 @@ class Trainer:
         loss_kwargs = {"temperature": cfg.train.contrastive_temperature}
         schedule = self.schedule
 
-        def sums_and_grads(params, batch):
+        def sums_and_grads(params, model_state, batch):
             def f(p):
-                model = nnx.merge(graphdef, p)
+                model = nnx.merge(graphdef, p, model_state)
                 s, w, m = loss_fn(model, batch, **loss_kwargs)
-                # StateParams (e.g. routing centroids) may have been updated by the forward pass.
-                return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateParam)))
+                commit_updates(model)  # only here: e.g. the routing centroids' EMA step
+                return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateVariable)))
 
-            (s, (w, m, state_params)), g = jax.value_and_grad(f, has_aux=True)(params)
-            return s, w, m, g, state_params
+            (s, (w, m, new_model_state)), g = jax.value_and_grad(f, has_aux=True)(params)
+            return s, w, m, g, new_model_state
 
         def train_step(state, batch):
-            params = state["params"]
+            params, model_state = state["params"], state["model_state"]
             if accum == 1:
-                s, w, m, g, state_params = sums_and_grads(params, batch)
+                s, w, m, g, new_model_state = sums_and_grads(params, model_state, batch)
             else:
                 # Micro-batch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
                 micro = jax.tree.map(
@@ -146,19 +160,22 @@ class Trainer:
                 )
 
                 def body(carry, mb):
-                    s, w, m, g, sp = sums_and_grads(params, mb)
-                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), sp
+                    s, w, m, g, ms = sums_and_grads(params, model_state, mb)
+                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), ms
 
-                zeros = jax.tree.map(
-                    jnp.zeros_like, jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro))[:4]
-                )
-                (s, w, m, g), sp_all = jax.lax.scan(body, zeros, micro)
-                state_params = jax.tree.map(lambda x: x[-1], sp_all)  # the last micro-batch's update
+                first = jax.tree.map(lambda x: x[0], micro)
+                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params, model_state, first)[:4])
+                (s, w, m, g), ms_all = jax.lax.scan(body, zeros, micro)
+                new_model_state = jax.tree.map(lambda x: x[-1], ms_all)  # the last micro-batch's update
             w = jnp.maximum(w, 1.0)
             grads = jax.tree.map(lambda x: x / w, g)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
-            new_params = _overwrite(optax.apply_updates(params, updates), state_params)
-            new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+            new_state = {
+                "params": optax.apply_updates(params, updates),
+                "model_state": new_model_state,
+                "opt_state": opt_state,
+                "step": state["step"] + 1,
+            }
             metrics = {
                 "loss": s / w,
                 "grad_norm": optax.tree.norm(grads),
@@ -167,12 +184,12 @@ class Trainer:
             }
             return new_state, metrics
 
-        def eval_step(params, batch):
-            s, w, m = loss_fn(nnx.merge(graphdef, params), batch, **loss_kwargs)
+        def eval_step(params, batch, model_state=None):  # never commits: eval leaves model_state as it is
+            s, w, m = loss_fn(nnx.merge(graphdef, params, model_state or {}), batch, **loss_kwargs)
             return {"loss_sum": s, "weight": w, **{f"{k}_sum": v for k, v in m.items()}}
 
-        def embed_step(params, tokens, mask):
-            return nnx.merge(graphdef, params)(tokens, mask)
+        def embed_step(params, tokens, mask, model_state=None):
+            return nnx.merge(graphdef, params, model_state or {})(tokens, mask)
 
         self._train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(self.state_shardings, None))
         self._eval_step = jax.jit(eval_step)
@@ -198,13 +215,14 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------------
 
-    def evaluate(self, params) -> dict:
+    def evaluate(self, params, model_state=None) -> dict:
         """Held-out metrics: loss (and bits per byte for LM, recall@1/MRR for retrieval)."""
+        model_state = self._model_state(model_state)
         if self.task == "retrieval":
-            return self._evaluate_retrieval(params)
+            return self._evaluate_retrieval(params, model_state)
         totals: dict[str, float] = {}
         for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
-            sums = jax.device_get(self._eval_step(params, self.global_batch(local)))
+            sums = jax.device_get(self._eval_step(params, self.global_batch(local), model_state))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         w = max(totals.get("weight", 0.0), 1.0)
@@ -217,21 +235,23 @@ class Trainer:
             out["eval_bits_per_byte"] = out["eval_loss"] * BITS_PER_NAT
         return out
 
-    def _evaluate_retrieval(self, params) -> dict:
+    def _evaluate_retrieval(self, params, model_state) -> dict:
         from effitrans.data.retrieval import retrieval_metrics
 
-        q, d = self.eval_embeddings(params)
+        q, d = self.eval_embeddings(params, model_state)
         metrics = retrieval_metrics(q, d)
         return {f"eval_{k}": float(v) for k, v in metrics.items()} | {"eval_examples": float(q.shape[0])}
 
-    def eval_embeddings(self, params) -> tuple:
+    def eval_embeddings(self, params, model_state=None) -> tuple:
         """Retrieval: (query, doc) embeddings of the held-out pairs, padding dropped: float [n, embed_dim] x 2."""
+        model_state = self._model_state(model_state)
         qs, ds = [], []
         for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
             b = self.global_batch(local)
             keep = np.asarray(jax.device_get(b["example_weights"])) > 0
-            qs.append(np.asarray(jax.device_get(self._embed_step(params, b["query"], b["query_mask"])))[keep])
-            ds.append(np.asarray(jax.device_get(self._embed_step(params, b["doc"], b["doc_mask"])))[keep])
+            embed = lambda t, m: np.asarray(jax.device_get(self._embed_step(params, t, m, model_state)))
+            qs.append(embed(b["query"], b["query_mask"])[keep])
+            ds.append(embed(b["doc"], b["doc_mask"])[keep])
         return np.concatenate(qs), np.concatenate(ds)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -318,7 +338,7 @@ class Trainer:
                     last_saved = done
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     self.checkpointer.wait()
-                    eval_metrics = self.evaluate(state["params"])
+                    eval_metrics = self.evaluate(state["params"], state["model_state"])
                     self._write_metrics({"step": done, **eval_metrics})
                     self._log(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                     window_start = time.perf_counter()  # eval time is not training throughput
@@ -327,7 +347,7 @@ class Trainer:
                     break
             interrupted = self._stop_signal is not None
             if not eval_metrics and not interrupted:  # e.g. rerun of a finished run: still report
-                eval_metrics = self.evaluate(state["params"])
+                eval_metrics = self.evaluate(state["params"], state["model_state"])
             self._log(
                 f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
                 f"in {_format_eta(time.perf_counter() - run_start)}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effitrans.attention.lsh import SELF_LOGIT, LSHAttention
+from effitrans.attention.lsh import SELF_LOGIT, LSHAttention, LSHRotations
 from effitrans.registry import build_model
 from effitrans.schema import ConfigError
 from tests.attention.sparse_family_helpers import assert_no_quadratic_intermediate, dense_attention_np
@@ -130,9 +130,12 @@ def test_gradients_finite_and_rotations_frozen():
     m = _module(4, 2, 4, True)
     x = jax.random.normal(jax.random.key(1), (2, 14, D), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(14, dtype=jnp.int32), (2, 14))
-    g = nnx.grad(lambda mod: jnp.sum(mod(x, positions=pos)[0] ** 2))(m)
+    loss = lambda mod: jnp.sum(mod(x, positions=pos)[0] ** 2)
+    g = nnx.grad(loss)(m)
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(nnx.state(g)))
-    assert float(jnp.abs(g.rotations[...]).max()) == 0.0
+    assert "rotations" not in g  # non-trainable state: not a Param, no gradient
+    g_rot = nnx.grad(loss, argnums=nnx.DiffState(0, LSHRotations))(m)  # even when asked for: read through stop_gradient
+    assert float(jnp.abs(g_rot.rotations[...]).max()) == 0.0
     assert float(jnp.abs(g.qk[...]).max()) > 0.0
 
 
