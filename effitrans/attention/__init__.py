@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from flax import nnx
 
 from effitrans import schema
+from effitrans.attention import sparse_families as _sf
 from effitrans.attention.cache import KVCache, cache_bytes
 from effitrans.attention.dense import DenseAttention
 from effitrans.attention.latent import MLA_PATHS, LatentAttention, LatentCache
@@ -33,20 +34,8 @@ class AttentionFamily:
 
 
 def _build_dense(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    return DenseAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.num_kv_heads,
-        model_cfg.head_dim,
-        causal=causal,
-        impl=attn_cfg.impl,
-        rope_base=model_cfg.rope_base,
-        rope_layout=model_cfg.rope_layout,
-        block_q=attn_cfg.get("block_q"),
-        block_k=attn_cfg.get("block_k"),
-        rngs=rngs,
-        dtype=dtype,
-    )
+    kw = _sf.kernel_kwargs(model_cfg, attn_cfg, causal=causal, rngs=rngs, dtype=dtype)
+    return DenseAttention(*_sf.module_dims(model_cfg), **kw)
 
 
 ATTENTION_FAMILIES: dict[str, AttentionFamily] = {
@@ -124,7 +113,6 @@ def build_attention(model_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Mo
 
 register_family("latent", AttentionFamily(_build_latent, LATENT_KEYS, supports_decode=True))
 
-from effitrans.attention import sparse_families as _sf  # noqa: E402  (sparse / routed / TGA families, issue 4)
 
 register_family(
     "sliding_window", AttentionFamily(_sf.build_sliding_window, _sf.SLIDING_WINDOW_KEYS, supports_decode=True)

@@ -67,13 +67,25 @@ def _require_mha(model_cfg, kind):
         )
 
 
-def _dense_kwargs(model_cfg, attn_cfg):
+def module_dims(model_cfg, *, grouped: bool = True) -> tuple[int, ...]:
+    """The leading arguments of every family's module: (d_model, num_heads[, num_kv_heads], head_dim);
+    num_kv_heads only for families that support GQA (`grouped`)."""
+    kv = (model_cfg.num_kv_heads,) if grouped else ()
+    return (model_cfg.d_model, model_cfg.num_heads, *kv, model_cfg.head_dim)
+
+
+def kernel_kwargs(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> dict:
+    """Keywords shared by the families that run `kernels.attention` with RoPE: the mask direction, kernel
+    choice and blocks, RoPE, rngs and compute dtype."""
     return dict(
+        causal=causal,
         impl=attn_cfg.impl,
         rope_base=model_cfg.rope_base,
         rope_layout=model_cfg.rope_layout,
         block_q=attn_cfg.get("block_q"),
         block_k=attn_cfg.get("block_k"),
+        rngs=rngs,
+        dtype=dtype,
     )
 
 
@@ -82,64 +94,34 @@ def build_sliding_window(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, d
     right = attn_cfg.get("window_right")
     right = (0 if causal else left) if right is None else right
     return SlidingWindowAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.num_kv_heads,
-        model_cfg.head_dim,
+        *module_dims(model_cfg),
         window_left=left,
         window_right=right,
         num_global=schema.value(attn_cfg, SLIDING_WINDOW_KEYS, "num_global"),
-        causal=causal,
-        rngs=rngs,
-        dtype=dtype,
-        **_dense_kwargs(model_cfg, attn_cfg),
+        **kernel_kwargs(model_cfg, attn_cfg, causal=causal, rngs=rngs, dtype=dtype),
     )
 
 
 def build_sparse_strided(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    return SparsePatternAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.num_kv_heads,
-        model_cfg.head_dim,
-        pattern="strided",
-        stride=schema.value(attn_cfg, SPARSE_STRIDED_KEYS, "stride"),
-        causal=causal,
-        rngs=rngs,
-        dtype=dtype,
-        **_dense_kwargs(model_cfg, attn_cfg),
-    )
+    stride = schema.value(attn_cfg, SPARSE_STRIDED_KEYS, "stride")
+    kw = kernel_kwargs(model_cfg, attn_cfg, causal=causal, rngs=rngs, dtype=dtype)
+    return SparsePatternAttention(*module_dims(model_cfg), pattern="strided", stride=stride, **kw)
 
 
 def build_sparse_fixed(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    block, summary = (
-        schema.value(attn_cfg, SPARSE_FIXED_KEYS, "block"),
-        schema.value(attn_cfg, SPARSE_FIXED_KEYS, "summary"),
-    )
+    block = schema.value(attn_cfg, SPARSE_FIXED_KEYS, "block")
+    summary = schema.value(attn_cfg, SPARSE_FIXED_KEYS, "summary")
     if summary > block:
         raise ValueError(f"config.model.attention.summary={summary} must be <= config.model.attention.block={block}")
-    return SparsePatternAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.num_kv_heads,
-        model_cfg.head_dim,
-        pattern="fixed",
-        block=block,
-        summary=summary,
-        causal=causal,
-        rngs=rngs,
-        dtype=dtype,
-        **_dense_kwargs(model_cfg, attn_cfg),
-    )
+    kw = kernel_kwargs(model_cfg, attn_cfg, causal=causal, rngs=rngs, dtype=dtype)
+    return SparsePatternAttention(*module_dims(model_cfg), pattern="fixed", block=block, summary=summary, **kw)
 
 
 def build_lsh(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
     _require_mha(model_cfg, "lsh")
     g = lambda key: schema.value(attn_cfg, LSH_KEYS, key)
     return LSHAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.head_dim,
+        *module_dims(model_cfg, grouped=False),
         n_buckets=g("n_buckets"),
         n_hashes=g("n_hashes"),
         chunk_len=g("chunk_len"),
@@ -157,9 +139,7 @@ def build_routing(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -
     local = g("num_local_heads")
     local = model_cfg.num_heads // 2 if local is None else local
     return RoutingAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.head_dim,
+        *module_dims(model_cfg, grouped=False),
         num_clusters=g("num_clusters"),
         window=g("routing_window"),
         num_local_heads=local,
@@ -178,9 +158,7 @@ def build_transient_global(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs,
     _require_mha(model_cfg, "transient_global")
     g = lambda key: schema.value(attn_cfg, TRANSIENT_GLOBAL_KEYS, key)
     return TransientGlobalAttention(
-        model_cfg.d_model,
-        model_cfg.num_heads,
-        model_cfg.head_dim,
+        *module_dims(model_cfg, grouped=False),
         local_radius=g("local_radius"),
         global_block=g("global_block"),
         causal=causal,

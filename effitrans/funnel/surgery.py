@@ -50,18 +50,10 @@ def surgery_spec(
     )
 
 
-def insert(
-    model,
-    *,
-    at_layer: int,
-    stride: int,
-    pooling: str = "mean",
-    separate_cls: bool = True,
-    truncate_seq: bool = False,
-    pool_q_only: bool = True,
-    position_pooling: str = "first",
-) -> FunnelEncoder:
-    """A funnel version of the dense encoder `model` sharing all of its parameters (none is changed)."""
+def insert(model, *, at_layer: int, stride: int, **options) -> FunnelEncoder:
+    """A funnel version of the dense encoder `model` sharing all of its parameters (none is changed).
+
+    options: surgery_spec's keywords (pooling, separate_cls, truncate_seq, pool_q_only, position_pooling)."""
     if isinstance(model, FunnelEncoder):
         raise TypeError(
             "model is already a funnel encoder; insert() takes a dense Encoder / EmbeddingEncoder / EncoderClassifier"
@@ -70,16 +62,7 @@ def insert(
         raise TypeError(
             f"insert() takes an effitrans Encoder, EmbeddingEncoder or EncoderClassifier, got {type(model).__name__}"
         )
-    spec = surgery_spec(
-        len(model.stack.blocks),
-        at_layer=at_layer,
-        stride=stride,
-        pooling=pooling,
-        separate_cls=separate_cls,
-        truncate_seq=truncate_seq,
-        pool_q_only=pool_q_only,
-        position_pooling=position_pooling,
-    )
+    spec = surgery_spec(len(model.stack.blocks), at_layer=at_layer, stride=stride, **options)
     kw = dict(stack=model.stack, spec=spec, pooling=model.pooling)
     if isinstance(model, EmbeddingEncoder):
         return FunnelEmbeddingEncoder(proj=model.proj, **kw)
@@ -88,33 +71,14 @@ def insert(
     return FunnelEncoder(**kw)
 
 
-def funnel_config(
-    model_cfg,
-    *,
-    at_layer: int,
-    stride: int,
-    pooling: str = "mean",
-    separate_cls: bool = True,
-    truncate_seq: bool = False,
-    pool_q_only: bool = True,
-    position_pooling: str = "first",
-    decoder_layers: int = 0,
-):
-    """A copy of a dense encoder's model config with the funnel that insert(...) makes (same parameters)."""
+def funnel_config(model_cfg, *, at_layer: int, stride: int, decoder_layers: int = 0, **options):
+    """A copy of a dense encoder's model config with the funnel that insert(..., **options) makes (same
+    parameters); decoder_layers is the config's funnel.decoder_layers."""
     import ml_collections
 
     if model_cfg.name not in FUNNEL_NAMES:
         raise ValueError(f"config.model.name={model_cfg.name!r} has no funnel version; allowed: {sorted(FUNNEL_NAMES)}")
-    spec = surgery_spec(
-        model_cfg.num_layers,
-        at_layer=at_layer,
-        stride=stride,
-        pooling=pooling,
-        separate_cls=separate_cls,
-        truncate_seq=truncate_seq,
-        pool_q_only=pool_q_only,
-        position_pooling=position_pooling,
-    )
+    spec = surgery_spec(model_cfg.num_layers, at_layer=at_layer, stride=stride, **options)
     cfg = copy.deepcopy(model_cfg)
     cfg.name = FUNNEL_NAMES[model_cfg.name]
     f = ml_collections.ConfigDict()
