@@ -35,9 +35,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from effitrans import pruning  # noqa: E402
-from effitrans.bench.common import machine_description  # noqa: E402
 from effitrans.data import load_corpus, split_documents  # noqa: E402
 from effitrans.layers.glu import glu_feed_forward  # noqa: E402
+from effitrans.perf import machine_description  # noqa: E402
 
 OUT = os.path.join(ROOT, "experiments", "results", "prune_smollm2")
 T0 = time.perf_counter()

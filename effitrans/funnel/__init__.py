@@ -7,7 +7,7 @@
 See docs/funnel.md.
 """
 
-from effitrans.funnel.config import check_funnel_config, encoder_forward_flops, funnel_schema
+from effitrans.funnel.config import check_funnel_config, funnel_schema
 from effitrans.funnel.decoder import FunnelDecoder, FunnelMaskedLM, mask_tokens, masked_lm_loss
 from effitrans.funnel.encoder import (
     FunnelEmbeddingEncoder,
@@ -29,7 +29,6 @@ __all__ = [
     "FunnelMaskedLM",
     "FunnelSpec",
     "check_funnel_config",
-    "encoder_forward_flops",
     "funnel_config",
     "funnel_forward",
     "funnel_schema",

@@ -1,4 +1,4 @@
-"""Validation of `config.model.funnel` (called from effitrans.config_validation) and funnel FLOPs."""
+"""Validation of `config.model.funnel` (called from effitrans.config_validation)."""
 
 from __future__ import annotations
 
@@ -76,28 +76,3 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
             full.pooled_lengths(int(t))
         except ValueError as e:
             raise ConfigError(f"{prefix}.funnel (strides={list(f.strides)}) on sequences of length {t}: {e}") from None
-
-
-def encoder_forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
-    """Forward FLOPs of an encoder (dense, or funnel `spec`) on [batch, length] tokens, PaLM-style: 2 x matmul
-    params per token for projections/FFN plus 4 x T_q x T_kv x N x H per layer for attention."""
-    from effitrans.models.transformer import ffn_widths
-
-    m = model_cfg
-    d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
-    widths = ffn_widths(m)
-    lengths_q, lengths_kv = [length] * m.num_layers, [length] * m.num_layers
-    if spec is not None:
-        seq = spec.pooled_lengths(length)
-        layer = 0
-        for b, nl in enumerate(spec.block_layers):
-            for j in range(nl):
-                lengths_q[layer] = seq[b]
-                lengths_kv[layer] = seq[b - 1] if (b > 0 and j == 0 and spec.pool_q_only) else seq[b]
-                layer += 1
-    total = 0.0
-    for w, tq, tkv in zip(widths, lengths_q, lengths_kv):
-        total += 2 * tq * (d * n * h + n * h * d + 3 * d * w)  # q, o projections and the GLU
-        total += 2 * tkv * (2 * d * k * h)  # k, v projections
-        total += 4 * tq * tkv * n * h  # scores and values
-    return float(batch * total)
