@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from effitrans.train.tasks import logit_distillation, token_kl
+from effitrans.train.tasks import lm_task, logit_distillation, token_kl
 from effitrans.train.trainer import Trainer
 
 TRAINABLE = ("ffn", "all")
@@ -116,6 +116,7 @@ def distill(
             ml_collections.ConfigDict({"train": cfg}),
             workdir or tmp,
             model=student,
+            task=lm_task(),
             dataset=StepBatches(get_batch),
             distillation=distillation,
             trainable=_ffn_only if cfg.trainable == "ffn" else None,
