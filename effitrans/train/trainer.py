@@ -11,6 +11,7 @@ are checked for NaN/inf there, before any checkpoint is written.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -212,12 +213,14 @@ class Trainer:
                     (batch, teacher_out),
                 )
 
+                micro_step = functools.partial(sums_and_grads, variant=variant)  # variant stays static
+
                 def body(carry, mb):
-                    s, w, m, g, sp = sums_and_grads(params, *mb, variant)
+                    s, w, m, g, sp = micro_step(params, *mb)
                     return jax.tree.map(jnp.add, carry, (s, w, m, g)), sp
 
                 first = jax.tree.map(lambda x: x[0], micro)
-                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params, *first, variant)[:4])
+                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, *first)[:4])
                 (s, w, m, g), sp_all = jax.lax.scan(body, zeros, micro)
                 updated = jax.tree.map(lambda x: x[-1], sp_all)  # the last micro-batch's update
             w = jnp.maximum(w, 1.0)
