@@ -20,7 +20,7 @@ and from-scratch training at k = round(L/3) only; --recover=all / --scratch=all 
    scores, effitrans.funnel.recovery), and (--scratch) the same funnel trained from scratch for --steps.
 3. Latency: median of the jitted embedding forward on one [--batch, 64] batch, funnel and dense
    alternated call by call in the same process (the machine is shared, so load hits both alike);
-   forward FLOPs from effitrans.funnel.encoder_forward_flops.
+   forward FLOPs from effitrans.perf.forward_flops.
 4. Second depth (--depth2_layers, default 3): train it the same way and check the layer/stride rule
    (k = round(L/3), stride 2) against the other layers, surgery + recovery.
 
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effitrans import funnel
-from effitrans.bench.common import machine_description
+from effitrans import funnel, perf
 from effitrans.data.retrieval import metrics_from_ranks, paired_recall_loss, retrieval_ranks
 from effitrans.funnel import recovery as funnel_recovery
 from effitrans.schema import load_config
@@ -148,7 +147,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
     mask = jnp.ones_like(tokens)
     dense_fn = lambda: dense_trainer._embed_step(dense_params, tokens, mask)
     teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m)  # the unmodified encoder
-    dense_flops = funnel.encoder_forward_flops(cfg.model, args.batch, cfg.data.query_len)
+    dense_flops = perf.forward_flops(cfg.model, args.batch, cfg.data.query_len)
     rows = [
         {
             "depth": num_layers,
@@ -187,7 +186,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
         for k in layers:
             fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
             spec = funnel.spec_from_config(fmodel)
-            flops = funnel.encoder_forward_flops(fmodel, args.batch, cfg.data.query_len, spec) / dense_flops
+            flops = perf.forward_flops(fmodel, args.batch, cfg.data.query_len, spec) / dense_flops
             rtrainer = Trainer(
                 with_model(cfg, fmodel, steps=max(1, args.recovery_steps), lr=args.recovery_lr),
                 os.path.join(workroot, f"rec{num_layers}_{k}_{stride}"),
@@ -429,7 +428,7 @@ def main(argv=None) -> int:
     payload = {
         "command": "python experiments/funnel_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args),
-        "machine": machine_description(),
+        "machine": perf.machine_description(),
         "wall_s": time.perf_counter() - T0,
         "rows": rows,
     }

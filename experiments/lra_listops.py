@@ -225,7 +225,7 @@ def main(argv=None):
             f"{1000 * r['step_time_s']:.1f} ms/step | peak {r['peak_rss_mb']:.0f} MB",
             flush=True,
         )
-    from effitrans.bench.common import machine_description
+    from effitrans.perf import machine_description
 
     command = "python experiments/lra_listops.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {

@@ -32,9 +32,9 @@ import optax
 from flax import nnx
 
 from effitrans import pruning
-from effitrans.bench.common import machine_description
 from effitrans.data import load_corpus, split_documents
 from effitrans.layers.glu import glu_feed_forward
+from effitrans.perf import machine_description
 from effitrans.schema import load_config
 from effitrans.serve import generate
 
@@ -447,7 +447,7 @@ def run_lm_small(args, results):
     )
     trainer = Trainer(cfg, workdir, peak_gflops=args.peak_gflops)
     out = trainer.train()
-    model = trainer.model_from(out["state"]["params"])
+    model = trainer.model_from(out["state"]["params"], out["state"]["model_state"])
     ds = trainer.dataset
     evalb = lm_eval_batches(ds)
     calib = np.concatenate([ds.get_batch(10_000 + i)["inputs"] for i in range(args.lm_calib_batches)])

@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from effitrans import perf
 from effitrans.bench import attention_families as families_bench
 from effitrans.bench import common
 
@@ -96,18 +97,18 @@ def _worker(spec: dict) -> dict:
 
     # A matmul measured in this process right before the timings: the machine is shared, so the
     # % of matmul figure compares against the same load conditions.
-    out = {"matmul_gflops": common.measure_matmul_gflops(repeats=3)}
+    out = {"matmul_gflops": perf.measure_matmul_gflops(repeats=3)}
     fwd = jax.jit(attn)
     fwdbwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * ct), argnums=(0, 1, 2)))
-    stats = common.time_fn(lambda: fwd(q, k, v), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
+    stats = perf.time_fn(lambda: fwd(q, k, v), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
     out["fwd_s"] = stats["median_s"]
     out["fwd_repeats"] = stats["repeats"]
-    out["fwd_peak_mb"] = common.peak_rss_mb()
+    out["fwd_peak_mb"] = perf.peak_rss_mb()
     if spec.get("fwdbwd", True):
-        stats = common.time_fn(lambda: fwdbwd(q, k, v), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
+        stats = perf.time_fn(lambda: fwdbwd(q, k, v), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
         out["fwdbwd_s"] = stats["median_s"]
         out["fwdbwd_repeats"] = stats["repeats"]
-        out["fwdbwd_peak_mb"] = common.peak_rss_mb()
+        out["fwdbwd_peak_mb"] = perf.peak_rss_mb()
     return out
 
 
@@ -194,8 +195,8 @@ def main(argv=None) -> int:
             parser.error(f"--masks: unknown mask {m!r}; allowed: {list(MASK_SPECS)}")
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
 
-    machine = common.machine_description()
-    peak = common.measure_matmul_gflops()
+    machine = perf.machine_description()
+    peak = perf.measure_matmul_gflops()
     print(
         f"machine: {machine['cpu']} x{machine['cpu_count']}, backend {machine['backend']}, "
         f"load {machine['load_avg']}; float32 matmul: {peak:.1f} GFLOP/s"

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from effitrans import defaults
+from effitrans import defaults, perf
 from effitrans.bench import common
 from effitrans.registry import validate_model_config
 
@@ -134,11 +134,11 @@ def layer_worker(spec: dict) -> dict:
     """Fresh process: one family at one length: times and memory of forward, then forward+backward."""
     fwd, fwdbwd, params, x = _layer_fns(spec["kind"], spec["seq_len"], spec["batch"])
     out = {"fwd_temp_mb": _compiled_temp_mb(fwd, params, x)}
-    stats = common.time_fn(lambda: fwd(params, x), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
-    out.update(fwd_s=stats["median_s"], fwd_repeats=stats["repeats"], fwd_peak_mb=common.peak_rss_mb())
+    stats = perf.time_fn(lambda: fwd(params, x), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
+    out.update(fwd_s=stats["median_s"], fwd_repeats=stats["repeats"], fwd_peak_mb=perf.peak_rss_mb())
     out["fwdbwd_temp_mb"] = _compiled_temp_mb(fwdbwd, params, x)
-    stats = common.time_fn(lambda: fwdbwd(params, x), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
-    out.update(fwdbwd_s=stats["median_s"], fwdbwd_repeats=stats["repeats"], fwdbwd_peak_mb=common.peak_rss_mb())
+    stats = perf.time_fn(lambda: fwdbwd(params, x), repeats=spec["repeats"], max_seconds=spec["max_seconds"])
+    out.update(fwdbwd_s=stats["median_s"], fwdbwd_repeats=stats["repeats"], fwdbwd_peak_mb=perf.peak_rss_mb())
     return out
 
 
@@ -153,10 +153,10 @@ def goal_worker(spec: dict) -> dict:
         runs[("layer", kind)] = lambda fwd=fwd, params=params, x=x: fwd(params, x)
     times = {key: [] for key in runs}
     for fn in runs.values():  # compile + warm up
-        common.block(fn())
+        perf.block(fn())
     for _ in range(repeats):
         for key, fn in runs.items():
-            stats = common.time_fn(fn, repeats=1, warmup=0)
+            stats = perf.time_fn(fn, repeats=1, warmup=0)
             times[key].append(stats["median_s"])
     return {f"{what}_{kind}_s": float(np.median(ts)) for (what, kind), ts in times.items()} | {
         f"{what}_{kind}_times_s": ts for (what, kind), ts in times.items()

@@ -1,7 +1,7 @@
-"""Shared benchmark helpers: timing, matmul peak, machine description, tables, JSON, subprocesses.
+"""Shared benchmark helpers: tables, JSON, subprocesses (timing, peak and machine: effitrans.perf).
 
 Every `python -m effitrans.bench <what>` subcommand prints a human table and, with --json PATH,
-writes {"machine": machine_description(), "rows": [...]}; each row carries its baselines measured in
+writes {"machine": perf.machine_description(), "rows": [...]}; each row carries its baselines measured in
 the same run. Nothing here asserts absolute times.
 """
 
@@ -10,109 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
-
-def block(x):
-    """Waits for every array in the pytree `x` (jax.block_until_ready, tolerant of non-arrays)."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    return jax.block_until_ready(x)
-
-
-def time_fn(fn: Callable[[], Any], *, repeats: int = 3, warmup: int = 1, max_seconds: float | None = None) -> dict:
-    """Median wall time of `fn()` (which must return arrays to wait on), after `warmup` calls.
-
-    The first warm-up call includes compilation and is reported separately as `first_s`. When
-    `max_seconds` is set, repeats are reduced so that the timed calls take about that long in total
-    (at least one), which keeps slow dense baselines from dominating a benchmark run.
-
-    Returns {"median_s", "min_s", "first_s", "repeats", "times_s"}.
-    """
-    first = None
-    for i in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        block(fn())
-        if i == 0:
-            first = time.perf_counter() - t0
-    n = repeats
-    if max_seconds is not None and first is not None:
-        n = int(max(1, min(repeats, max_seconds // max(first / 2, 1e-9))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        block(fn())
-        times.append(time.perf_counter() - t0)
-    return {
-        "median_s": float(np.median(times)),
-        "min_s": float(np.min(times)),
-        "first_s": first,
-        "repeats": n,
-        "times_s": times,
-    }
-
-
-def measure_matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Median GFLOP/s of an n x n @ n x n matmul (2 n^3 flops) on the default device, measured now.
-
-    Used as the machine's practical peak: efficiency numbers are "% of a matmul measured in the same
-    run", so they stay meaningful on a loaded or throttled machine.
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    stats = time_fn(lambda: f(a, b), repeats=repeats, warmup=2)
-    return 2 * n**3 / stats["median_s"] / 1e9
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (ru_maxrss; KiB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
-
-
-def machine_description() -> dict:
-    """Host, CPU, memory, JAX backend and devices: enough to compare runs across machines."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gb": mem_gb,
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+from effitrans.perf import machine_description
 
 
 def _fmt(value: Any) -> str:

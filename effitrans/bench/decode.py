@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from effitrans import defaults
+from effitrans import defaults, perf
 from effitrans.bench import common
 
 VARIANTS = ("mha", "gqa", "mqa", "mla_naive", "mla_absorbed")
@@ -78,7 +78,7 @@ def prepare(variant: str, context: int, *, batch: int, steps: int):
         return toks
 
     t0 = time.perf_counter()
-    common.block(run())  # compile + first run
+    perf.block(run())  # compile + first run
     info = {
         "variant": variant,
         "context": context,
@@ -100,7 +100,7 @@ def measure_context(variants, context: int, *, batch: int, steps: int, repeats: 
         for (run, _), ts in zip(prepared, times):
             if r == 0 or sum(ts) < max_seconds:
                 t0 = time.perf_counter()
-                common.block(run())
+                perf.block(run())
                 ts.append(time.perf_counter() - t0)
     rows = []
     for (_, info), ts in zip(prepared, times):

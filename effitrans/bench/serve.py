@@ -10,7 +10,7 @@ QPS counts sequences per second of the variant's own time. Randomly initialised 
 not depend on their values). Absolute times are reported, never asserted.
 
 --seq_len takes a comma list: each length is its own round-robin, and every row carries the forward-FLOPs
-cut of its variant (`flops_cut_pct`, effitrans.funnel.encoder_forward_flops; not computed for TGA), the
+cut of its variant (`flops_cut_pct`, effitrans.perf.forward_flops; not computed for TGA), the
 bound a compute-bound CPU can reach. The funnel's cut grows with length (attention is quadratic in it),
 so a single length says little; with --json and more than one length a PNG of cut vs length is written
 next to the JSON.
@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from effitrans import perf
 from effitrans.bench import common
 from effitrans.schema import load_config
 
@@ -45,11 +46,11 @@ def variants(model_cfg, args) -> list:
     fcfg = funnel.funnel_config(model_cfg, at_layer=k, stride=args.stride)
     spec = funnel.spec_from_config(fcfg)
     out = [
-        ("dense", dense, lambda b, t: funnel.encoder_forward_flops(model_cfg, b, t)),
+        ("dense", dense, lambda b, t: perf.forward_flops(model_cfg, b, t)),
         (
             f"funnel L/3 (k={k}, stride {args.stride})",
             funnel.insert(dense, at_layer=k, stride=args.stride),
-            lambda b, t: funnel.encoder_forward_flops(fcfg, b, t, spec),
+            lambda b, t: perf.forward_flops(fcfg, b, t, spec),
         ),
     ]
     if "transient_global" in ATTENTION_FAMILIES and model_cfg.num_heads == model_cfg.num_kv_heads:

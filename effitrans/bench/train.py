@@ -100,17 +100,16 @@ def plain_jax_train_step(model_cfg, train_cfg):
 def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
     import jax
 
-    from effitrans.bench.common import machine_description, measure_matmul_gflops
-    from effitrans.train.tasks import tokens_in_batch, train_flops_per_step
+    from effitrans import perf
     from effitrans.train.trainer import Trainer
 
-    peak = measure_matmul_gflops()
+    peak = perf.measure_matmul_gflops()
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, peak_gflops=peak, verbose=False)
         local = [trainer.dataset.get_batch(s) for s in range(4)]
         batches = [trainer.global_batch(b) for b in local]
-        flops = train_flops_per_step(config.model, config.train.task, {k: v.shape for k, v in local[0].items()})
-        tokens = tokens_in_batch(config.train.task, local[0])
+        flops = perf.train_flops_per_step(config.model, config.train.task, {k: v.shape for k, v in local[0].items()})
+        tokens = trainer.task.tokens(local[0])
         t_ours, _ = _median_step_time(trainer._train_step, trainer.init_state(), batches, steps, warmup)
         trainer.checkpointer.close()
     rows = [{"impl": "effitrans", "step_time_s": t_ours}]
@@ -126,7 +125,7 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
         r["mfu"] = r["gflops"] / peak
         r["speedup_vs_baseline"] = baseline / r["step_time_s"]
     report = {
-        "machine": machine_description(),
+        "machine": perf.machine_description(),
         "peak_matmul_gflops": peak,
         "steps_timed": steps,
         "config": {

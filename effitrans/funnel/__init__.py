@@ -7,7 +7,7 @@
 See docs/funnel.md.
 """
 
-from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config, encoder_forward_flops
+from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.decoder import FunnelDecoder, FunnelMaskedLM, mask_tokens, masked_lm_loss
 from effitrans.funnel.encoder import (
     FunnelEmbeddingEncoder,
@@ -30,7 +30,6 @@ __all__ = [
     "FunnelMaskedLM",
     "FunnelSpec",
     "check_funnel_config",
-    "encoder_forward_flops",
     "funnel_config",
     "funnel_forward",
     "insert",

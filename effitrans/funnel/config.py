@@ -1,6 +1,5 @@
-"""The keys of `config.model.funnel` (FUNNEL_KEYS: defaults, checks, meanings), the checks across them and
-the model's keys (check_funnel_config), and funnel FLOPs. Used with model.name = funnel_embedding |
-funnel_classifier.
+"""The keys of `config.model.funnel` (FUNNEL_KEYS: defaults, checks, meanings) and the checks across them and
+the model's keys (check_funnel_config). Used with model.name = funnel_embedding | funnel_classifier.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from collections.abc import Iterable
 
 from effitrans.funnel.encoder import spec_from_config, spec_problems
 from effitrans.funnel.pooling import HIDDEN_POOL_MODES, POSITION_MODES
-from effitrans.models.transformer import ffn_widths
 from effitrans.schema import ConfigError, Key, boolean, int_at_least, int_list, one_of
 
 FUNNEL_KEYS = {
@@ -68,26 +66,3 @@ def check_funnel_config(model_cfg, prefix: str = "config.model", seq_lens: Itera
             full.pooled_lengths(int(t))
         except ValueError as e:
             raise ConfigError(f"{prefix}.funnel (strides={list(f.strides)}) on sequences of length {t}: {e}") from None
-
-
-def encoder_forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
-    """Forward FLOPs of an encoder (dense, or funnel `spec`) on [batch, length] tokens, PaLM-style: 2 x matmul
-    params per token for projections/FFN plus 4 x T_q x T_kv x N x H per layer for attention."""
-    m = model_cfg
-    d, n, k, h = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
-    widths = ffn_widths(m)
-    lengths_q, lengths_kv = [length] * m.num_layers, [length] * m.num_layers
-    if spec is not None:
-        seq = spec.pooled_lengths(length)
-        layer = 0
-        for b, nl in enumerate(spec.block_layers):
-            for j in range(nl):
-                lengths_q[layer] = seq[b]
-                lengths_kv[layer] = seq[b - 1] if (b > 0 and j == 0 and spec.pool_q_only) else seq[b]
-                layer += 1
-    total = 0.0
-    for w, tq, tkv in zip(widths, lengths_q, lengths_kv):
-        total += 2 * tq * (d * n * h + n * h * d + 3 * d * w)  # q, o projections and the GLU
-        total += 2 * tkv * (2 * d * k * h)  # k, v projections
-        total += 4 * tq * tkv * n * h  # scores and values
-    return float(batch * total)

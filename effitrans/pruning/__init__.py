@@ -10,7 +10,14 @@ from effitrans.pruning.importance import (
     neuron_importance,
     scores_from_statistics,
 )
-from effitrans.pruning.matformer import evaluate_lm, extract, nested_widths, prefix_masks, train_matformer
+from effitrans.pruning.matformer import (
+    evaluate_lm,
+    extract,
+    matformer_task,
+    nested_widths,
+    prefix_masks,
+    train_matformer,
+)
 from effitrans.pruning.recovery import distill, distill_config, kd_loss, token_batches
 from effitrans.pruning.slicing import (
     check_ratio,
@@ -39,6 +46,7 @@ __all__ = [
     "load_pruned",
     "mask_model",
     "masked_forward",
+    "matformer_task",
     "nested_widths",
     "neuron_importance",
     "num_params",

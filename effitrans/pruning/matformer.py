@@ -2,7 +2,7 @@
 working sub-model for each w in a width set, trained jointly by sampling one width per step.
 
     widths = nested_widths(1536, (0.25, 0.5, 0.75, 1.0))        # [384, 768, 1152, 1536]
-    model, history = train_matformer(config, widths, log=print)  # spine dataset, optimizer, lm_loss
+    model, history = train_matformer(config, widths, log=print)  # the spine's Trainer, matformer_task
     sub, sub_cfg = extract(model, config.model, 768)              # any width (need not be a trained one)
     mixed, mixed_cfg = extract(model, config.model, [384, 1536, 768, 1536])   # per-layer mix-and-match
 
@@ -12,17 +12,19 @@ per-layer widths in its config (it saves, loads and serves like any model).
 
 from __future__ import annotations
 
-import time
+import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from effitrans.models.transformer import ffn_widths
 from effitrans.pruning.importance import ffn_widths_of
 from effitrans.pruning.slicing import slice_model
+from effitrans.train.tasks import Task, lm_loss, lm_task
+from effitrans.train.trainer import Trainer
 
 
 def nested_widths(full: int, fractions: Sequence[float]) -> list[int]:
@@ -77,72 +79,44 @@ def sample_width(widths: Sequence[int], seed: int, step: int) -> int:
     return int(widths[np.random.default_rng([seed, step, 7]).integers(len(widths))])
 
 
-def train_matformer(config, widths: Sequence[int], *, model=None, log: Callable | None = print, eval_batches: int = 4):
+def matformer_task(widths: Sequence[int], seed: int) -> Task:
+    """The LM task on the first w neurons of every feed-forward, w = sample_width(widths, seed, step)."""
+    widths = sorted(int(w) for w in widths)
+    return lm_task(
+        variant=lambda step: sample_width(widths, seed, step), view=slice_prefix_params, variant_name="width"
+    )
+
+
+def train_matformer(
+    config, widths: Sequence[int], *, model=None, log: Callable | None = print, workdir: str | None = None, **trainer_kw
+):
     """Trains config.model (or `model`) with one sampled nested width per step on config.data.
 
-    Reuses the spine's dataset (`build_dataset`), optimizer (`make_optimizer`) and LM loss (`lm_loss`).
-    Returns (model, history).
+    Runs the spine's `Trainer` with `matformer_task` (one compilation per width). `workdir` keeps
+    checkpoints and metrics.jsonl (a rerun resumes; default: a temporary directory); `log` None silences
+    the progress lines; other keywords go to the Trainer. Returns (model, history).
     """
-    from effitrans.data import build_dataset
-    from effitrans.registry import build_model
-    from effitrans.train.optimizer import make_optimizer
-    from effitrans.train.tasks import lm_loss
-
-    model = build_model(config.model, seed=config.train.seed) if model is None else model
-    full = ffn_widths_of(model)
+    full = ffn_widths_of(model) if model is not None else ffn_widths(config.model)
     if len(set(full)) != 1:
         raise ValueError(f"MatFormer training needs one width in every layer, got {full}")
     widths = sorted(int(w) for w in widths)
     if not widths or widths[0] < 1 or widths[-1] > full[0]:
         raise ValueError(f"MatFormer widths={widths} must lie in [1, {full[0]}]")
-    data = build_dataset(config.data, global_batch_size=config.train.batch_size, seed=config.train.seed)
-    tx = make_optimizer(config.train)
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    opt_state = tx.init(params)
-
-    def loss(p, batch, width):
-        s, w, _ = lm_loss(nnx.merge(graphdef, slice_prefix_params(p, width)), batch)
-        return s / jnp.maximum(w, 1.0)
-
-    steps = {}
-
-    def step_for(width):
-        if width not in steps:
-
-            def f(params, opt_state, batch):
-                l, g = jax.value_and_grad(loss)(params, batch, width)
-                updates, opt_state = tx.update(g, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, l
-
-            steps[width] = jax.jit(f, donate_argnums=(0, 1))
-        return steps[width]
-
-    history = []
-    start = time.perf_counter()
-    total = config.train.steps
-    for step in range(total):
-        width = sample_width(widths, config.train.seed, step)
-        batch = {k: jnp.asarray(v) for k, v in data.get_batch(step).items()}
-        params, opt_state, l = step_for(width)(params, opt_state, batch)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-            el = time.perf_counter() - start
-            row = {"step": done, "width": width, "loss": float(l), "elapsed_s": el}
-            history.append(row)
-            if log is not None:
-                log(
-                    f"[matformer] step {done}/{total} | width {width} | loss {row['loss']:.4f} | "
-                    f"{el / done:.2f} s/step | ETA {el / done * (total - done):.0f} s"
-                )
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), history
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            config,
+            workdir or tmp,
+            task=matformer_task(widths, config.train.seed),
+            model=model,
+            verbose=log is not None,
+            **trainer_kw,
+        )
+        out = trainer.train()
+        return trainer.model_from(out["state"]["params"], out["state"]["model_state"]), out["history"]
 
 
 def evaluate_lm(model, batches) -> dict:
     """Weighted next-token loss (nats), bits per token and perplexity over an iterable of LM batches."""
-    from effitrans.train.tasks import lm_loss
-
     graphdef, state = nnx.split(model)
 
     @jax.jit

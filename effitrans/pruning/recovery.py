@@ -2,16 +2,16 @@
 
 loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * next-token NLL
 
-per predicted token. It reuses the spine's optimizer (`effitrans.train.optimizer.make_optimizer`: AdamW,
-warmup + cosine, global-norm clipping) and its step structure (a pure params pytree, the model rebuilt with
-`nnx.merge` inside one jitted step). The teacher's logits are computed inside the same step (no storage).
-`trainable="ffn"` updates only the feed-forward matrices (cheaper and what pruning changed); "all" updates
-everything.
+per predicted token. `distill` runs the spine's `Trainer` (optimizer, checkpoints, progress lines, NaN
+checks) on the sliced student (`model=`), any `get_batch(step)` (`dataset=`) and the LM task plus
+`tasks.logit_distillation`; the teacher's logits are computed per batch by a jitted forward.
+`trainable="ffn"` updates only the feed-forward matrices (cheaper and what pruning changed); "all"
+updates everything.
 """
 
 from __future__ import annotations
 
-import time
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -21,13 +21,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from effitrans.train.optimizer import make_optimizer
+from effitrans.train.tasks import lm_task, logit_distillation, token_kl
+from effitrans.train.trainer import Trainer
 
 TRAINABLE = ("ffn", "all")
 
 
 def distill_config(**overrides) -> ml_collections.ConfigDict:
-    """The train keys make_optimizer reads, with recovery defaults, plus the distillation knobs."""
+    """The train keys the Trainer reads, with recovery defaults, plus the distillation knobs."""
     c = ml_collections.ConfigDict()
     c.steps = 50  # optimizer updates
     c.learning_rate = 1e-4  # peak LR (small: the student starts close to the teacher)
@@ -41,33 +42,62 @@ def distill_config(**overrides) -> ml_collections.ConfigDict:
     c.temperature = 1.0  # distillation temperature T
     c.trainable = "ffn"  # ffn | all
     c.log_every = 5
+    c.checkpoint_every = 10**9  # only at the end (and on SIGTERM/SIGINT)
+    c.keep_checkpoints = 1
+    c.eval_every = 10**9
+    c.seed = 0
     c.update(overrides)
     return c
 
 
 def kd_loss(student_logits, teacher_logits, targets, weights, *, alpha: float, temperature: float):
     """Sums over tokens (weighted) of the distillation loss, the KL and the NLL; logits [B, T, V]."""
-    t = temperature
-    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t, axis=-1)  # [B, T, V]
-    t_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t, axis=-1)
-    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * t * t  # [B, T]
+    kl = token_kl(student_logits, teacher_logits, temperature)  # [B, T]
     nll = optax.softmax_cross_entropy_with_integer_labels(student_logits, targets)  # [B, T]
     w = weights.astype(jnp.float32)
     loss = alpha * kl + (1.0 - alpha) * nll
     return jnp.sum(loss * w), jnp.sum(kl * w), jnp.sum(nll * w), jnp.sum(w)
 
 
-def _is_trainable(path, trainable: str) -> bool:
-    if trainable == "all":
-        return True
-    return "ffn" in [str(getattr(p, "key", p)) for p in path]
+def _ffn_only(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: "ffn" in [str(getattr(k, "key", k)) for k in p], params)
 
 
-def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log: Callable | None = print):
+class StepBatches:
+    """A Trainer dataset over get_batch(step) -> the global batch: each process takes its rows; no held-out
+    set. Missing LM weights default to ones."""
+
+    metadata = {"name": "get_batch"}
+
+    def __init__(self, get_batch: Callable[[int], dict]):
+        self._get_batch = get_batch
+
+    def get_batch(self, step: int, *, process_index: int = 0, process_count: int = 1) -> dict:
+        batch = dict(self._get_batch(step))
+        if "weights" not in batch:
+            batch["weights"] = np.ones(np.shape(batch["targets"]), np.float32)
+        rows = len(batch["inputs"]) // process_count
+        return {k: np.asarray(v)[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
+
+    def eval_batches(self, process_index: int = 0, process_count: int = 1):  # noqa: ARG002 - dataset interface
+        return iter(())
+
+
+def distill(
+    student,
+    teacher,
+    get_batch: Callable[[int], dict],
+    cfg=None,
+    *,
+    log: Callable | None = print,
+    workdir: str | None = None,
+    peak_gflops: float | None = None,
+):
     """Fine-tunes `student` (returns a new model; the argument is untouched) to match `teacher`.
 
     get_batch(step) -> {"inputs" [B, T], "targets" [B, T], optional "weights" [B, T]} (a pure function of the
-    step, like the spine's datasets). Returns (student, history list of per-log dicts).
+    step, like the spine's datasets). `workdir` keeps checkpoints (a rerun resumes; default: a temporary
+    directory); `log` None silences the progress lines. Returns (student, history list of per-log dicts).
     """
     cfg = distill_config() if cfg is None else cfg
     if cfg.trainable not in TRAINABLE:
@@ -76,55 +106,25 @@ def distill(student, teacher, get_batch: Callable[[int], dict], cfg=None, *, log
         raise ValueError(f"alpha={cfg.alpha} is outside [0, 1]")
     if cfg.temperature <= 0:
         raise ValueError(f"temperature={cfg.temperature} must be > 0")
-    s_graph, s_state = nnx.split(student, nnx.Param)
-    t_graph, t_state = nnx.split(teacher, nnx.Param)
-    params = nnx.to_pure_dict(s_state)
-    flags = jax.tree_util.tree_map_with_path(lambda p, _: _is_trainable(p, cfg.trainable), params)
-    train_p = jax.tree.map(lambda x, f: x if f else None, params, flags)
-    frozen_p = jax.tree.map(lambda x, f: None if f else x, params, flags)
-    tx = make_optimizer(cfg)
-    opt_state = tx.init(train_p)
-
-    def merge(tp, fp):
-        return jax.tree.map(lambda a, b: a if b is None else b, tp, fp, is_leaf=lambda x: x is None)
-
-    @jax.jit
-    def step_fn(train_p, opt_state, frozen_p, t_state, batch):
-        weights = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
-        t_logits, _ = nnx.merge(t_graph, t_state)(batch["inputs"])
-        t_logits = jax.lax.stop_gradient(t_logits)
-
-        def loss_fn(tp):
-            s_logits, _ = nnx.merge(s_graph, merge(tp, frozen_p))(batch["inputs"])
-            total, kl, nll, w = kd_loss(
-                s_logits, t_logits, batch["targets"], weights, alpha=cfg.alpha, temperature=cfg.temperature
-            )
-            w = jnp.maximum(w, 1.0)
-            return total / w, (kl / w, nll / w)
-
-        (loss, (kl, nll)), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_p)
-        updates, opt_state = tx.update(grads, opt_state, train_p)
-        return optax.apply_updates(train_p, updates), opt_state, {"loss": loss, "kl": kl, "nll": nll}
-
-    history = []
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        batch = {k: jnp.asarray(v) for k, v in get_batch(step).items()}
-        train_p, opt_state, m = step_fn(train_p, opt_state, frozen_p, t_state, batch)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            el = time.perf_counter() - start
-            row = {"step": done, **m, "elapsed_s": el}
-            history.append(row)
-            if log is not None:
-                log(
-                    f"[recovery] step {done}/{cfg.steps} | loss {m['loss']:.4f} | kl {m['kl']:.4f} | "
-                    f"nll {m['nll']:.4f} | {el / done:.2f} s/step | ETA {el / done * (cfg.steps - done):.0f} s"
-                )
-    s_state = nnx.State(s_state) if not isinstance(s_state, nnx.State) else s_state
-    nnx.replace_by_pure_dict(s_state, merge(train_p, frozen_p))
-    return nnx.merge(s_graph, s_state), history
+    t_graph, t_state = nnx.split(teacher)
+    t_logits = jax.jit(lambda state, inputs: nnx.merge(t_graph, state)(inputs)[0])
+    distillation = logit_distillation(
+        lambda batch: t_logits(t_state, batch["inputs"]), alpha=cfg.alpha, temperature=cfg.temperature
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            ml_collections.ConfigDict({"train": cfg}),
+            workdir or tmp,
+            model=student,
+            task=lm_task(),
+            dataset=StepBatches(get_batch),
+            distillation=distillation,
+            trainable=_ffn_only if cfg.trainable == "ffn" else None,
+            peak_gflops=peak_gflops,
+            verbose=log is not None,
+        )
+        out = trainer.train()
+        return trainer.model_from(out["state"]["params"], out["state"]["model_state"]), out["history"]
 
 
 def token_batches(stream: np.ndarray, *, batch_size: int, seq_len: int, seed: int = 0) -> Callable[[int], dict]:

@@ -32,6 +32,12 @@ _COMPAT_KEYS = (
 )
 
 
+def shape_signature(params) -> dict:
+    """Signature of a model known only by its parameters (no config): {"param_shapes": {path: shape}}."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {"param_shapes": {jax.tree_util.keystr(p): list(x.shape) for p, x in leaves}}
+
+
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint on disk was written by a config whose model differs from this one."""
 
@@ -47,9 +53,18 @@ def model_signature(model_cfg) -> dict:
 class Checkpointer:
     """Save every N steps (and on demand), keep the last K, restore the newest readable step."""
 
-    def __init__(self, directory: str, *, keep: int, model_cfg, extra_meta: dict | None = None):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int,
+        model_cfg=None,
+        signature: dict | None = None,
+        extra_meta: dict | None = None,
+    ):
+        """The compatibility signature is model_signature(model_cfg), or `signature` when given."""
         self.directory = os.path.abspath(directory)
-        self.signature = model_signature(model_cfg)
+        self.signature = signature if signature is not None else model_signature(model_cfg)
         self.extra_meta = dict(extra_meta or {})
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)

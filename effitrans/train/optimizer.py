@@ -17,8 +17,11 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     )
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """Gradient accumulation happens in the train step (exact, by summing micro-batch gradients), not here."""
+def make_optimizer(train_cfg, *, trainable=None) -> optax.GradientTransformation:
+    """Gradient accumulation happens in the train step (exact, by summing micro-batch gradients), not here.
+
+    trainable(params) -> a tree of bools like params: leaves marked False are frozen (zero updates, no
+    optimizer moments, left out of the clipping norm)."""
     # Norm scales and other vectors are not decayed (standard practice for Transformers).
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = []
@@ -33,4 +36,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
             mask=decay_mask,
         )
     )
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if trainable is None:
+        return tx
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,41 +1,58 @@
 """The training and evaluation loop: jitted sharded steps, metrics, checkpoints, resume, signals.
 
-Reads top to bottom: build (validate config -> mesh -> dataset -> abstract model -> shardings -> sharded
-init or restore), then `train()` runs steps, logging, evaluation and checkpointing. The state is a plain
-pytree {"params", "model_state", "opt_state", "step"}: params are what the optimizer trains, model_state the
-non-trainable `StateVariable`s (routing centroids, LSH rotations), carried and updated only by the train
-step's `commit_updates`. The model is rebuilt from its graphdef inside each jitted step, so the same model
-classes serve training, eval and serving.
+Reads top to bottom: build (validate config -> mesh -> dataset -> abstract or given model -> shardings ->
+sharded init or restore), then `train()` runs steps, logging, evaluation and checkpointing. The state is a
+plain pytree {"params", "model_state", "opt_state", "step"}: params are what the optimizer trains,
+model_state the non-trainable `StateVariable`s (routing centroids, LSH rotations), carried and updated only
+by the train step's `commit_updates`. The model is rebuilt from its graphdef inside each jitted step, so the
+same model classes serve training, eval and serving. What is trained is a `Task` (LM,
+classification, retrieval, or one built by pruning / funnel recovery / MatFormer), optionally with a
+`Distillation` term. The host syncs only at log, checkpoint and eval steps: the losses since the last sync
+are checked for NaN/inf there, before any checkpoint is written.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from effitrans import perf
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
 from effitrans.layers.params import StateVariable, commit_updates
 from effitrans.registry import build_model
 from effitrans.train import partitioning
-from effitrans.train.checkpoints import Checkpointer, abstract_like
+from effitrans.train.checkpoints import Checkpointer, abstract_like, shape_signature
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer
-from effitrans.train.tasks import BITS_PER_NAT, TASK_LOSSES, tokens_in_batch, train_flops_per_step
+from effitrans.train.tasks import BITS_PER_NAT, Task, task_from_config
+
+
+def _split(model: nnx.Module):
+    """(graphdef, trainable params, non-trainable state), both as nnx.State: the one place a model is split
+    into what the optimizer trains and what only the train step's `commit_updates` changes."""
+    return nnx.split(model, nnx.Param, StateVariable)
+
+
+def _single_device_mesh() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1, "rules": ()})
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or inf loss; the message names the step."""
+    """Training produced a NaN or inf loss; the message names the step and the last good checkpoint."""
 
 
 def _format_eta(seconds: float) -> str:
@@ -44,33 +61,74 @@ def _format_eta(seconds: float) -> str:
 
 
 class Trainer:
-    """Owns one experiment: config, mesh, dataset, jitted steps and the checkpoint directory."""
+    """Owns one experiment: config, mesh, dataset, task, jitted steps and the checkpoint directory.
 
-    def __init__(self, config, workdir: str, *, peak_gflops: float | None = None, verbose: bool = True):
-        validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-        self.config, self.workdir, self.verbose = config, workdir, verbose
-        self.task = config.train.task
-        self.mesh = partitioning.make_mesh(config.mesh)
-        self.rules = tuple(tuple(r) for r in config.mesh.rules)
-        self.dataset = build_dataset(config.data, global_batch_size=config.train.batch_size, seed=config.train.seed)
-        self.tx = make_optimizer(config.train)
-        self.schedule = learning_rate_schedule(config.train)
+    By default everything comes from `config` (groups model, data, train, mesh). Given `model` (e.g. a
+    sliced or surgically changed one), training starts from its graph and weights instead of
+    build_model(config.model); given `dataset` (get_batch(step, process_index=, process_count=),
+    eval_batches(...), metadata), batches come from it. Either may stand in for a missing config group;
+    without config.model the checkpoint compatibility check compares parameter shapes. `task` defaults to
+    config.train.task; `distillation` adds a teacher term; `trainable(params) -> tree of bools` freezes
+    the leaves marked False. `prefetch` builds step+1's batch in a thread while step runs.
+    """
 
-        # Abstract model: shapes and logical axes without allocating anything.
-        abstract_model = nnx.eval_shape(lambda: build_model(config.model, seed=config.train.seed))
-        self.graphdef, abstract_params, abstract_model_state = nnx.split(abstract_model, nnx.Param, StateVariable)
-        self.param_specs = partitioning.param_specs(abstract_params, self.rules, self.mesh)
-        abstract_pure = nnx.to_pure_dict(abstract_params)
+    def __init__(
+        self,
+        config,
+        workdir: str,
+        *,
+        task: Task | None = None,
+        model: nnx.Module | None = None,
+        dataset=None,
+        distillation=None,
+        trainable=None,
+        peak_gflops: float | None = None,
+        verbose: bool = True,
+        prefetch: bool = True,
+    ):
+        groups = ("model", "data", "train", "mesh")
+        if all(g in config for g in groups):
+            validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+        elif (
+            "train" not in config
+            or ("model" not in config and model is None)
+            or ("data" not in config and dataset is None)
+        ):
+            raise ValueError(
+                f"config has groups {sorted(config.keys())}: a Trainer needs config.train, config.model (or "
+                f"model=) and config.data (or dataset=)"
+            )
+        self.config, self.workdir, self.verbose, self.prefetch = config, workdir, verbose, prefetch
+        train_cfg = config.train
+        self.task = task if task is not None else task_from_config(train_cfg)
+        self.distillation = distillation
+        mesh_cfg = config.mesh if "mesh" in config else _single_device_mesh()
+        self.mesh = partitioning.make_mesh(mesh_cfg)
+        self.rules = tuple(tuple(r) for r in mesh_cfg.rules)
+        if dataset is None:
+            dataset = build_dataset(config.data, global_batch_size=train_cfg.batch_size, seed=train_cfg.seed)
+        self.dataset = dataset
+        self.tx = make_optimizer(train_cfg, trainable=trainable)
+        self.schedule = learning_rate_schedule(train_cfg)
+
+        given = model is not None
+        if not given:  # abstract model: shapes and logical axes without allocating anything
+            model = nnx.eval_shape(lambda: build_model(config.model, seed=train_cfg.seed))
+        self.graphdef, params_state, model_state = _split(model)
+        self._initial = (nnx.to_pure_dict(params_state), nnx.to_pure_dict(model_state)) if given else None
+        shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(tree))
+        abstract_pure = shapes(params_state)
+        self.param_specs = partitioning.param_specs(params_state, self.rules, self.mesh)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_pure)
         opt_specs = partitioning.mirror_specs(abstract_opt, self.param_specs, abstract_pure)
-        model_state_specs = partitioning.param_specs(abstract_model_state, self.rules, self.mesh)
+        model_state_specs = partitioning.param_specs(model_state, self.rules, self.mesh)
         specs = {"params": self.param_specs, "model_state": model_state_specs, "opt_state": opt_specs, "step": P()}
         self.state_shardings = jax.tree.map(
             lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
         )
         self.abstract_state = {
             "params": abstract_pure,
-            "model_state": nnx.to_pure_dict(abstract_model_state),
+            "model_state": shapes(model_state),
             "opt_state": abstract_opt,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
@@ -79,23 +137,28 @@ class Trainer:
         self._build_steps()
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
-            keep=config.train.keep_checkpoints,
-            model_cfg=config.model,
+            keep=train_cfg.keep_checkpoints,
+            model_cfg=config.model if "model" in config else None,
+            signature=None if "model" in config else shape_signature(abstract_pure),
             extra_meta={"data": self.dataset.metadata},
         )
         self.peak_gflops = peak_gflops
         self._stop_signal: int | None = None
+        self._resumed_from: int | None = None
 
     # ---- state ------------------------------------------------------------------------------------
 
     def init_state(self) -> dict:
-        """Fresh parameters, created directly in their shards (no full copy on one device)."""
+        """Step-0 state, created directly in its shards (no full copy on one device): fresh parameters from
+        build_model, or the given model's weights (copied; the model is left as it is)."""
         cfg = self.config
 
-        def init():
-            model = build_model(cfg.model, seed=cfg.train.seed)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            model_state = nnx.to_pure_dict(nnx.state(model, StateVariable))
+        def init(initial):
+            if initial is None:
+                _, params, model_state = _split(build_model(cfg.model, seed=cfg.train.seed))
+                params, model_state = nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+            else:
+                params, model_state = initial
             return {
                 "params": params,
                 "model_state": model_state,
@@ -103,10 +166,11 @@ class Trainer:
                 "step": jnp.zeros((), jnp.int32),
             }
 
-        return jax.jit(init, out_shardings=self.state_shardings)()
+        return jax.jit(init, out_shardings=self.state_shardings)(self._initial)
 
     def restore_or_init(self) -> dict:
         step, state = self.checkpointer.restore_latest(abstract_like(self.abstract_state, self.state_shardings))
+        self._resumed_from = step
         if state is None:
             return self.init_state()
         self._log(f"resumed from checkpoint at step {step} in {self.checkpointer.directory}")
@@ -133,46 +197,50 @@ class Trainer:
         return NamedSharding(self.mesh, partitioning.batch_spec(ndim))
 
     def _build_steps(self) -> None:
-        cfg, graphdef, tx = self.config, self.graphdef, self.tx
-        loss_fn = TASK_LOSSES[self.task]
-        accum = cfg.train.grad_accum_steps
-        loss_kwargs = {"temperature": cfg.train.contrastive_temperature}
-        schedule = self.schedule
+        graphdef, tx, task, distill, schedule = self.graphdef, self.tx, self.task, self.distillation, self.schedule
+        accum = self.config.train.get("grad_accum_steps", 1)
 
-        def sums_and_grads(params, model_state, batch):
+        def sums_and_grads(params, model_state, batch, teacher_out, variant):
             def f(p):
-                model = nnx.merge(graphdef, p, model_state)
-                s, w, m = loss_fn(model, batch, **loss_kwargs)
+                model = nnx.merge(graphdef, p if variant is None else task.view(p, variant), model_state)
+                s, w, m, out = task.scored(model, batch)
+                if distill is not None:
+                    d, dm = distill.term(out, teacher_out, batch)
+                    m = {**m, "task_loss": s, **dm}
+                    s = distill.task_weight * s + distill.weight * d
                 commit_updates(model)  # only here: e.g. the routing centroids' EMA step
                 return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateVariable)))
 
-            (s, (w, m, new_model_state)), g = jax.value_and_grad(f, has_aux=True)(params)
-            return s, w, m, g, new_model_state
+            (s, (w, m, updated)), g = jax.value_and_grad(f, has_aux=True)(params)
+            return s, w, m, g, updated
 
-        def train_step(state, batch):
+        def train_step(state, batch, teacher_out=None, variant=None):
             params, model_state = state["params"], state["model_state"]
             if accum == 1:
-                s, w, m, g, new_model_state = sums_and_grads(params, model_state, batch)
+                s, w, m, g, updated = sums_and_grads(params, model_state, batch, teacher_out, variant)
             else:
                 # Micro-batch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
                 micro = jax.tree.map(
-                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch
+                    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+                    (batch, teacher_out),
                 )
 
+                micro_step = functools.partial(sums_and_grads, variant=variant)  # variant stays static
+
                 def body(carry, mb):
-                    s, w, m, g, ms = sums_and_grads(params, model_state, mb)
-                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), ms
+                    s, w, m, g, sp = micro_step(params, model_state, *mb)
+                    return jax.tree.map(jnp.add, carry, (s, w, m, g)), sp
 
                 first = jax.tree.map(lambda x: x[0], micro)
-                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params, model_state, first)[:4])
-                (s, w, m, g), ms_all = jax.lax.scan(body, zeros, micro)
-                new_model_state = jax.tree.map(lambda x: x[-1], ms_all)  # the last micro-batch's update
+                zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, model_state, *first)[:4])
+                (s, w, m, g), sp_all = jax.lax.scan(body, zeros, micro)
+                updated = jax.tree.map(lambda x: x[-1], sp_all)  # the last micro-batch's update
             w = jnp.maximum(w, 1.0)
             grads = jax.tree.map(lambda x: x / w, g)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_state = {
                 "params": optax.apply_updates(params, updates),
-                "model_state": new_model_state,
+                "model_state": updated,
                 "opt_state": opt_state,
                 "step": state["step"] + 1,
             }
@@ -185,13 +253,15 @@ class Trainer:
             return new_state, metrics
 
         def eval_step(params, batch, model_state=None):  # never commits: eval leaves model_state as it is
-            s, w, m = loss_fn(nnx.merge(graphdef, params, model_state or {}), batch, **loss_kwargs)
+            s, w, m, _ = task.scored(nnx.merge(graphdef, params, model_state or {}), batch)
             return {"loss_sum": s, "weight": w, **{f"{k}_sum": v for k, v in m.items()}}
 
         def embed_step(params, tokens, mask, model_state=None):
             return nnx.merge(graphdef, params, model_state or {})(tokens, mask)
 
-        self._train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        self._train_step = jax.jit(
+            train_step, donate_argnums=0, static_argnames="variant", out_shardings=(self.state_shardings, None)
+        )
         self._eval_step = jax.jit(eval_step)
         self._embed_step = jax.jit(embed_step)
 
@@ -209,29 +279,39 @@ class Trainer:
             self.dataset.get_batch(step, process_index=jax.process_index(), process_count=jax.process_count())
         )
 
+    def step_inputs(self, step: int) -> tuple:
+        """(batch, teacher outputs or None, variant or None) of `step`: a pure function of (seed, step)."""
+        batch = self.train_batch(step)
+        teacher_out = self.distillation.teacher(batch) if self.distillation is not None else None
+        variant = self.task.variant(step) if self.task.variant is not None else None
+        return batch, teacher_out, variant
+
     def train_step(self, state, step: int):
         """One optimizer update on the batch of `step`; returns (state, metrics as device arrays)."""
-        return self._train_step(state, self.train_batch(step))
+        batch, teacher_out, variant = self.step_inputs(step)
+        return self._train_step(state, batch, teacher_out, variant=variant)
 
     # ---- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self, params, model_state=None) -> dict:
         """Held-out metrics: loss (and bits per byte for LM, recall@1/MRR for retrieval)."""
         model_state = self._model_state(model_state)
-        if self.task == "retrieval":
+        if self.task.name == "retrieval":
             return self._evaluate_retrieval(params, model_state)
         totals: dict[str, float] = {}
         for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
             sums = jax.device_get(self._eval_step(params, self.global_batch(local), model_state))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+        if not totals:  # a dataset without held-out batches
+            return {}
         w = max(totals.get("weight", 0.0), 1.0)
         out = {
             "eval_loss": totals.get("loss_sum", 0.0) / w,
             "eval_accuracy": totals.get("accuracy_sum", 0.0) / w,
             "eval_examples": totals.get("weight", 0.0),
         }
-        if self.task == "lm":
+        if self.task.name == "lm":
             out["eval_bits_per_byte"] = out["eval_loss"] * BITS_PER_NAT
         return out
 
@@ -245,11 +325,11 @@ class Trainer:
     def eval_embeddings(self, params, model_state=None) -> tuple:
         """Retrieval: (query, doc) embeddings of the held-out pairs, padding dropped: float [n, embed_dim] x 2."""
         model_state = self._model_state(model_state)
+        embed = lambda t, m: np.asarray(jax.device_get(self._embed_step(params, t, m, model_state)))
         qs, ds = [], []
         for local in self.dataset.eval_batches(process_index=jax.process_index(), process_count=jax.process_count()):
             b = self.global_batch(local)
             keep = np.asarray(jax.device_get(b["example_weights"])) > 0
-            embed = lambda t, m: np.asarray(jax.device_get(self._embed_step(params, t, m, model_state)))
             qs.append(embed(b["query"], b["query_mask"])[keep])
             ds.append(embed(b["doc"], b["doc_mask"])[keep])
         return np.concatenate(qs), np.concatenate(ds)
@@ -270,21 +350,47 @@ class Trainer:
     def _on_signal(self, signum, frame):  # noqa: ARG002 - signal handler signature
         self._stop_signal = signum
 
-    def _flops_per_step(self) -> float:
+    def _flops_per_step(self) -> float | None:
+        """Model FLOPs of one step from config.model (None without one: MFU is then not reported)."""
+        if "model" not in self.config:
+            return None
         shapes = {k: v.shape for k, v in self.dataset.get_batch(0).items()}
-        return train_flops_per_step(self.config.model, self.task, shapes)
+        return perf.train_flops_per_step(self.config.model, self.task.name, shapes)
 
-    def train(self) -> dict:
-        """Runs (or resumes) training to config.train.steps; returns the final eval metrics and state."""
+    def _check_finite(self, unchecked: list, done: int, last_good: int | None) -> None:
+        """The host sync: raises NonFiniteLossError naming the first step since the last check whose loss or
+        gradient norm is not finite, the range checked, and the last checkpoint known to be finite."""
+        first = done - len(unchecked) + 1
+        for i, (loss, grad_norm) in enumerate(jax.device_get([(m["loss"], m["grad_norm"]) for m in unchecked])):
+            loss, grad_norm = float(loss), float(grad_norm)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                continue
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"grad_norm is {grad_norm} (loss {loss})"
+            kept = (
+                f"The last good checkpoint (step {last_good}) is intact in {self.checkpointer.directory}"
+                if last_good is not None
+                else f"No checkpoint was written before it in {self.checkpointer.directory}"
+            )
+            raise NonFiniteLossError(
+                f"{what} at step {first + i}; stopping (first non-finite value among steps {first}-{done}, "
+                f"the steps since the last check). {kept}"
+            )
+
+    def train(self, *, until: int | None = None) -> dict:
+        """Runs (or resumes) training to config.train.steps, or only to step `until` of that schedule (a
+        checkpoint is written there). Returns the final state, eval metrics (at config.train.steps), whether
+        a signal interrupted it, and the logged rows."""
         cfg = self.config.train
+        end = cfg.steps if until is None else until
+        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= cfg.steps:
+            raise ValueError(f"until={until!r} must be an int in [0, config.train.steps={cfg.steps}]")
         state = self.restore_or_init()
         start = int(jax.device_get(state["step"]))
+        peak_source = "given"
         if self.peak_gflops is None:
-            from effitrans.bench.common import measure_matmul_gflops
-
-            self.peak_gflops = measure_matmul_gflops()
+            self.peak_gflops, peak_source = perf.matmul_peak_gflops("float32")
         flops_per_step = self._flops_per_step()
-        tokens_per_step = tokens_in_batch(self.task, self.dataset.get_batch(0)) * jax.process_count()
+        tokens_per_step = self.task.tokens(self.dataset.get_batch(0)) * jax.process_count()
         self._write_metrics(
             {
                 "event": "start",
@@ -296,64 +402,73 @@ class Trainer:
             }
         )
         self._log(
-            f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{cfg.steps} | "
-            f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s (measured)"
+            f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{end} | "
+            f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s ({peak_source})"
         )
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        last_saved = start
+        pool = ThreadPoolExecutor(1, thread_name_prefix="effitrans-prefetch") if self.prefetch else None
+        last_good = self._resumed_from  # the newest checkpoint known to hold finite params
+        history: list[dict] = []
         try:
             window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
             eval_metrics: dict = {}
-            for step in range(start, cfg.steps):
-                state, metrics = self.train_step(state, step)
-                loss = float(jax.device_get(metrics["loss"]))  # also the sync point for timing
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint (step "
-                        f"{last_saved}) is intact in {self.checkpointer.directory}"
-                    )
-                window_steps += 1
+            unchecked: list[dict] = []  # device metrics of the steps since the last host sync
+            upcoming = pool.submit(self.step_inputs, start) if pool is not None and start < end else None
+            for step in range(start, end):
+                batch, teacher_out, variant = upcoming.result() if pool is not None else self.step_inputs(step)
+                state, metrics = self._train_step(state, batch, teacher_out, variant=variant)  # dispatched
                 done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                if pool is not None and done < end:
+                    upcoming = pool.submit(self.step_inputs, done)  # built while this step runs
+                unchecked.append(metrics)
+                window_steps += 1
+                log_now = done % cfg.log_every == 0 or done == end
+                save_now = done % cfg.checkpoint_every == 0 or done == end or self._stop_signal is not None
+                eval_now = done % cfg.eval_every == 0 or done == cfg.steps
+                if log_now or save_now or eval_now:
+                    self._check_finite(unchecked, done, last_good)  # before anything is written
+                    unchecked = []
+                if log_now:
                     now = time.perf_counter()
                     dt = (now - window_start) / window_steps
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    row = {
-                        "step": done,
-                        **m,
-                        "step_time_s": dt,
-                        "tokens_per_s": tokens_per_step / dt,
-                        "mfu": flops_per_step / dt / (self.peak_gflops * 1e9),
-                    }
+                    mfu = None if flops_per_step is None else flops_per_step / dt / (self.peak_gflops * 1e9)
+                    row = {"step": done, **m, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "mfu": mfu}
+                    if variant is not None:
+                        row[self.task.variant_name] = variant
+                    history.append(row)
                     self._write_metrics(row)
-                    eta = (cfg.steps - done) * dt
+                    eta = (end - done) * dt
                     self._log(
-                        f"step {done}/{cfg.steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                        f"step {done}/{end} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
                         f"grad_norm {m['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
-                        f"MFU {100 * row['mfu']:.1f}% | ETA {_format_eta(eta)}"
+                        f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {_format_eta(eta)}"
                     )
                     window_start, window_steps = time.perf_counter(), 0
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or self._stop_signal is not None:
+                if save_now:
                     self.checkpointer.save(done, state, force=True)
-                    last_saved = done
-                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    last_good = done
+                if eval_now:
                     self.checkpointer.wait()
                     eval_metrics = self.evaluate(state["params"], state["model_state"])
-                    self._write_metrics({"step": done, **eval_metrics})
-                    self._log(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    if eval_metrics:
+                        self._write_metrics({"step": done, **eval_metrics})
+                        self._log(f"eval @ {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                     window_start = time.perf_counter()  # eval time is not training throughput
                 if self._stop_signal is not None:
                     self._log(f"signal {self._stop_signal} received: saved step {done}, stopping")
                     break
             interrupted = self._stop_signal is not None
-            if not eval_metrics and not interrupted:  # e.g. rerun of a finished run: still report
+            if not eval_metrics and not interrupted and end == cfg.steps:  # e.g. rerun of a finished run
                 eval_metrics = self.evaluate(state["params"], state["model_state"])
             self._log(
                 f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
                 f"in {_format_eta(time.perf_counter() - run_start)}"
             )
-            return {"state": state, "eval": eval_metrics, "interrupted": interrupted}
+            return {"state": state, "eval": eval_metrics, "interrupted": interrupted, "history": history}
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             self.checkpointer.wait()
             for s, h in old_handlers.items():
                 signal.signal(s, h)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effitrans import funnel
+from effitrans import funnel, perf
 from effitrans.registry import build_model, validate_model_config
 from effitrans.schema import ConfigError
 from tests.helpers import tiny_model_config
@@ -138,7 +138,7 @@ def test_bad_funnel_configs_rejected():
 
 def test_forward_flops_funnel_is_cheaper():
     cfg = _embedding_cfg()
-    dense = funnel.encoder_forward_flops(cfg, 2, 64)
-    same = funnel.encoder_forward_flops(cfg, 2, 64, funnel.surgery_spec(3, at_layer=1, stride=1))
-    half = funnel.encoder_forward_flops(cfg, 2, 64, funnel.surgery_spec(3, at_layer=1, stride=2))
+    dense = perf.forward_flops(cfg, 2, 64)
+    same = perf.forward_flops(cfg, 2, 64, funnel.surgery_spec(3, at_layer=1, stride=1))
+    half = perf.forward_flops(cfg, 2, 64, funnel.surgery_spec(3, at_layer=1, stride=2))
     assert same == dense and half < dense
