@@ -117,54 +117,35 @@ def build_sparse_fixed(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dty
     return SparsePatternAttention(*module_dims(model_cfg), pattern="fixed", block=block, summary=summary, **kw)
 
 
+def _mha_module(cls, kind: str, model_cfg, *, causal: bool, rngs: nnx.Rngs, dtype, **kw) -> nnx.Module:
+    """cls(d_model, num_heads, head_dim, causal=, rngs=, dtype=, **kw) for a family without GQA."""
+    _require_mha(model_cfg, kind)
+    return cls(*module_dims(model_cfg, grouped=False), causal=causal, rngs=rngs, dtype=dtype, **kw)
+
+
+def _family_kwargs(attn_cfg, keys: dict, rename: dict | None = None) -> dict:
+    """Every key a family declares, at its config value (its default when left None), under the module's
+    keyword name (`rename`: config key -> keyword, where the two differ)."""
+    rename = rename or {}
+    return {rename.get(key, key): schema.value(attn_cfg, keys, key) for key in keys}
+
+
 def build_lsh(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    _require_mha(model_cfg, "lsh")
-    g = lambda key: schema.value(attn_cfg, LSH_KEYS, key)
-    return LSHAttention(
-        *module_dims(model_cfg, grouped=False),
-        n_buckets=g("n_buckets"),
-        n_hashes=g("n_hashes"),
-        chunk_len=g("chunk_len"),
-        causal=causal,
-        rope_base=model_cfg.rope_base,
-        rope_layout=model_cfg.rope_layout,
-        rngs=rngs,
-        dtype=dtype,
-    )
+    kw = _family_kwargs(attn_cfg, LSH_KEYS) | dict(rope_base=model_cfg.rope_base, rope_layout=model_cfg.rope_layout)
+    return _mha_module(LSHAttention, "lsh", model_cfg, causal=causal, rngs=rngs, dtype=dtype, **kw)
 
 
 def build_routing(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    _require_mha(model_cfg, "routing")
-    g = lambda key: schema.value(attn_cfg, ROUTING_KEYS, key)
-    local = g("num_local_heads")
-    local = model_cfg.num_heads // 2 if local is None else local
-    return RoutingAttention(
-        *module_dims(model_cfg, grouped=False),
-        num_clusters=g("num_clusters"),
-        window=g("routing_window"),
-        num_local_heads=local,
-        local_window=g("local_window"),
-        decay=g("centroid_decay"),
-        causal=causal,
-        impl=attn_cfg.impl,
-        rope_base=model_cfg.rope_base,
-        rope_layout=model_cfg.rope_layout,
-        rngs=rngs,
-        dtype=dtype,
-    )
+    kw = _family_kwargs(attn_cfg, ROUTING_KEYS, {"routing_window": "window", "centroid_decay": "decay"})
+    if kw["num_local_heads"] is None:
+        kw["num_local_heads"] = model_cfg.num_heads // 2
+    kw |= dict(impl=attn_cfg.impl, rope_base=model_cfg.rope_base, rope_layout=model_cfg.rope_layout)
+    return _mha_module(RoutingAttention, "routing", model_cfg, causal=causal, rngs=rngs, dtype=dtype, **kw)
 
 
 def build_transient_global(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
-    _require_mha(model_cfg, "transient_global")
-    g = lambda key: schema.value(attn_cfg, TRANSIENT_GLOBAL_KEYS, key)
-    return TransientGlobalAttention(
-        *module_dims(model_cfg, grouped=False),
-        local_radius=g("local_radius"),
-        global_block=g("global_block"),
-        causal=causal,
-        num_buckets=g("relative_buckets"),
-        max_distance=g("relative_max_distance"),
-        norm_eps=model_cfg.norm_eps,
-        rngs=rngs,
-        dtype=dtype,
+    rename = {"relative_buckets": "num_buckets", "relative_max_distance": "max_distance"}
+    kw = _family_kwargs(attn_cfg, TRANSIENT_GLOBAL_KEYS, rename) | dict(norm_eps=model_cfg.norm_eps)
+    return _mha_module(
+        TransientGlobalAttention, "transient_global", model_cfg, causal=causal, rngs=rngs, dtype=dtype, **kw
     )

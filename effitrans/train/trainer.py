@@ -13,6 +13,7 @@ are checked for NaN/inf there, before any checkpoint is written.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -45,6 +46,9 @@ def _split(model: nnx.Module):
     """(graphdef, trainable params, non-trainable state), both as nnx.State: the one place a model is split
     into what the optimizer trains and what only the train step's `commit_updates` changes."""
     return nnx.split(model, nnx.Param, StateVariable)
+
+
+_IN_FLIGHT = 2  # train steps dispatched ahead of the host at most
 
 
 def _single_device_mesh() -> ml_collections.ConfigDict:
@@ -413,6 +417,7 @@ class Trainer:
             window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
             eval_metrics: dict = {}
             unchecked: list[dict] = []  # device metrics of the steps since the last host sync
+            in_flight: collections.deque = collections.deque()
             upcoming = pool.submit(self.step_inputs, start) if pool is not None and start < end else None
             for step in range(start, end):
                 batch, teacher_out, variant = upcoming.result() if pool is not None else self.step_inputs(step)
@@ -421,6 +426,11 @@ class Trainer:
                 if pool is not None and done < end:
                     upcoming = pool.submit(self.step_inputs, done)  # built while this step runs
                 unchecked.append(metrics)
+                # Bound the dispatch queue without a host transfer: wait for step done-2 (the device still
+                # has step done-1 and this one queued), so at most _IN_FLIGHT steps' batches are alive.
+                in_flight.append(metrics["loss"])
+                if len(in_flight) > _IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
                 window_steps += 1
                 log_now = done % cfg.log_every == 0 or done == end
                 save_now = done % cfg.checkpoint_every == 0 or done == end or self._stop_signal is not None
@@ -432,7 +442,13 @@ class Trainer:
                     now = time.perf_counter()
                     dt = (now - window_start) / window_steps
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    mfu = None if flops_per_step is None else flops_per_step / dt / (self.peak_gflops * 1e9)
+                    mfu = None
+                    if flops_per_step is not None:
+                        achieved = flops_per_step / dt / 1e9  # GFLOP/s
+                        if achieved > self.peak_gflops and peak_source != "given":  # peak cached under load
+                            self.peak_gflops, peak_source = perf.raise_peak("float32", achieved), "raised"
+                            self._log(f"peak float32 matmul raised to {self.peak_gflops:.1f} GFLOP/s (seen here)")
+                        mfu = achieved / self.peak_gflops
                     row = {"step": done, **m, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "mfu": mfu}
                     if variant is not None:
                         row[self.task.variant_name] = variant

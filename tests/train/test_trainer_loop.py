@@ -43,6 +43,18 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
         perf.matmul_peak_gflops("float32")
 
 
+def test_a_cached_peak_only_rises(tmp_path, monkeypatch):
+    monkeypatch.setenv(perf.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(perf.PEAK_ENV, raising=False)
+    monkeypatch.setattr(perf, "measure_matmul_gflops", _fake_measure([]))
+    perf.matmul_peak_gflops("float32")  # 123 measured while the machine was loaded
+    assert perf.raise_peak("float32", 100.0) == 123.0  # slower work leaves it
+    assert perf.matmul_peak_gflops("float32") == (123.0, "cached")
+    assert perf.raise_peak("float32", 150.0) == 150.0  # faster work raises it, for later starts too
+    assert perf.matmul_peak_gflops("float32") == (150.0, "cached")
+    assert perf.matmul_peak_gflops("bfloat16")[0] == 123.0  # other dtypes keep their own
+
+
 @pytest.mark.slow  # a short training run; CI runs it
 def test_prefetch_gives_the_losses_of_no_prefetch_and_the_cached_peak_needs_no_matmul(tmp_path, monkeypatch):
     monkeypatch.setenv(perf.CACHE_DIR_ENV, str(tmp_path / "cache"))
