@@ -48,6 +48,7 @@ def test_recovery_without_distillation_is_the_trainers_step_and_distillation_mov
     ours, _ = recovery.recover(student, dense_params, 2)
     state = {
         "params": jax.tree.map(np.array, dense_params),
+        "model_state": {},  # a dense-attention encoder has no non-trainable state
         "opt_state": student.tx.init(dense_params),
         "step": np.zeros((), np.int32),
     }
