@@ -161,12 +161,8 @@ def matmul_peak_gflops(dtype: str = "float32") -> tuple[float, str]:
             raise ValueError(f"${PEAK_ENV}={given!r} is not a positive number of GFLOP/s")
         return value, "given"
     path, key = peak_cache_path(), _peak_key(dtype)
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+    cache = _read_peaks(path)
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
         return float(cache[key]), "cached"
     value = measure_matmul_gflops(dtype=dtype)
     _write_peak(path, cache, key, value)
@@ -177,20 +173,26 @@ def raise_peak(dtype: str, gflops: float) -> float:
     """Records that this machine ran `dtype` matmul work at `gflops`: a measured peak only ever rises, so a
     peak cached while the machine was loaded is corrected by the first faster run. Returns the new peak."""
     path, key = peak_cache_path(), _peak_key(dtype)
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    old = cache.get(key) if isinstance(cache, dict) else None
+    cache = _read_peaks(path)
+    old = cache.get(key)
     if isinstance(old, (int, float)) and old >= gflops:
         return float(old)
     _write_peak(path, cache, key, float(gflops))
     return float(gflops)
 
 
-def _write_peak(path: str, cache, key: str, value: float) -> None:
-    cache = {**(cache if isinstance(cache, dict) else {}), key: value}
+def _read_peaks(path: str) -> dict:
+    """The cache file's {machine key: GFLOP/s}; {} when it is missing, unreadable or not a mapping."""
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_peak(path: str, cache: dict, key: str, value: float) -> None:
+    cache = {**cache, key: value}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
