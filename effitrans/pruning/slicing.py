@@ -163,7 +163,7 @@ def load_pruned(directory: str, model_cfg=None):
     graphdef, state = nnx.split(abstract, nnx.Param)
     target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))}
     ckpt = Checkpointer(os.path.join(directory, "checkpoints"), keep=1, model_cfg=model_cfg)
-    step, restored = ckpt.restore_latest(target)
+    step, restored, _ = ckpt.restore_latest(target)
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint under {os.path.join(directory, 'checkpoints')}")

@@ -37,7 +37,15 @@ from effitrans.data.registry import build_dataset
 from effitrans.layers.params import StateVariable, commit_updates
 from effitrans.registry import build_model
 from effitrans.train import partitioning
-from effitrans.train.checkpoints import Checkpointer, abstract_like, shape_signature
+from effitrans.train.checkpoints import (
+    Checkpointer,
+    CheckpointError,
+    abstract_like,
+    finite_flag,
+    meaning,
+    path_name,
+    shape_signature,
+)
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer
 from effitrans.train.tasks import BITS_PER_NAT, Task, task_from_config
 
@@ -74,6 +82,8 @@ class Trainer:
     without config.model the checkpoint compatibility check compares parameter shapes. `task` defaults to
     config.train.task; `distillation` adds a teacher term; `trainable(params) -> tree of bools` freezes
     the leaves marked False. `prefetch` builds step+1's batch in a thread while step runs.
+    `on_config_change` says what a resume does when the workdir's checkpoints were written by another config:
+    "refuse" (raise, listing the differing keys), "start_fresh" or "load_weights" (see Checkpointer).
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class Trainer:
         peak_gflops: float | None = None,
         verbose: bool = True,
         prefetch: bool = True,
+        on_config_change: str = "refuse",
     ):
         groups = ("model", "data", "train", "mesh")
         if all(g in config for g in groups):
@@ -103,6 +114,7 @@ class Trainer:
                 f"model=) and config.data (or dataset=)"
             )
         self.config, self.workdir, self.verbose, self.prefetch = config, workdir, verbose, prefetch
+        self.on_config_change = on_config_change
         train_cfg = config.train
         self.task = task if task is not None else task_from_config(train_cfg)
         self.distillation = distillation
@@ -142,8 +154,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             keep=train_cfg.keep_checkpoints,
-            model_cfg=config.model if "model" in config else None,
-            signature=None if "model" in config else shape_signature(abstract_pure),
+            # Without config.model the model is known by its parameter shapes.
+            config_meaning=meaning(config) | ({} if "model" in config else shape_signature(abstract_pure)),
             extra_meta={"data": self.dataset.metadata},
         )
         self.peak_gflops = peak_gflops
@@ -172,13 +184,39 @@ class Trainer:
 
         return jax.jit(init, out_shardings=self.state_shardings)(self._initial)
 
-    def restore_or_init(self) -> dict:
-        step, state = self.checkpointer.restore_latest(abstract_like(self.abstract_state, self.state_shardings))
+    def restore_or_init(self, *, require_checkpoint: bool = False) -> dict:
+        """The newest usable checkpoint's state (see Checkpointer.restore_latest), else the step-0 state;
+        `require_checkpoint` makes "no usable checkpoint" a CheckpointError (evaluating random weights)."""
+        step, state, weights = self.checkpointer.restore_latest(
+            abstract_like(self.abstract_state, self.state_shardings), on_config_change=self.on_config_change
+        )
         self._resumed_from = step
-        if state is None:
-            return self.init_state()
-        self._log(f"resumed from checkpoint at step {step} in {self.checkpointer.directory}")
+        if state is not None:
+            self._log(f"resumed from checkpoint at step {step} in {self.checkpointer.directory}")
+            return state
+        if require_checkpoint:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.checkpointer.directory}: train first (--mode=train) or pass "
+                f"the --workdir of a trained run"
+            )
+        state = self.init_state()
+        if weights is not None:
+            state = self._with_weights(state, weights)
         return state
+
+    def _with_weights(self, state: dict, weights: dict) -> dict:
+        """`state` with the parameters in `weights` (from Checkpointer.load_matching_params) put in place."""
+        values = weights["values"]
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.device_put(values[path_name(p)], x.sharding) if path_name(p) in values else x,
+            state["params"],
+        )
+        fresh = weights["fresh"]
+        self._log(
+            f"loaded {len(weights['loaded'])} parameter arrays from checkpoint step {weights['step']}; "
+            f"{len(fresh)} initialized fresh" + (f": {', '.join(fresh)}" if fresh else "")
+        )
+        return {**state, "params": params, "opt_state": jax.jit(self.tx.init)(params)}
 
     def _model_state(self, model_state) -> dict:
         """`model_state` (the state's "model_state"); None is allowed for models without non-trainable state."""
@@ -242,8 +280,9 @@ class Trainer:
             w = jnp.maximum(w, 1.0)
             grads = jax.tree.map(lambda x: x / w, g)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
             new_state = {
-                "params": optax.apply_updates(params, updates),
+                "params": new_params,
                 "model_state": updated,
                 "opt_state": opt_state,
                 "step": state["step"] + 1,
@@ -251,6 +290,9 @@ class Trainer:
             metrics = {
                 "loss": s / w,
                 "grad_norm": optax.tree.norm(grads),
+                # Checked on the host before this state may be checkpointed: a finite loss and gradient can
+                # still overflow the parameters (too high a learning rate).
+                "params_finite": finite_flag(new_params),
                 "lr": schedule(state["step"]),
                 **{k: v / w for k, v in m.items()},
             }
@@ -362,18 +404,28 @@ class Trainer:
         return perf.train_flops_per_step(self.config.model, self.task.name, shapes)
 
     def _check_finite(self, unchecked: list, done: int, last_good: int | None) -> None:
-        """The host sync: raises NonFiniteLossError naming the first step since the last check whose loss or
-        gradient norm is not finite, the range checked, and the last checkpoint known to be finite."""
+        """The host sync: raises NonFiniteLossError naming the first step since the last check whose loss,
+        gradient norm or updated parameters are not finite, the range checked, and the newest checkpoint known
+        to be finite (every checkpoint this loop writes passed this check; a restored one was checked too)."""
         first = done - len(unchecked) + 1
-        for i, (loss, grad_norm) in enumerate(jax.device_get([(m["loss"], m["grad_norm"]) for m in unchecked])):
+        rows = jax.device_get([(m["loss"], m["grad_norm"], m["params_finite"]) for m in unchecked])
+        for i, (loss, grad_norm, params_finite) in enumerate(rows):
             loss, grad_norm = float(loss), float(grad_norm)
-            if math.isfinite(loss) and math.isfinite(grad_norm):
+            if not math.isfinite(loss):
+                what = f"loss is {loss}"
+            elif not math.isfinite(grad_norm):
+                what = f"grad_norm is {grad_norm} (loss {loss})"
+            elif not bool(params_finite):
+                what = (
+                    f"the parameters became non-finite (loss {loss}, grad_norm {grad_norm}: the update overflowed; "
+                    f"lower train.learning_rate or set train.grad_clip)"
+                )
+            else:
                 continue
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"grad_norm is {grad_norm} (loss {loss})"
             kept = (
                 f"The last good checkpoint (step {last_good}) is intact in {self.checkpointer.directory}"
                 if last_good is not None
-                else f"No checkpoint was written before it in {self.checkpointer.directory}"
+                else f"No checkpoint was written before it and none exists in {self.checkpointer.directory}"
             )
             raise NonFiniteLossError(
                 f"{what} at step {first + i}; stopping (first non-finite value among steps {first}-{done}, "
@@ -390,6 +442,13 @@ class Trainer:
             raise ValueError(f"until={until!r} must be an int in [0, config.train.steps={cfg.steps}]")
         state = self.restore_or_init()
         start = int(jax.device_get(state["step"]))
+        if start > end:
+            raise CheckpointError(
+                f"the checkpoint in {self.checkpointer.directory} is at step {start}, past the "
+                + (f"requested until={end}" if until is not None else f"config.train.steps={cfg.steps}")
+                + f": nothing to train. Pass --config.train.steps >= {start} to continue it, --mode=eval to "
+                "evaluate it, or another --workdir for a shorter run"
+            )
         peak_source = "given"
         if self.peak_gflops is None:
             self.peak_gflops, peak_source = perf.matmul_peak_gflops("float32")
