@@ -192,7 +192,7 @@ def test_overflowing_update_is_not_checkpointed_and_message_names_true_last_good
     boom = dict(learning_rate=1e39, warmup_steps=0, checkpoint_every=1)
     with pytest.raises(
         NonFiniteLossError,
-        match=r"parameters became non-finite .* at step 1; .*No checkpoint was written before it and none exists",
+        match=r"parameters became non-finite .* at step 1; .*No checkpoint was written",
     ):
         Trainer(tiny_lm_experiment(steps=3, **boom), str(tmp_path / "none"), peak_gflops=1.0, verbose=False).train()
     assert not os.listdir(tmp_path / "none" / "checkpoints")
