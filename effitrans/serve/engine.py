@@ -7,8 +7,9 @@ whatever `model.init_cache` returns). Each `step()`:
      never looks, and each row's length is then set to its true prompt length) that samples each request's
      first token. Caches other than PADDABLE_CACHES (ring buffers) are prefilled unpadded, grouped by length;
   2. runs one jitted decode step for every row (idle rows compute too and are reset to length 0), samples
-     with each row's own temperature / top-k / top-p, and finishes rows that produced a stop token or
-     reached max_new_tokens.
+     with each row's own temperature / top-k / top-p and random key (from the request's seed and its token
+     count, so sampled tokens do not depend on the rest of the batch), and finishes rows that produced a
+     stop token or reached max_new_tokens.
 
 Every field of a request is checked at submission (types included: numpy integers count as ints, bools do
 not, inf/NaN are not numbers here); a request that cannot be served is rejected with a message naming the
@@ -31,7 +32,7 @@ import functools
 import reprlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,9 @@ PADDABLE_CACHES = (KVCache, LatentCache)
 @dataclasses.dataclass
 class Request:
     """One generation request. prefix_cache: an optional batch-1 cache (from `model.init_cache(1, max_len)`
-    and decode calls) that already holds prompt[:n] with n = its length; only prompt[n:] is prefilled."""
+    and decode calls) that already holds prompt[:n] with n = its length; only prompt[n:] is prefilled.
+    seed: an int in [0, 2**32) fixes the sampled tokens whatever else the engine serves; None draws one
+    from the engine's seed."""
 
     prompt: Sequence[int]
     max_new_tokens: int
@@ -62,6 +65,7 @@ class Request:
     top_p: float = 1.0
     stop_tokens: Sequence[int] = ()
     prefix_cache: Any = None
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -136,28 +140,59 @@ def cache_mismatch(cache, expected) -> str | None:
     return None
 
 
+class _RowSampling(NamedTuple):
+    """Per-row sampling parameters, each [B]. A row draws with key fold_in(key(seed), count)."""
+
+    temperature: np.ndarray  # float32
+    top_k: np.ndarray  # int32
+    top_p: np.ndarray  # float32
+    seed: np.ndarray  # uint32
+    count: np.ndarray  # int32: tokens the row generated so far
+
+    @classmethod
+    def idle(cls, b: int) -> _RowSampling:
+        """b rows of greedy decoding without filters."""
+        zeros = lambda dtype: np.zeros(b, dtype)
+        return cls(zeros(np.float32), zeros(np.int32), np.ones(b, np.float32), zeros(np.uint32), zeros(np.int32))
+
+    def set_row(self, i: int, req: Request, count: int = 0) -> None:
+        for field, value in zip(self, (req.temperature, req.top_k, req.top_p, req.seed, count)):
+            field[i] = value
+
+
+def _sample_rows(logits: jax.Array, sampling: _RowSampling) -> jax.Array:
+    """logits [B, V] -> token ids int32 [B]: each row drawn by `sample_tokens` with its own parameters and key,
+    so a request's tokens do not depend on the other rows of the batch."""
+
+    def row(logits_v, temperature, top_k, top_p, seed, count):
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        return sample_tokens(logits_v[None], key, temperature=temperature, top_k=top_k, top_p=top_p)[0]
+
+    return jax.vmap(row)(logits, *sampling)
+
+
 # The jitted bodies live at module level with the model's graphdef static, so engines over models of the
 # same structure (same config) share compilations.
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill_step(graphdef, state, cache, rows, tokens, suffix_lens, slots, temp, top_k, top_p, rng):
+def _prefill_step(graphdef, state, cache, rows, tokens, suffix_lens, slots, sampling):
     """rows: cache for b new requests; tokens [b, P] right-padded; writes the rows into cache[slots]."""
     model = nnx.merge(graphdef, state)
     start = rows[0].lengths  # [b]
     logits, rows = model(tokens, cache=rows, decode=True)  # [b, P, V]
     last = jnp.take_along_axis(logits, (suffix_lens - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
-    first = sample_tokens(last, rng, temperature=temp, top_k=top_k, top_p=top_p)
+    first = _sample_rows(last, sampling)
     rows = [r.replace(lengths=start + suffix_lens) for r in rows]  # drop the padding
     cache = jax.tree.map(lambda big, new: big.at[slots].set(new, mode="drop"), cache, rows)
     return first, cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode_step(graphdef, state, cache, tokens, active, temp, top_k, top_p, rng):
+def _decode_step(graphdef, state, cache, tokens, active, sampling):
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens[:, None], cache=cache, decode=True)  # [B, 1, V]
-    nxt = sample_tokens(logits[:, 0], rng, temperature=temp, top_k=top_k, top_p=top_p)
+    nxt = _sample_rows(logits[:, 0], sampling)
     cache = [c.replace(lengths=jnp.where(active, c.lengths, 0)) for c in cache]  # idle rows stay empty
     return nxt, cache
 
@@ -181,15 +216,13 @@ class ServingEngine:
         self.cache = model.init_cache(max_batch, max_len, cache_dtype)
         self.row_spec = jax.eval_shape(lambda: model.init_cache(1, max_len, cache_dtype))
         self.vocab_size = vocab_size(self.graphdef, self.state)
-        self.rng = jax.random.key(seed)
+        self._seeds = np.random.default_rng(seed)  # for requests without a seed
         self.slots: list[_Slot | None] = [None] * max_batch
         self.queue: collections.deque = collections.deque()
         self.results: dict[int, Result] = {}
         self._next_id = 0
         self._last = np.zeros(max_batch, np.int32)
-        self._temp = np.zeros(max_batch, np.float32)
-        self._top_k = np.zeros(max_batch, np.int32)
-        self._top_p = np.ones(max_batch, np.float32)
+        self._sampling = _RowSampling.idle(max_batch)
         self._fresh_cache: dict = {}
         self._init_cache = lambda b: model.init_cache(b, max_len, cache_dtype)
         self.pad_prompts = all(isinstance(c, PADDABLE_CACHES) for c in self.cache)
@@ -228,6 +261,8 @@ class ServingEngine:
             n = int(np.asarray(req.prefix_cache[0].lengths)[0])
             if not 0 <= n < len(prompt):
                 raise ValueError(f"prefix_cache holds {n} tokens; it must hold fewer than the prompt's {len(prompt)}")
+        if req.seed is not None and (not is_int(req.seed) or not 0 <= req.seed < 2**32):
+            raise ValueError(f"seed={req.seed!r} must be an int in [0, 2**32), or None to draw one")
         return dataclasses.replace(
             req,
             prompt=prompt,
@@ -236,6 +271,7 @@ class ServingEngine:
             top_k=int(req.top_k),
             top_p=float(req.top_p),
             stop_tokens=stop_tokens,
+            seed=int(self._seeds.integers(2**32) if req.seed is None else req.seed),
         )
 
     def submit(self, request: Request) -> int:
@@ -287,14 +323,11 @@ class ServingEngine:
         if r.first_token_time is None:
             r.first_token_time = now
         self._last[slot_idx] = token
+        self._sampling.count[slot_idx] = len(r.tokens)
         reason = "stop" if int(token) in s.stop else ("length" if len(r.tokens) >= s.request.max_new_tokens else None)
         if reason:
             r.status, r.finish_reason, r.finish_time = "finished", reason, now
             self.slots[slot_idx] = None
-
-    def _next_rng(self):
-        self.rng, key = jax.random.split(self.rng)
-        return key
 
     def _run_prefill(self, group: list, slot_ids: list[int], rows) -> np.ndarray:
         """group: [(rid, request)] all fresh (rows None) or one with a prefix cache (rows = its cache).
@@ -311,16 +344,13 @@ class ServingEngine:
         tokens = np.zeros((b, p), np.int32)
         lens = np.ones(b, np.int32)
         slots = np.full(b, self.max_batch, np.int32)  # out of range: padded rows are dropped
-        temp, top_k, top_p = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32)
+        sampling = _RowSampling.idle(b)
         for i, ((_, req), suf) in enumerate(zip(group, suffixes)):
             tokens[i, : len(suf)], lens[i], slots[i] = suf, len(suf), slot_ids[i]
-            temp[i], top_k[i], top_p[i] = req.temperature, req.top_k, req.top_p
-            self._temp[slot_ids[i]], self._top_k[slot_ids[i]], self._top_p[slot_ids[i]] = temp[i], top_k[i], top_p[i]
+            sampling.set_row(i, req)
         if rows is None:
             rows = self._fresh_rows(b)
-        first, self.cache = _prefill_step(
-            self.graphdef, self.state, self.cache, rows, tokens, lens, slots, temp, top_k, top_p, self._next_rng()
-        )
+        first, self.cache = _prefill_step(self.graphdef, self.state, self.cache, rows, tokens, lens, slots, sampling)
         return np.asarray(first)
 
     def _prefill(self, group: list, slot_ids: list[int], rows) -> None:
@@ -341,6 +371,7 @@ class ServingEngine:
         now = time.perf_counter()
         for i, (rid, req) in enumerate(group):
             self.slots[slot_ids[i]] = _Slot(rid, req)
+            self._sampling.set_row(slot_ids[i], req)
             self.results[rid].status = "running"
             self._emit(slot_ids[i], first[i], now)
 
@@ -395,17 +426,7 @@ class ServingEngine:
         if not active.any():
             return
         try:
-            nxt, self.cache = _decode_step(
-                self.graphdef,
-                self.state,
-                self.cache,
-                self._last,
-                active,
-                self._temp,
-                self._top_k,
-                self._top_p,
-                self._next_rng(),
-            )
+            nxt, self.cache = _decode_step(self.graphdef, self.state, self.cache, self._last, active, self._sampling)
             nxt = np.asarray(nxt)
         except Exception as e:  # pylint: disable=broad-except  # the running requests fail, the engine serves on
             self._reset(f"decode step failed: {type(e).__name__}: {e}")

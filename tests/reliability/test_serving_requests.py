@@ -1,6 +1,8 @@
 """The serving engine under bad requests and failing steps: every request ends finished, rejected or failed,
 and one request never stops the others."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -91,9 +93,8 @@ def test_prefill_failure_that_loses_the_cache_fails_the_running_rows_and_serves_
     assert not engine.has_work()
 
 
-def test_decode_failure_fails_the_running_rows_and_the_engine_serves_new_requests(model, monkeypatch):
-    queued, later = Request([9, 9, 9], 5), Request([3, 1, 4, 1, 5], 5)
-    want = [_alone(model, queued), _alone(model, later)]
+def _raising_second_decode(monkeypatch):
+    """Makes the engine's second jitted decode step raise."""
     real, calls = engine_lib._decode_step, []
 
     def decode(*args):
@@ -103,6 +104,12 @@ def test_decode_failure_fails_the_running_rows_and_the_engine_serves_new_request
         return real(*args)
 
     monkeypatch.setattr(engine_lib, "_decode_step", decode)
+
+
+def test_decode_failure_fails_the_running_rows_and_the_engine_serves_new_requests(model, monkeypatch):
+    queued, later = Request([9, 9, 9], 5), Request([3, 1, 4, 1, 5], 5)
+    want = [_alone(model, queued), _alone(model, later)]
+    _raising_second_decode(monkeypatch)
     engine = _engine(model)
     ids = [engine.submit(Request([i + 1, 2], 6)) for i in range(MAX_BATCH)] + [engine.submit(queued)]
     engine.step()
@@ -118,15 +125,7 @@ def test_decode_failure_fails_the_running_rows_and_the_engine_serves_new_request
 
 
 def test_load_generator_counts_failed_requests_and_finishes(model, monkeypatch):
-    real, calls = engine_lib._decode_step, []
-
-    def decode(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected decode failure")
-        return real(*args)
-
-    monkeypatch.setattr(engine_lib, "_decode_step", decode)
+    _raising_second_decode(monkeypatch)
     stats = run_load(_engine(model), lambda i: Request([i + 1, 2], 5), num_requests=5, concurrency=MAX_BATCH)
     assert (stats["finished"], stats["failed"], stats["rejected"]) == (2, 3, 0)
 
@@ -172,15 +171,35 @@ INVALID = [
     ("stop_tokens", Request([1], 2, stop_tokens=[True])),
     ("stop_tokens", Request([1], 2, stop_tokens=7)),
     ("stop_tokens", Request([1], 2, stop_tokens=None)),
+    ("seed", Request([1], 2, seed=-1)),
+    ("seed", Request([1], 2, seed=2**32)),
+    ("seed", Request([1], 2, seed=1.5)),
+    ("seed", Request([1], 2, seed=True)),
     ("prefix_cache", Request([1, 2], 2, prefix_cache="not a cache")),
     ("prefix_cache", Request([1, 2], 2, prefix_cache=[1, 2])),
 ]
 # Valid spellings: numpy integers are ints, numpy arrays and tuples are sequences.
 AS_IDS = [list, tuple, lambda ids: np.array(ids, np.int32), lambda ids: [np.int64(t) for t in ids]]
 AS_INT = [int, np.int32, np.int64]
+AS_SEED = [int, np.uint32, np.int64]
 GREEDY = [0, 0.0, np.float32(0), np.float64(0)]
+SAMPLED = [0.8, np.float32(1.5), 2]
 
+seeds = st.integers(0, 2**32 - 1)
 token_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)  # one prefill length bucket
+
+
+def test_a_seeded_sampled_request_gets_the_same_tokens_in_any_batch(model):
+    sampled = Request([7, 3, 9], 8, temperature=1.5, top_k=40, top_p=0.95, seed=np.uint32(12345))
+    want = _alone(model, sampled)
+    engine = _engine(model)
+    ids = [engine.submit(Request([1, 2, 3, 4, 5], 9, temperature=2.0)), engine.submit(Request([8], 3))]
+    engine.step()
+    ids += [engine.submit(sampled), engine.submit(Request([5, 5], 4, temperature=0.7, seed=1))]
+    engine.run()
+    assert engine.results[ids[2]].tokens == want
+    assert want != _alone(model, dataclasses.replace(sampled, seed=54321))  # the seed does pick the draws
+    assert want != _alone(model, dataclasses.replace(sampled, temperature=0))
 
 
 @st.composite
@@ -189,14 +208,15 @@ def valid_requests(draw):
     return Request(
         draw(st.sampled_from(AS_IDS))(prompt),
         draw(st.sampled_from(AS_INT))(draw(st.integers(1, 6))),
-        temperature=draw(st.sampled_from([*GREEDY, 0.8, np.float32(1.5)])),
+        temperature=draw(st.sampled_from(GREEDY if draw(st.booleans()) else SAMPLED)),
         top_k=draw(st.sampled_from(AS_INT))(draw(st.integers(0, VOCAB))),
         top_p=draw(st.sampled_from([1.0, 0.5, np.float32(0.9), 1])),
         stop_tokens=draw(st.sampled_from(AS_IDS))(draw(st.lists(st.integers(0, VOCAB - 1), max_size=2))),
+        seed=None if draw(st.integers(0, 3)) == 0 else draw(st.sampled_from(AS_SEED))(draw(seeds)),
     )
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 2), st.one_of(valid_requests(), st.sampled_from(INVALID))), min_size=1, max_size=8
@@ -204,7 +224,7 @@ def valid_requests(draw):
 )
 def test_random_mixes_of_valid_and_invalid_requests(model, mix):
     """Each item: (engine steps before it is submitted, a request or an (expected field, invalid request))."""
-    engine, alone = _engine(model), {}
+    engine = _engine(model)
     ids = []
     for wait, item in mix:
         for _ in range(wait):
@@ -222,14 +242,9 @@ def test_random_mixes_of_valid_and_invalid_requests(model, mix):
         if isinstance(item, tuple):
             continue
         assert result.status == "finished", result.error
-        if item.temperature == 0:
-            key = (tuple(int(t) for t in item.prompt), int(item.max_new_tokens), tuple(map(int, item.stop_tokens)))
-            if key not in alone:
-                alone[key] = _alone(model, item)
-            assert result.tokens == alone[key]
-        else:
-            assert 1 <= len(result.tokens) <= item.max_new_tokens
-            assert all(0 <= t < VOCAB for t in result.tokens)
+        assert 1 <= len(result.tokens) <= item.max_new_tokens
+        if item.temperature == 0 or item.seed is not None:  # greedy, or sampled with a fixed key
+            assert result.tokens == _alone(model, item)
 
 
 def test_every_rejection_rule_names_its_field(model):
