@@ -104,8 +104,10 @@ def _bucket(n: int, cap: int, floor: int = 8) -> int:
 
 def _token_ids(name: str, value, vocab: int) -> tuple[int, ...]:
     """`value` as a tuple of ints; raises TypeError / ValueError naming `name` unless it is a sequence (or 1-D
-    array) of ints in [0, vocab)."""
+    numpy or jax array) of ints in [0, vocab)."""
     allowed = f"a sequence of int token ids in [0, vocab_size={vocab})"
+    if isinstance(value, jax.Array):
+        value = np.asarray(value)
     if (
         isinstance(value, (str, bytes))
         or not isinstance(value, (Sequence, np.ndarray))

@@ -4,13 +4,14 @@ and one request never stops the others."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from effitrans.registry import build_model
-from effitrans.serve import Request, ServingEngine, run_load
+from effitrans.serve import Request, Sampling, ServingEngine, check_sampling, run_load
 from effitrans.serve import engine as engine_lib
 from tests.helpers import tiny_model_config
 
@@ -179,7 +180,7 @@ INVALID = [
     ("prefix_cache", Request([1, 2], 2, prefix_cache=[1, 2])),
 ]
 # Valid spellings: numpy integers are ints, numpy arrays and tuples are sequences.
-AS_IDS = [list, tuple, lambda ids: np.array(ids, np.int32), lambda ids: [np.int64(t) for t in ids]]
+AS_IDS = [list, tuple, lambda ids: np.array(ids, np.int32), lambda ids: [np.int64(t) for t in ids], jnp.array]
 AS_INT = [int, np.int32, np.int64]
 AS_SEED = [int, np.uint32, np.int64]
 GREEDY = [0, 0.0, np.float32(0), np.float64(0)]
@@ -253,3 +254,12 @@ def test_every_rejection_rule_names_its_field(model):
         result = engine.results[engine.submit(request)]
         assert result.status == "rejected" and field in result.error, (field, request, result.error)
     assert not engine.has_work()
+
+
+def test_check_sampling_takes_numpy_numbers_and_refuses_inf_and_nan():
+    assert check_sampling(np.float32(0.5), np.int64(3), np.float32(0.9), 10) is None
+    assert "temperature=inf must be a finite number" in check_sampling(float("inf"), 0, 1.0, 10)
+    assert "top_p=nan" in check_sampling(1.0, 0, float("nan"), 10)
+    assert "top_k=True" in check_sampling(1.0, True, 1.0, 10)
+    with pytest.raises(ValueError, match="temperature=inf"):
+        Sampling(temperature=float("inf"))
