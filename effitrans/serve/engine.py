@@ -157,8 +157,9 @@ class _RowSampling(NamedTuple):
         zeros = lambda dtype: np.zeros(b, dtype)
         return cls(zeros(np.float32), zeros(np.int32), np.ones(b, np.float32), zeros(np.uint32), zeros(np.int32))
 
-    def set_row(self, i: int, req: Request, count: int = 0) -> None:
-        for field, value in zip(self, (req.temperature, req.top_k, req.top_p, req.seed, count)):
+    def set_row(self, i: int, req: Request) -> None:
+        """Row i samples for `req` (a validated request), from its first token on."""
+        for field, value in zip(self, (req.temperature, req.top_k, req.top_p, req.seed, 0)):
             field[i] = value
 
 
