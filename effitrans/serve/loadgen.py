@@ -5,7 +5,8 @@ latency percentiles (p50 / p90 / p99), time to first token and generated tokens 
 
 (a randomly initialised model of that config: the numbers measure the serving loop, not the text).
 Latency is submit -> last token; TTFT is submit -> first token (queueing + prefill); QPS counts finished
-requests over the wall time of the run. Rejected requests are counted and excluded from the percentiles.
+requests over the wall time of the run. Rejected (at submit) and failed (in a step) requests are counted
+and excluded from the percentiles.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def run_load(
         while len(ids) < num_requests and len(in_flight) < concurrency:
             rid = engine.submit(make_request(len(ids)))
             ids.append(rid)
-            if engine.results[rid].status != "rejected":
+            if not engine.results[rid].terminal:
                 in_flight.add(rid)
         engine.step()
-        in_flight = {r for r in in_flight if engine.results[r].status not in ("finished", "rejected")}
+        in_flight = {r for r in in_flight if not engine.results[r].terminal}
     wall = time.perf_counter() - t0
     done = [engine.results[r] for r in ids if engine.results[r].status == "finished"]
     lat = [r.latency for r in done]
@@ -48,7 +49,8 @@ def run_load(
     return {
         "requests": num_requests,
         "finished": len(done),
-        "rejected": num_requests - len(done),
+        "rejected": sum(engine.results[r].status == "rejected" for r in ids),
+        "failed": sum(engine.results[r].status == "failed" for r in ids),
         "concurrency": concurrency,
         "wall_s": wall,
         "qps": len(done) / wall,

@@ -10,6 +10,7 @@ token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -19,13 +20,23 @@ import numpy as np
 ArrayOr = jax.Array | float | int
 
 
+def is_int(value) -> bool:
+    """True for a Python or numpy integer; bools are not token ids or counts."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """True for a Python or numpy integer or float (bools excluded); it may still be inf or NaN."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def check_sampling(temperature, top_k, top_p, vocab_size: int) -> str | None:
     """None if the parameters are allowed, else a message naming the bad one and the allowed range."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
-        return f"temperature={temperature!r} must be a number >= 0 (0 means greedy)"
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= vocab_size:
+    if not is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+        return f"temperature={temperature!r} must be a finite number >= 0 (0 means greedy)"
+    if not is_int(top_k) or not 0 <= top_k <= vocab_size:
         return f"top_k={top_k!r} must be an int in [0, vocab_size={vocab_size}] (0 means no top-k filter)"
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+    if not is_real(top_p) or not 0 < top_p <= 1:
         return f"top_p={top_p!r} must be a number in (0, 1] (1 means no nucleus filter)"
     return None
 
@@ -52,7 +63,7 @@ class Sampling:
         stop = np.asarray(self.stop_tokens)
         if stop.ndim != 1 or (stop.size and stop.dtype.kind not in "iu"):
             raise ValueError(f"stop_tokens={self.stop_tokens!r} must be a sequence of int token ids")
-        if not isinstance(self.pad_id, (int, np.integer)) or isinstance(self.pad_id, bool):
+        if not is_int(self.pad_id):
             raise ValueError(f"pad_id={self.pad_id!r} must be an int token id")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stop))
 
