@@ -6,9 +6,10 @@ groups. Every error names the key, the value and the allowed set.
 from __future__ import annotations
 
 from effitrans.data.registry import resolve_config
+from effitrans.data.tokenizer import VOCAB_SIZE
 from effitrans.funnel.config import check_funnel_config
 from effitrans.registry import validate_model_config
-from effitrans.schema import ConfigError, validate
+from effitrans.schema import ConfigError, is_int, validate
 from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
 
 
@@ -22,9 +23,14 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
         raise ConfigError(f"config.{extra[0]} is not a known config group; groups are model, data, train, mesh")
     validate_model_config(config.model)
     try:
-        resolve_config(config.data)
+        data = resolve_config(config.data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{e}") from None
+    if config.model.vocab_size < VOCAB_SIZE:  # every dataset emits byte-tokenizer ids up to VOCAB_SIZE - 1
+        raise ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is below the size of the tokenizer of "
+            f"config.data.name={data['name']!r} (ids up to {VOCAB_SIZE - 1}); allowed: >= {VOCAB_SIZE}"
+        )
     if "funnel" in config.model:  # pooling must leave >= 1 token at the data's sequence lengths
         check_funnel_config(
             config.model,
@@ -57,6 +63,12 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
     if t.batch_size % num_processes:
         raise ConfigError(
             f"config.train.batch_size={t.batch_size} must be divisible by the number of processes {num_processes}"
+        )
+    eval_batch = data.get("eval_batch_size")
+    if is_int(eval_batch) and eval_batch > 0 and (eval_batch % batch_parallel or eval_batch % num_processes):
+        raise ConfigError(
+            f"config.data.eval_batch_size={eval_batch} must be divisible by the data-parallel size data x fsdp = "
+            f"{batch_parallel} and by the number of processes {num_processes} (None: config.train.batch_size)"
         )
     expected_task = {
         "causal_lm": "lm",
