@@ -156,7 +156,7 @@ def _run_mode(argv) -> None:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}"
         )
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required, e.g. --config=configs/lm_tiny.py --workdir=DIR")
     config = _CONFIG.value
     _check_workdir(_WORKDIR.value)

@@ -52,6 +52,20 @@ def test_case7_eval_batch_size_must_divide_over_the_mesh():
     validate_config(cfg, num_devices=8)
 
 
+def test_case7_attention_family_relations_are_checked_with_the_config():
+    cfg = tiny_lm_experiment()  # 4 query heads, 2 kv heads
+    cfg.model.attention.kind = "lsh"  # used to pass validation and fail when the model was built
+    with pytest.raises(ConfigError, match=r"config\.model\.num_kv_heads=2 must equal .*'lsh'"):
+        validate_config(cfg)
+    cfg.model.num_kv_heads = 4
+    cfg.model.attention.kind = "transient_global"
+    cfg.data.seq_len = 40  # used to fail inside the first train step's trace
+    with pytest.raises(ConfigError, match=r"config\.data\.seq_len=40 must be a multiple of .*global_block=16"):
+        validate_config(cfg)
+    cfg.data.seq_len = 48
+    validate_config(cfg)
+
+
 def test_case7_impossible_listops_lengths_are_refused_at_once():
     common = dict(seq_len=64, global_batch_size=2, seed=0)
     t0 = time.perf_counter()

@@ -33,6 +33,16 @@ TABLE = [
     ("kv_heads", ["--config.model.num_kv_heads=3"], "config.model.num_kv_heads=3"),
     ("attention_kind", ["--config.model.attention.kind=bogus"], "config.model.attention.kind='bogus'"),
     ("mesh_zero", ["--config.mesh.data=0"], "config.mesh.data=0"),
+    ("attention_without_gqa", ["--config.model.attention.kind=lsh"], "config.model.num_kv_heads=2"),
+    (
+        "global_block_vs_seq_len",
+        [
+            "--config.model.attention.kind=transient_global",
+            "--config.model.num_kv_heads=4",
+            "--config.data.seq_len=100",
+        ],
+        "config.data.seq_len=100",
+    ),
     ("seq_len", ["--config.data.seq_len=0"], "config.data.seq_len=0"),
     ("val_fraction", ["--config.data.val_fraction=1.5"], "config.data.val_fraction=1.5"),
     ("corpus_missing", ["--config.data.corpus_path={tmp}/nope"], "config.data.corpus_path"),
