@@ -35,9 +35,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to run.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt for --mode=generate (default: config.train.sample_prompt).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Fake this many CPU devices (testing meshes on a CPU).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes in a multi-process run.", lower_bound=1
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.", lower_bound=0)
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Fake this many CPU devices (testing meshes on a CPU).", lower_bound=1
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of user errors too (exit code 2 all the same).")
 
 PROG = "effitrans.main"
@@ -60,6 +64,18 @@ def _exit_user_error(message: str, debug: bool):
     one_line = re.sub(r"\s*\n\s*", " ", message.strip())
     print(f"{PROG}: error: {one_line}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _exit_bug():
+    """Prints the traceback of the exception being handled and a line asking to report it; exits 1."""
+    traceback.print_exc()
+    print(
+        f"{PROG}: this is a bug in effitrans, not a problem with the command line; please report it with the "
+        "command and the traceback above",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(1)
 
 
 def _check_workdir(path: str) -> None:
@@ -92,8 +108,8 @@ def _sample_prompt(config) -> str | None:
                 f"config.train.task='lm' and config.train.sample_tokens > 0 print a sample"
             )
         return None
-    prompt, name = (_PROMPT.value, "--prompt") if _PROMPT.value is not None else (config.train.sample_prompt, "")
-    name = name or "config.train.sample_prompt"
+    given = _PROMPT.value is not None
+    name, prompt = ("--prompt", _PROMPT.value) if given else ("config.train.sample_prompt", config.train.sample_prompt)
     try:
         empty = len(tokenizer.encode(prompt)) == 0
     except UnicodeEncodeError as e:
@@ -112,6 +128,8 @@ def _init_distributed() -> None:
         return
     if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
         raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    if _PROCESS_ID.value >= _NUM_PROCESSES.value:
+        raise app.UsageError(f"--process_id={_PROCESS_ID.value} must be in [0, --num_processes={_NUM_PROCESSES.value})")
     # CPU processes need gloo for cross-process collectives; the setting does not affect GPU/TPU backends.
     # (Asking jax.default_backend() here would initialise the backend before distributed.initialize.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -139,14 +157,7 @@ def main(argv) -> None:
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs here, the one place
         if isinstance(e, user_errors()):
             _exit_user_error(str(e), _DEBUG.value)
-        traceback.print_exc()
-        print(
-            f"{PROG}: this is a bug in effitrans, not a problem with the command line; please report it with the "
-            "command and the traceback above",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(1)
+        _exit_bug()
 
 
 def _run_mode(argv) -> None:
@@ -249,6 +260,8 @@ def parse_flags(argv):
         _exit_user_error(f"{e} (pass --help to see the flags)", debug)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         _exit_user_error(_override_problem(argv, config, e), debug)
+    except Exception:  # noqa: BLE001 - anything else while parsing flags is a bug
+        _exit_bug()
 
 
 def run() -> None:

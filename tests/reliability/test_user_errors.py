@@ -52,6 +52,12 @@ TABLE = [
     ("wrong_type", ["--config.train.steps=abc"], "--config.train.steps=abc"),
     ("unknown_mode", ["--mode=serve"], "--mode"),
     ("empty_prompt", ["--prompt="], "--prompt"),
+    ("zero_cpu_devices", ["--cpu_devices=0"], "--cpu_devices=0"),
+    (
+        "process_id_out_of_range",
+        ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+        "--process_id=2",
+    ),
     ("config_missing", ["--config={tmp}/missing.py"], "missing.py"),
     ("config_syntax_error", ["--config={tmp}/syntax.py"], "syntax.py"),
     ("config_raises", ["--config={tmp}/raises.py"], "raises.py"),
