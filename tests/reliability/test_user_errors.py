@@ -7,6 +7,7 @@ table through a fresh `python -m effitrans.main` per row is the slow test.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -17,53 +18,64 @@ from effitrans import main as entry
 from effitrans.train import trainer as trainer_module
 from tests.helpers import ROOT, subprocess_env
 
-# (id, extra arguments, the key or flag the message must name). "{tmp}" is the test's tmp_path; the base
-# command line is --config=configs/lm_tiny.py --workdir={tmp}/work unless a row gives its own.
-TABLE = [
-    ("b1", ["--config.train.b1=1.5"], "config.train.b1=1.5"),
-    ("b2", ["--config.train.b2=1.0"], "config.train.b2=1.0"),
-    ("vocab_below_tokenizer", ["--config.model.vocab_size=100"], "config.model.vocab_size=100"),
-    ("eval_batch_vs_mesh", ["--config.mesh.data=2", "--config.data.eval_batch_size=3"], "config.data.eval_batch_size"),
-    ("zero_steps", ["--config.train.steps=0"], "config.train.steps=0"),
-    ("zero_log_every", ["--config.train.log_every=0"], "config.train.log_every=0"),
-    ("infinite_learning_rate", ["--config.train.learning_rate=inf"], "config.train.learning_rate=inf"),
-    ("min_lr_ratio_above_one", ["--config.train.min_lr_ratio=2.0"], "config.train.min_lr_ratio=2.0"),
-    ("zero_batch", ["--config.train.batch_size=0"], "config.train.batch_size=0"),
-    ("task_vs_model", ["--config.train.task=classification"], "config.train.task"),
-    ("kv_heads", ["--config.model.num_kv_heads=3"], "config.model.num_kv_heads=3"),
-    ("attention_kind", ["--config.model.attention.kind=bogus"], "config.model.attention.kind='bogus'"),
-    ("mesh_zero", ["--config.mesh.data=0"], "config.mesh.data=0"),
-    ("attention_without_gqa", ["--config.model.attention.kind=lsh"], "config.model.num_kv_heads=2"),
-    (
-        "global_block_vs_seq_len",
-        [
-            "--config.model.attention.kind=transient_global",
-            "--config.model.num_kv_heads=4",
-            "--config.data.seq_len=100",
-        ],
-        "config.data.seq_len=100",
-    ),
-    ("seq_len", ["--config.data.seq_len=0"], "config.data.seq_len=0"),
-    ("val_fraction", ["--config.data.val_fraction=1.5"], "config.data.val_fraction=1.5"),
-    ("corpus_missing", ["--config.data.corpus_path={tmp}/nope"], "config.data.corpus_path"),
-    ("corpus_binary", ["--config.data.corpus_path={tmp}/binary"], "blob.txt"),
-    ("empty_sample_prompt", ["--config.train.sample_prompt="], "config.train.sample_prompt"),
-    ("unknown_key", ["--config.train.stepz=3"], "--config.train.stepz=3"),
-    ("wrong_type", ["--config.train.steps=abc"], "--config.train.steps=abc"),
-    ("unknown_mode", ["--mode=serve"], "--mode"),
-    ("empty_prompt", ["--prompt="], "--prompt"),
-    ("zero_cpu_devices", ["--cpu_devices=0"], "--cpu_devices=0"),
-    (
-        "process_id_out_of_range",
-        ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
-        "--process_id=2",
-    ),
-    ("config_missing", ["--config={tmp}/missing.py"], "missing.py"),
-    ("config_syntax_error", ["--config={tmp}/syntax.py"], "syntax.py"),
-    ("config_raises", ["--config={tmp}/raises.py"], "raises.py"),
-    ("workdir_is_a_file", ["--workdir={tmp}/file"], "--workdir"),
-    ("workdir_not_writable", ["--workdir=/proc/self/work"], "--workdir"),
-]
+# One row per bad input: `id: extra arguments [=> what the message must name]` (an indented line continues
+# the row); by default the message must name the last argument's config key and value. "{tmp}" is the test's
+# tmp_path; the base command line is --config=configs/lm_tiny.py --workdir={tmp}/work unless a row gives its own.
+TABLE_TEXT = """
+# optimizer
+b1: --config.train.b1=1.5
+b2: --config.train.b2=1.0
+infinite_learning_rate: --config.train.learning_rate=inf
+min_lr_ratio_above_one: --config.train.min_lr_ratio=2.0
+# the training loop
+zero_steps: --config.train.steps=0
+zero_log_every: --config.train.log_every=0
+zero_batch: --config.train.batch_size=0
+task_vs_model: --config.train.task=classification => config.train.task
+# the model and the mesh
+vocab_below_tokenizer: --config.model.vocab_size=100
+kv_heads: --config.model.num_kv_heads=3
+attention_kind: --config.model.attention.kind=bogus => config.model.attention.kind='bogus'
+attention_without_gqa: --config.model.attention.kind=lsh => config.model.num_kv_heads=2
+mesh_zero: --config.mesh.data=0
+# model against data and mesh
+global_block_vs_seq_len: --config.model.attention.kind=transient_global --config.model.num_kv_heads=4
+    --config.data.seq_len=100
+eval_batch_vs_mesh: --config.mesh.data=2 --config.data.eval_batch_size=3 => config.data.eval_batch_size
+# data
+seq_len: --config.data.seq_len=0
+val_fraction: --config.data.val_fraction=1.5
+corpus_missing: --config.data.corpus_path={tmp}/nope => config.data.corpus_path
+corpus_binary: --config.data.corpus_path={tmp}/binary => blob.txt
+empty_sample_prompt: --config.train.sample_prompt= => config.train.sample_prompt
+# overrides and flags
+unknown_key: --config.train.stepz=3 => --config.train.stepz=3
+wrong_type: --config.train.steps=abc => --config.train.steps=abc
+unknown_mode: --mode=serve => --mode
+empty_prompt: --prompt= => --prompt
+zero_cpu_devices: --cpu_devices=0 => --cpu_devices=0
+# files and processes
+process_id_out_of_range: --coordinator_address=localhost:1 --num_processes=2 --process_id=2 => --process_id=2
+config_missing: --config={tmp}/missing.py => missing.py
+config_syntax_error: --config={tmp}/syntax.py => syntax.py
+config_raises: --config={tmp}/raises.py => raises.py
+# the workdir
+workdir_is_a_file: --workdir={tmp}/file => --workdir
+workdir_not_writable: --workdir=/proc/self/work => --workdir
+"""
+
+
+def parse_table(text: str) -> list[tuple[str, list[str], str]]:
+    rows = []
+    for line in re.sub(r"\n +", " ", text).splitlines():
+        if line and not line.startswith("#"):
+            row_id, rest = line.split(": ", 1)
+            args, _, expected = rest.partition(" => ")
+            rows.append((row_id, args.split(), expected or args.split()[-1].removeprefix("--")))
+    return rows
+
+
+TABLE = parse_table(TABLE_TEXT)
 SUBPROCESS_ONLY = {"eval_batch_vs_mesh": ["--cpu_devices=2"]}  # in-process the test session has 8 devices
 
 
