@@ -72,7 +72,7 @@ def int_at_least(lo: int) -> Check:
 
 def is_number(v) -> bool:
     """A finite int or float (bools, NaN and infinities are not numbers a config can use)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def float_at_least(lo: float, strict: bool = False) -> Check:
@@ -103,10 +103,6 @@ def optional(check: Check) -> Check:
 
 def boolean(v):
     return None if isinstance(v, bool) else "True or False"
-
-
-def string(v):
-    return None if isinstance(v, str) else "a string"
 
 
 def non_empty_string(v):

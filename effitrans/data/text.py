@@ -146,7 +146,8 @@ def load_corpus(path: str | None = None) -> Corpus:
         (a single document).
 
     Raises:
-      ValueError: naming the path if it does not exist or holds no text.
+      ValueError: naming the path if it does not exist or holds no text, and the file if one is binary
+        (not UTF-8, or holding NUL bytes).
     """
     if path is None:
         path = default_corpus_path()

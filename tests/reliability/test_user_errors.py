@@ -146,6 +146,17 @@ def test_case6_debug_shows_the_traceback_of_a_user_error(inputs, capsys, monkeyp
     assert code == 2 and "Traceback" in err and "effitrans.main: error: " in err
 
 
+def test_case6_every_user_error_class_raised_in_a_run_is_one_line(inputs, capsys, monkeypatch):
+    for cls in entry.user_errors():  # e.g. a checkpoint of another config, a NaN loss: raised once running
+
+        def failing(*args, cls=cls, **kwargs):
+            raise cls(f"config.train.steps=3 refused by {cls.__name__}")
+
+        monkeypatch.setattr(trainer_module, "Trainer", failing)
+        code, err = run_in_process(command_line([], inputs), capsys, monkeypatch)
+        check_one_line(code, err, f"config.train.steps=3 refused by {cls.__name__}")
+
+
 def test_case6_a_bug_prints_its_traceback_and_how_to_report_it(inputs, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("an internal failure")
