@@ -5,11 +5,31 @@ groups. Every error names the key, the value and the allowed set.
 
 from __future__ import annotations
 
+from flax import nnx
+
+from effitrans import schema
+from effitrans.attention import build_attention
+from effitrans.attention.sparse_families import TRANSIENT_GLOBAL_KEYS
 from effitrans.data.registry import resolve_config
+from effitrans.data.tokenizer import VOCAB_SIZE
 from effitrans.funnel.config import check_funnel_config
+from effitrans.models.transformer import compute_dtype
 from effitrans.registry import validate_model_config
-from effitrans.schema import ConfigError, validate
+from effitrans.schema import ConfigError, is_int, validate
 from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
+
+
+def check_attention_family(model_cfg) -> None:
+    """The relations an attention family's builder requires (e.g. no GQA, keys it cannot do without), checked by
+    building one attention module abstractly (shapes only, no arrays): the builder is where a family states
+    them, so they are checked here without a second copy."""
+    causal = model_cfg.name == "causal_lm"
+    try:
+        nnx.eval_shape(
+            lambda: build_attention(model_cfg, causal=causal, rngs=nnx.Rngs(0), dtype=compute_dtype(model_cfg))
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_config(config, *, num_devices: int | None = None, num_processes: int = 1) -> None:
@@ -21,16 +41,26 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
     if extra:
         raise ConfigError(f"config.{extra[0]} is not a known config group; groups are model, data, train, mesh")
     validate_model_config(config.model)
+    check_attention_family(config.model)
     try:
-        resolve_config(config.data)
+        data = resolve_config(config.data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{e}") from None
-    if "funnel" in config.model:  # pooling must leave >= 1 token at the data's sequence lengths
-        check_funnel_config(
-            config.model,
-            "config.model",
-            [config.data[k] for k in ("seq_len", "query_len", "doc_len") if k in config.data],
+    if config.model.vocab_size < VOCAB_SIZE:  # every dataset emits byte-tokenizer ids up to VOCAB_SIZE - 1
+        raise ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is below the size of the tokenizer of "
+            f"config.data.name={data['name']!r} (ids up to {VOCAB_SIZE - 1}); allowed: >= {VOCAB_SIZE}"
         )
+    lengths = {k: data[k] for k in ("seq_len", "query_len", "doc_len") if is_int(data.get(k))}
+    if config.model.attention.kind == "transient_global":  # global tokens summarise whole blocks of the input
+        block = schema.value(config.model.attention, TRANSIENT_GLOBAL_KEYS, "global_block")
+        for key, length in lengths.items():
+            if length % block:
+                raise ConfigError(
+                    f"config.data.{key}={length} must be a multiple of config.model.attention.global_block={block}"
+                )
+    if "funnel" in config.model:  # pooling must leave >= 1 token at the data's sequence lengths
+        check_funnel_config(config.model, "config.model", list(lengths.values()))
     validate(config.train, TRAIN_KEYS, "config.train")
     validate(config.mesh, MESH_KEYS, "config.mesh")
 
@@ -57,6 +87,12 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
     if t.batch_size % num_processes:
         raise ConfigError(
             f"config.train.batch_size={t.batch_size} must be divisible by the number of processes {num_processes}"
+        )
+    eval_batch = data.get("eval_batch_size")
+    if is_int(eval_batch) and eval_batch > 0 and (eval_batch % batch_parallel or eval_batch % num_processes):
+        raise ConfigError(
+            f"config.data.eval_batch_size={eval_batch} must be divisible by the data-parallel size data x fsdp = "
+            f"{batch_parallel} and by the number of processes {num_processes} (None: config.train.batch_size)"
         )
     expected_task = {
         "causal_lm": "lm",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -69,10 +70,25 @@ def int_at_least(lo: int) -> Check:
     return lambda v: None if is_int(v) and v >= lo else f"an int >= {lo}"
 
 
+def is_number(v) -> bool:
+    """A finite int or float (bools, NaN and infinities are not numbers a config can use)."""
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
 def float_at_least(lo: float, strict: bool = False) -> Check:
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v > lo if strict else v >= lo)
-        return None if ok else f"a number {'>' if strict else '>='} {lo}"
+        ok = is_number(v) and (v > lo if strict else v >= lo)
+        return None if ok else f"a finite number {'>' if strict else '>='} {lo}"
+
+    return check
+
+
+def float_in(lo: float, hi: float, *, hi_open: bool = True) -> Check:
+    """A finite number in [lo, hi) (or [lo, hi] with hi_open=False)."""
+
+    def check(v):
+        ok = is_number(v) and lo <= v and (v < hi if hi_open else v <= hi)
+        return None if ok else f"a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
     return check
 
@@ -89,8 +105,8 @@ def boolean(v):
     return None if isinstance(v, bool) else "True or False"
 
 
-def string(v):
-    return None if isinstance(v, str) else "a string"
+def non_empty_string(v):
+    return None if isinstance(v, str) and v else "a non-empty string"
 
 
 def anything(v):

@@ -98,6 +98,11 @@ def plain_jax_train_step(model_cfg, train_cfg):
 
 
 def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
+    """Times `steps` train steps (after `warmup` untimed ones) of ours and of the plain-JAX baseline."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an int >= 1 (the median of no timed steps is NaN)")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} must be an int >= 0")
     import jax
 
     from effitrans import perf
@@ -149,15 +154,35 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
 
 
 def main(argv) -> None:
+    """Exits with code 2 and one line on stderr for a bad flag or config value, 0 after --help."""
+    import sys
+
     from absl import flags
     from ml_collections import config_flags
 
+    from effitrans.schema import ConfigError
+
     fl = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "configs/*.py file", flag_values=fl, lock_config=True)
-    flags.DEFINE_integer("steps", 10, "timed steps (median reported)", flag_values=fl)
-    flags.DEFINE_integer("warmup", 3, "untimed steps first (compilation)", flag_values=fl)
+    flags.DEFINE_integer("steps", 10, "timed steps (median reported)", lower_bound=1, flag_values=fl)
+    flags.DEFINE_integer("warmup", 3, "untimed steps first (compilation)", lower_bound=0, flag_values=fl)
     flags.DEFINE_string("json", None, "write the report here", flag_values=fl)
-    fl(["effitrans.bench.train", *argv])
-    if fl.config is None:
-        raise SystemExit("--config is required, e.g. --config=configs/lm_small.py")
-    run(fl.config, steps=fl.steps, warmup=fl.warmup, json_path=fl.json)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+        print(__doc__.strip() + "\n\n" + fl.get_help())
+        raise SystemExit(0)
+
+    def fail(message: str):
+        print(f"effitrans.bench train: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        fl(["effitrans.bench.train", *argv])
+        config = fl.config
+    except (flags.Error, OSError) as e:
+        fail(" ".join(str(e).split()))
+    if config is None:
+        fail("--config is required, e.g. --config=configs/lm_small.py")
+    try:
+        run(config, steps=fl.steps, warmup=fl.warmup, json_path=fl.json)
+    except ConfigError as e:
+        fail(str(e))

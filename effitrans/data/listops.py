@@ -22,6 +22,7 @@ Rows are [CLS, tokens..., PAD...] of length seq_len >= max_len + 1.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -120,6 +121,48 @@ def sample_example(rng: np.random.Generator, *, min_len: int, max_len: int, max_
     )
 
 
+def _sumset(a: int, b: int) -> int:
+    """Bitset of {i + j : bit i of a set, bit j of b set}, one run of consecutive bits of b at a time."""
+    out = 0
+    for run in re.finditer("1+", bin(b)[:1:-1]):  # bits of b, lowest first
+        smeared, width = a, 1  # smeared: OR of a << i for i < width
+        while width < run.end() - run.start():
+            step = min(width, run.end() - run.start() - width)
+            smeared |= smeared << step
+            width += step
+        out |= smeared << run.start()
+    return out
+
+
+def possible_lengths(max_depth: int, max_args: int, max_len: int) -> np.ndarray:
+    """The token counts <= max_len that a tree can have (int64 [n], ascending).
+
+    A digit is 1 token; an operator node is 2 tokens (operator, closing bracket) plus those of its 2..max_args
+    children, each one level deeper; the root is at depth 1 and depth max_depth holds digits only. Computed
+    depth by depth on bitsets (bit n set: n tokens are possible) until the set stops growing.
+    """
+    mask = (1 << (max_len + 1)) - 1
+    lengths = 1 << 1  # depth 1: one digit
+    for _ in range(max_depth - 1):
+        sums, children = lengths, 0  # sums: token counts of k children, k = 1, 2, ...
+        for _k in range(2, max_args + 1):
+            sums = _sumset(sums, lengths) & mask
+            children |= sums
+        deeper = lengths | ((children << 2) & mask)
+        if deeper == lengths:
+            break
+        lengths = deeper
+    return np.asarray([n for n, bit in enumerate(bin(lengths)[:1:-1]) if bit == "1"], np.int64)
+
+
+def longest_tree(max_depth: int, max_args: int) -> int:
+    """Tokens of the longest tree: every node above depth max_depth an operator with max_args children."""
+    length = 1
+    for _ in range(max_depth - 1):
+        length = 2 + max_args * length
+    return length
+
+
 def ids_to_string(ids) -> str:
     """LRA token string for ListOps ids (CLS/PAD skipped), tokens separated by spaces."""
     return " ".join(ID_TO_TOKEN[int(i)] for i in np.asarray(ids).reshape(-1) if int(i) in ID_TO_TOKEN)
@@ -215,6 +258,14 @@ class ListOpsDataset(batching.GeneratedDataset):
             raise ValueError(f"min_len={min_len} must be <= max_len={max_len}")
         if self.max_len + 1 > self.seq_len:
             raise ValueError(f"seq_len={self.seq_len} must be >= max_len + 1 = {max_len + 1} (CLS + tokens)")
+        possible = possible_lengths(self.max_depth, self.max_args, self.max_len)
+        if possible[-1] < self.min_len:  # sampling would only give up after _MAX_TRIES per example
+            raise ValueError(
+                f"min_len={min_len}, max_len={max_len}: no ListOps tree has a length in that range at "
+                f"max_depth={max_depth}, max_args={max_args}; the longest has "
+                f"{longest_tree(self.max_depth, self.max_args)} tokens and the longest up to max_len has "
+                f"{possible[-1]} (allowed: min_len <= {possible[-1]}, or a larger max_depth / max_args)"
+            )
 
     def _example(self, rng):
         return sample_example(

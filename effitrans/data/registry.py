@@ -3,7 +3,8 @@
 ``build_dataset(data_config, *, global_batch_size, seed)`` reads ``data_config.name`` and the keys that
 DATA_KEYS[name] declares; a key not set in the config takes its declared default, which is the dataset
 constructor's own default (or, for a length the constructor requires, the one given here). Any other key
-is an error, so a typo never goes unnoticed. The values themselves are checked by the constructors.
+is an error, so a typo never goes unnoticed. The values themselves are checked by the constructors; a value
+they refuse raises ConfigError naming the config.data key.
 
 corpus_path None means the default search (the CPython docs if installed, else the built-in
 pydoc_data.topics); eval_batch_size None means global_batch_size.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from effitrans.data import listops, retrieval, synthetic, text
-from effitrans.schema import Key, default_config
+from effitrans.schema import ConfigError, Key, default_config
 
 _TYPES = {"corpus_path": str}  # ConfigDict field types of keys whose default is None (else int)
 
@@ -119,15 +121,15 @@ def resolve_config(data_config: Any) -> dict:
     """The config's keys merged over the DATA_KEYS[name] defaults (including "name").
 
     Raises:
-      ValueError: unknown name, or a field not allowed for that name.
+      ConfigError (a ValueError): unknown name, or a field not allowed for that name.
     """
     cfg = _as_dict(data_config)
     name = cfg.pop("name", None)
     if name not in DATA_KEYS:
-        raise ValueError(f"data.name={name!r} is not a known dataset; allowed {list(DATASET_NAMES)}")
+        raise ConfigError(f"data.name={name!r} is not a known dataset; allowed {list(DATASET_NAMES)}")
     unknown = sorted(set(cfg) - set(DATA_KEYS[name]))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"data.{unknown[0]}={cfg[unknown[0]]!r} is not a field of dataset "
             f"{name!r}; allowed fields {sorted(DATA_KEYS[name])} (unknown: {unknown})"
         )
@@ -153,16 +155,27 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int):
     name = cfg.pop("name")
     common = {"global_batch_size": global_batch_size, "seed": seed}
     try:
-        if name == "text_lm":
-            corpus = text.load_corpus(cfg.pop("corpus_path"))
-            return text.TextLMDataset(corpus, **cfg, **common)
-        if name == "text_retrieval":
-            corpus = text.load_corpus(cfg.pop("corpus_path"))
-            return retrieval.TextRetrievalDataset(corpus, **cfg, **common)
+        if name in ("text_lm", "text_retrieval"):
+            corpus = text.load_corpus(cfg["corpus_path"])
+            kind = text.TextLMDataset if name == "text_lm" else retrieval.TextRetrievalDataset
+            return kind(corpus, **{k: v for k, v in cfg.items() if k != "corpus_path"}, **common)
         if name == "listops":
             return listops.ListOpsDataset(**cfg, **common)
         if name == "copy":
             return synthetic.CopyDataset(**cfg, **common)
         return synthetic.AssociativeRecallDataset(**cfg, **common)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"data config {name!r}: {e}") from e
+        raise _data_error(name, cfg, e) from e
+
+
+def _data_error(name: str, cfg: dict, error: Exception) -> ConfigError:
+    """The ConfigError for a value the dataset constructor refused, naming the first config.data key that
+    the constructor's message mentions (global_batch_size and seed come from config.train)."""
+    message = str(error)
+    mentioned = [(m.start(), key) for key in cfg for m in [re.search(rf"\b{key}\b", message)] if m]
+    if not mentioned:
+        return ConfigError(f"data config {name!r}: {message}")
+    key = min(mentioned)[1]
+    if message.startswith(f"{key}={cfg[key]!r}"):  # the message names key and value itself
+        return ConfigError(f"config.data.{message} (dataset {name!r})")
+    return ConfigError(f"config.data.{key}={cfg[key]!r} is not allowed for dataset {name!r}: {message}")

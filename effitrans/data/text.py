@@ -86,9 +86,23 @@ def _make_corpus(named_docs: Sequence[tuple], source: str, path: str) -> Corpus:
     return Corpus(tuple(names), tuple(documents), tuple(data), source, path, digest.hexdigest())
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, corpus_path: str) -> str:
+    """The text of the file at `path` (of the corpus at `corpus_path`); a file that is not UTF-8, or holds NUL
+    bytes, is binary and refused."""
     with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace")
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"corpus_path={corpus_path!r}: file {path!r} is not UTF-8 text (byte {e.start} is "
+            f"{raw[e.start : e.start + 1]!r}); a corpus holds UTF-8 text files only"
+        ) from None
+    if "\0" in text:
+        raise ValueError(
+            f"corpus_path={corpus_path!r}: file {path!r} holds NUL bytes, so it is binary; a corpus holds text only"
+        )
+    return text
 
 
 def _load_directory(path: str) -> Corpus:
@@ -99,7 +113,7 @@ def _load_directory(path: str) -> Corpus:
             if fname.endswith(TEXT_SUFFIXES):
                 full = os.path.join(root, fname)
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
-                docs.append((rel, _read_text(full)))
+                docs.append((rel, _read_text(full, path)))
     return _make_corpus(docs, "directory", path)
 
 
@@ -132,7 +146,8 @@ def load_corpus(path: str | None = None) -> Corpus:
         (a single document).
 
     Raises:
-      ValueError: naming the path if it does not exist or holds no text.
+      ValueError: naming the path if it does not exist or holds no text, and the file if one is binary
+        (not UTF-8, or holding NUL bytes).
     """
     if path is None:
         path = default_corpus_path()
@@ -144,7 +159,7 @@ def load_corpus(path: str | None = None) -> Corpus:
     if os.path.isdir(path):
         return _load_directory(path)
     if os.path.isfile(path):
-        return _make_corpus([(os.path.basename(path), _read_text(path))], "file", path)
+        return _make_corpus([(os.path.basename(path), _read_text(path, path))], "file", path)
     raise ValueError(
         f"corpus_path={path!r} does not exist (expected a directory, a file, "
         f"None for the default search, or {FALLBACK_CORPUS!r})"

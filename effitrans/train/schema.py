@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from effitrans.schema import Key, float_at_least, int_at_least, one_of, optional, rules_table, string
+from effitrans.schema import (
+    Key,
+    float_at_least,
+    float_in,
+    int_at_least,
+    non_empty_string,
+    one_of,
+    optional,
+    rules_table,
+)
 
 TRAIN_KEYS = {
     "task": Key("lm", one_of("lm", "classification", "retrieval"), "must fit model.name"),
@@ -11,10 +20,10 @@ TRAIN_KEYS = {
     "grad_accum_steps": Key(1, int_at_least(1), "micro-batches per update; batch_size must divide evenly"),
     "learning_rate": Key(3e-3, float_at_least(0.0, strict=True), "peak learning rate"),
     "warmup_steps": Key(30, int_at_least(0), "linear warmup from 0"),
-    "min_lr_ratio": Key(0.1, float_at_least(0.0), "cosine decays to learning_rate * min_lr_ratio"),
+    "min_lr_ratio": Key(0.1, float_in(0.0, 1.0, hi_open=False), "cosine decays to learning_rate * min_lr_ratio"),
     "weight_decay": Key(0.1, float_at_least(0.0), "AdamW decoupled decay on matrices only"),
-    "b1": Key(0.9, float_at_least(0.0), "Adam first-moment decay"),
-    "b2": Key(0.95, float_at_least(0.0), "Adam second-moment decay"),
+    "b1": Key(0.9, float_in(0.0, 1.0), "Adam first-moment decay"),
+    "b2": Key(0.95, float_in(0.0, 1.0), "Adam second-moment decay"),
     "grad_clip": Key(1.0, optional(float_at_least(0.0, strict=True)), "global-norm clip; None disables", float),
     "checkpoint_every": Key(100, int_at_least(1), "save every N steps (and at the end, and on SIGTERM/SIGINT)"),
     "keep_checkpoints": Key(3, int_at_least(1), "keep the newest K"),
@@ -22,7 +31,7 @@ TRAIN_KEYS = {
     "log_every": Key(10, int_at_least(1), "progress line + metrics.jsonl row every N steps"),
     "seed": Key(0, int_at_least(0), "params init and data order: batches are a pure function of (seed, step)"),
     "contrastive_temperature": Key(0.05, float_at_least(0.0, strict=True), "retrieval: InfoNCE temperature"),
-    "sample_prompt": Key("The Python ", string, "lm: prompt for the sample printed after training"),
+    "sample_prompt": Key("The Python ", non_empty_string, "lm: prompt for the sample printed after training"),
     "sample_tokens": Key(120, int_at_least(0), "lm: how many bytes to generate for that sample"),
 }
 

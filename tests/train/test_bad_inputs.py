@@ -36,7 +36,7 @@ def test_unknown_config_key_on_command_line():
         capture_output=True,
         text=True,
     )
-    assert out.returncode != 0
+    assert out.returncode == 2  # a user error: one line, exit code 2
     assert "--config.model.num_kv_head=2" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
 
