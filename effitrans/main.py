@@ -11,7 +11,8 @@ Exit codes:
      be: one line `effitrans.main: error: <message>` on stderr naming the flag or config key, the value
      and what is allowed. A missing or broken --config file, a bad --config.x.y override or flag, a config
      value, a dataset its config cannot build, a workdir that is a file or cannot be written, an empty
-     prompt, a checkpoint of another config, a NaN/inf loss. --debug adds the traceback.
+     prompt, a checkpoint of another config, a checkpoint past train.steps, --mode=eval|generate without a
+     checkpoint, a NaN/inf loss. --debug adds the traceback.
   1  a bug: the traceback, then a line asking to report it.
 """
 
@@ -42,6 +43,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Fake this many CPU devices (testing meshes on a CPU).", lower_bound=1
 )
+_ON_CONFIG_CHANGE = flags.DEFINE_enum(
+    "on_config_change",
+    "refuse",
+    ["refuse", "start_fresh", "load_weights"],
+    "When WORKDIR's checkpoints were written by another config: refuse (list the differing keys, change nothing), "
+    "start_fresh (set the old checkpoints aside, train from step 0) or load_weights (the same, starting from the "
+    "old weights whose shapes match). Only with --mode=train.",
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Print the traceback of user errors too (exit code 2 all the same).")
 
 PROG = "effitrans.main"
@@ -51,10 +60,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that are the user's to fix: reported in one line with exit code 2 (anything else is a
     bug). Imported on use: the trainer imports JAX, which must not start before --cpu_devices is applied."""
     from effitrans.schema import ConfigError
-    from effitrans.train.checkpoints import IncompatibleCheckpointError
+    from effitrans.train.checkpoints import CheckpointError
     from effitrans.train.trainer import NonFiniteLossError
 
-    return (app.UsageError, ConfigError, IncompatibleCheckpointError, NonFiniteLossError)
+    return (app.UsageError, ConfigError, CheckpointError, NonFiniteLossError)
 
 
 def _exit_user_error(message: str, debug: bool):
@@ -171,12 +180,23 @@ def _run_mode(argv) -> None:
         raise app.UsageError("--config and --workdir are required, e.g. --config=configs/lm_tiny.py --workdir=DIR")
     config = _CONFIG.value
     _check_workdir(_WORKDIR.value)
+    if _MODE.value != "train":
+        if _ON_CONFIG_CHANGE.value != "refuse":
+            raise app.UsageError(
+                f"--on_config_change={_ON_CONFIG_CHANGE.value} with --mode={_MODE.value}: only training may set "
+                "checkpoints aside (allowed here: refuse)"
+            )
+        if not os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")):
+            raise app.UsageError(
+                f"--mode={_MODE.value} needs a trained run, but --workdir={_WORKDIR.value} has no checkpoints/ "
+                "folder (allowed: the --workdir of a --mode=train run)"
+            )
     prompt = _sample_prompt(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; keep the progress lines readable
     _init_distributed()
     from effitrans.train.trainer import Trainer
 
-    trainer = Trainer(config, _WORKDIR.value)
+    trainer = Trainer(config, _WORKDIR.value, on_config_change=_ON_CONFIG_CHANGE.value)
     if _MODE.value == "train":
         result = trainer.train()
         if result["interrupted"]:
@@ -184,7 +204,7 @@ def _run_mode(argv) -> None:
             return  # saved; rerun the same command to resume
         state, metrics = result["state"], result["eval"]
     else:
-        state = trainer.restore_or_init()
+        state = trainer.restore_or_init(require_checkpoint=True)
         metrics = trainer.evaluate(state["params"], state["model_state"]) if _MODE.value == "eval" else {}
     if metrics:
         print("held-out: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)

@@ -62,6 +62,10 @@ config_raises: --config={tmp}/raises.py => raises.py
 # the workdir
 workdir_is_a_file: --workdir={tmp}/file => --workdir
 workdir_not_writable: --workdir=/proc/self/work => --workdir
+# eval and generate need a trained run (case 5: they used random weights)
+eval_without_checkpoint: --mode=eval => --mode=eval
+generate_on_mistyped_workdir: --mode=generate --workdir={tmp}/typo => typo has no checkpoints
+start_fresh_outside_training: --mode=eval --on_config_change=start_fresh => --on_config_change=start_fresh
 """
 
 
