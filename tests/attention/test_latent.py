@@ -64,7 +64,9 @@ def reference_mla(m: LatentAttention, x, positions):
     return y
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 5], ids=["q_full", "q_lora"])
+@pytest.mark.parametrize(
+    "q_lora_rank", [pytest.param(None, marks=pytest.mark.slow), 5], ids=["q_full", "q_lora"]
+)  # ~13 s each: CI runs q_full
 def test_naive_and_absorbed_equal_paper_reference(q_lora_rank):
     m = _mla(q_lora_rank=q_lora_rank)
     x, pos = _inputs()

@@ -53,7 +53,7 @@ def _inputs(t, b=2, seed=1):
     return x, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), seg
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.slow), True])  # ~11 s each
 def test_one_cluster_full_window_equals_dense(causal):
     t, n = 14, 2
     m = _module(n, 1, causal=causal)

@@ -60,6 +60,7 @@ def test_optimizer_over_params_leaves_state_untouched(kind):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(params_before)))
 
 
+@pytest.mark.slow  # ~11 s on 2 cores; CI runs it
 def test_forward_pass_leaves_centroids_unchanged_until_committed():
     model = build_model(tiny_model_config(num_kv_heads=4, attention=dict(kind="routing")))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 61)
