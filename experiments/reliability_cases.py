@@ -8,7 +8,7 @@ Cases (lm_tiny shrunk to 1 layer, 32-byte windows, a few steps; about 4 minutes 
   corrupt_newest     train to 6 (checkpoints 2, 4, 6), truncate the largest file of step 6, rerun to 8
   attention_changed  train to 4, rerun to 6 with model.attention.kind=sliding_window
   activation_changed train to 4, rerun to 6 with another model.ffn_activation
-  overflow           learning rate 1e39 with a checkpoint every step: a finite loss, then inf weights
+  overflow           learning rate 3.4e38 with a checkpoint every step: a finite loss, then inf weights
   eval_empty         --mode=eval on a workdir that was never trained
   fewer_steps        train to 4, rerun with train.steps=2
   bad_value          --config.train.b1=1.5
@@ -87,7 +87,7 @@ def cases(tree: str, tmp: str) -> dict:
         tree,
         w,
         "--config.train.steps=3",
-        "--config.train.learning_rate=1e39",
+        "--config.train.learning_rate=3.4e38",
         "--config.train.warmup_steps=0",
         "--config.train.checkpoint_every=1",
     )

@@ -17,6 +17,8 @@ import datetime
 import json
 import logging
 import os
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -105,6 +107,27 @@ def all_finite(tree) -> bool:
     return bool(jax.device_get(finite_flag(tree)))
 
 
+def _quiet_failed_read_leftovers() -> None:
+    """After a failed read, orbax leaves coroutines (and callbacks on its closed event loop) that Python reports
+    as "Exception ignored" tracebacks when they are collected, pages after the one-line report of the same
+    failure. Installs (once) an unraisable-exception hook that logs those at debug level and passes every
+    other one to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "effitrans_quiet", False):
+        return
+
+    def hook(unraisable):
+        files = [f.filename for f in traceback.extract_tb(unraisable.exc_traceback)]
+        exc = unraisable.exc_value
+        if any("orbax" in f for f in files) or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+            log.debug("left over from a failed checkpoint read: %s: %s", type(exc).__name__, str(exc)[:200])
+            return
+        previous(unraisable)
+
+    hook.effitrans_quiet = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save every N steps (and on demand), keep the last K, restore the newest usable step.
 
@@ -180,7 +203,7 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"effitrans-set-aside-{step}")
         self.manager.reload()
         msg = f"checkpoint at step {step} set aside ({reason}: {detail}) -> {target}"
-        log.warning(msg)
+        log.info(msg)
         print(f"[effitrans] {msg}", flush=True)
         return target
 
@@ -270,6 +293,7 @@ class Checkpointer:
             try:
                 state = self._restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure means "set it aside, try the next older one"
+                _quiet_failed_read_leftovers()
                 self.set_aside(step, "unreadable", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 continue
             if not all_finite(state):

@@ -6,13 +6,20 @@ fast tests drive `Checkpointer` on a small pytree; the end-to-end ones train the
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effitrans.train.checkpoints import Checkpointer, CheckpointError, IncompatibleCheckpointError
+from effitrans.train.checkpoints import (
+    Checkpointer,
+    CheckpointError,
+    IncompatibleCheckpointError,
+    abstract_like,
+    all_finite,
+)
 from effitrans.train.trainer import NonFiniteLossError, Trainer
 from tests.helpers import tiny_lm_experiment
 
@@ -188,8 +195,9 @@ def test_trainer_refuses_another_ffn_activation_then_load_weights_resumes_the_we
 
 @pytest.mark.slow  # trains the tiny LM twice (~20 s): CI runs it
 def test_overflowing_update_is_not_checkpointed_and_message_names_true_last_good(tmp_path):
-    # lr 1e39 turns finite gradients into inf parameters in one Adam step: the loss of that step is finite.
-    boom = dict(learning_rate=1e39, warmup_steps=0, checkpoint_every=1)
+    # lr 3.4e38 (just under float32 max): one AdamW step of lr * (+-1 + weight_decay * w) overflows some weights
+    # to inf while that step's loss and gradient are finite.
+    boom = dict(learning_rate=3.4e38, warmup_steps=0, checkpoint_every=1)
     with pytest.raises(
         NonFiniteLossError,
         match=r"parameters became non-finite .* at step 1; .*No checkpoint was written",
@@ -197,12 +205,19 @@ def test_overflowing_update_is_not_checkpointed_and_message_names_true_last_good
         Trainer(tiny_lm_experiment(steps=3, **boom), str(tmp_path / "none"), peak_gflops=1.0, verbose=False).train()
     assert not os.listdir(tmp_path / "none" / "checkpoints")
 
+    # After 2 good steps the same learning rate first leaves finite but huge weights, then non-finite values:
+    # whatever step that happens at, every checkpoint left on disk is finite and the newest is the one named.
     Trainer(tiny_lm_experiment(steps=2), str(tmp_path / "good"), peak_gflops=1.0, verbose=False).train()
-    trainer = Trainer(tiny_lm_experiment(steps=4, **boom), str(tmp_path / "good"), peak_gflops=1.0, verbose=False)
-    with pytest.raises(NonFiniteLossError, match=r"at step 3; .*last good checkpoint \(step 2\) is intact"):
+    trainer = Trainer(tiny_lm_experiment(steps=8, **boom), str(tmp_path / "good"), peak_gflops=1.0, verbose=False)
+    with pytest.raises(NonFiniteLossError, match=r"The last good checkpoint \(step (\d+)\) is intact") as err:
         trainer.train()
     trainer.checkpointer.wait()
-    assert trainer.checkpointer.steps() == [2]
+    named = int(re.search(r"last good checkpoint \(step (\d+)\)", str(err.value)).group(1))
+    steps = trainer.checkpointer.steps()
+    assert steps[-1] == named >= 2
+    abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+    for step in steps:
+        assert all_finite(trainer.checkpointer._restore(step, abstract)), f"checkpoint {step} is not finite"
 
 
 # ---- case 5 and the fewer-steps probe: nothing silently done -------------------------------------------
