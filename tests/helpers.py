@@ -1,5 +1,6 @@
 """Small shared test utilities (not fixtures): tiny model configs built from the real config defaults."""
 
+import json
 import os
 
 from effitrans import defaults
@@ -55,3 +56,28 @@ def subprocess_env(num_cpu_devices: int = 1) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def tiny_lm_main_args(**train) -> list[str]:
+    """`python -m effitrans.main` flags for lm_tiny shrunk to 1 layer on 32-byte windows (no sample, no eval
+    before the end); `train` sets config.train keys."""
+    train = {"log_every": 1, "eval_every": 1000, "sample_tokens": 0, "batch_size": 8, **train}
+    return [
+        "--config=configs/lm_tiny.py",
+        "--config.data.seq_len=32",
+        "--config.data.max_eval_batches=1",
+        "--config.model.num_layers=1",
+        *(f"--config.train.{k}={v}" for k, v in train.items()),
+    ]
+
+
+def metrics_rows(workdir) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The committed checkpoint steps under WORKDIR/checkpoints (orbax's temporary folders left out)."""
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []

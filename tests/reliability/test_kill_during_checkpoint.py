@@ -1,7 +1,6 @@
 """SIGKILL while a checkpoint is being written, again and again, never leaves a workdir that fails to resume;
 a corrupt newest checkpoint is set aside and the run still reaches its final step with the uninterrupted loss."""
 
-import json
 import os
 import random
 import signal
@@ -11,22 +10,11 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, checkpoint_steps, metrics_rows, subprocess_env, tiny_lm_main_args
 
 STEPS = 40
-ARGS = [
-    "--config=configs/lm_tiny.py",
-    f"--config.train.steps={STEPS}",
-    "--config.train.checkpoint_every=1",  # a checkpoint write is under way almost all the time
-    "--config.train.keep_checkpoints=2",
-    "--config.train.log_every=10",
-    "--config.train.eval_every=1000",
-    "--config.train.sample_tokens=0",
-    "--config.data.seq_len=32",
-    "--config.data.max_eval_batches=1",
-    "--config.train.batch_size=8",
-    "--config.model.num_layers=1",
-]
+# A checkpoint every step: a write is under way almost all the time.
+ARGS = tiny_lm_main_args(steps=STEPS, checkpoint_every=1, keep_checkpoints=2, log_every=10)
 
 
 def _cmd(workdir):
@@ -34,8 +22,7 @@ def _cmd(workdir):
 
 
 def _final_loss(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [r for r in rows if r.get("step") == STEPS and "loss" in r][-1]["loss"]
+    return [r for r in metrics_rows(workdir) if r.get("step") == STEPS and "loss" in r][-1]["loss"]
 
 
 def _entries(workdir):
@@ -43,22 +30,18 @@ def _entries(workdir):
     return os.listdir(d) if os.path.isdir(d) else []
 
 
-def _committed(names) -> list[int]:
-    return sorted(int(n) for n in names if n.isdigit())
-
-
 def _kill_during_a_write(workdir, env, rng) -> list[str]:
     """Starts the run, lets it commit 1-6 more checkpoints, waits until the next write is in flight (orbax's
     temporary folder exists: the step is not committed), sleeps 0-20 ms more, SIGKILLs. Returns the folder
     names seen at the kill."""
-    start = (_committed(_entries(workdir)) or [0])[-1]
+    start = (checkpoint_steps(workdir) or [0])[-1]
     target = start + rng.randint(1, 6)
     proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     seen: list[str] = []
     while proc.poll() is None and time.time() < deadline:
         seen = _entries(workdir)
-        if any("tmp" in n for n in seen) and (_committed(seen) or [0])[-1] >= target:
+        if any("tmp" in n for n in seen) and max([int(n) for n in seen if n.isdigit()] or [0]) >= target:
             time.sleep(rng.uniform(0.0, 0.02))
             break
         time.sleep(0.002)
@@ -80,7 +63,7 @@ def test_sigkill_during_checkpoint_writes_then_corrupt_newest_still_reaches_fina
         mid_write += any("tmp" in n for n in seen)
     assert mid_write >= 3, "the kills did not land during checkpoint writes"
 
-    steps = _committed(_entries(killed))
+    steps = checkpoint_steps(killed)
     assert steps and steps[-1] < STEPS, f"a kill should leave the run unfinished (checkpoints {steps})"
     newest = os.path.join(killed, "checkpoints", str(steps[-1]), "state")
     for root, _, files in os.walk(newest):  # and then the newest checkpoint is torn as well

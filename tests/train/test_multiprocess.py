@@ -1,32 +1,18 @@
 """Two processes on localhost (jax.distributed over gloo) train like one process with the same global batch."""
 
-import json
-import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, metrics_rows, subprocess_env, tiny_lm_main_args
 
-ARGS = [
-    "--config=configs/lm_tiny.py",
-    "--config.train.steps=3",
-    "--config.train.log_every=1",
-    "--config.train.checkpoint_every=3",
-    "--config.train.eval_every=1000",
-    "--config.train.sample_tokens=0",
-    "--config.data.seq_len=32",
-    "--config.data.max_eval_batches=1",
-    "--config.train.batch_size=8",
-    "--config.model.num_layers=1",
-]
+ARGS = tiny_lm_main_args(steps=3, checkpoint_every=3)
 
 
 def _losses(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in metrics_rows(workdir) if "loss" in r]
 
 
 def _free_port():

@@ -1,7 +1,5 @@
 """Crash safety: SIGKILL mid-run then the same command resumes and ends with the uninterrupted loss."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,21 +7,10 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, checkpoint_steps, metrics_rows, subprocess_env, tiny_lm_main_args
 
 STEPS = 300
-ARGS = [
-    "--config=configs/lm_tiny.py",
-    f"--config.train.steps={STEPS}",
-    "--config.train.checkpoint_every=25",
-    "--config.train.log_every=25",
-    "--config.train.eval_every=1000",
-    "--config.train.sample_tokens=0",
-    "--config.data.seq_len=32",
-    "--config.data.max_eval_batches=1",
-    "--config.train.batch_size=8",
-    "--config.model.num_layers=1",
-]
+ARGS = tiny_lm_main_args(steps=STEPS, checkpoint_every=25, log_every=25)
 
 
 def _cmd(workdir):
@@ -31,13 +18,7 @@ def _cmd(workdir):
 
 
 def _final_loss(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [r for r in rows if r.get("step") == STEPS and "loss" in r][-1]["loss"]
-
-
-def _checkpoint_steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+    return [r for r in metrics_rows(workdir) if r.get("step") == STEPS and "loss" in r][-1]["loss"]
 
 
 @pytest.mark.slow
@@ -49,11 +30,11 @@ def test_sigkill_then_rerun_resumes_with_identical_final_loss(tmp_path):
 
     proc = subprocess.Popen(_cmd(crashed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not _checkpoint_steps(crashed) and time.time() < deadline and proc.poll() is None:
+    while not checkpoint_steps(crashed) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = _checkpoint_steps(crashed)
+    killed_at = checkpoint_steps(crashed)
     assert killed_at and killed_at[-1] < STEPS, f"the run was not interrupted mid-way (checkpoints {killed_at})"
 
     rerun = subprocess.run(_cmd(crashed), cwd=ROOT, env=env, check=True, capture_output=True, text=True)
@@ -69,11 +50,11 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
         _cmd(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 300
-    while not _checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
+    while not checkpoint_steps(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "signal 15 received: saved step" in out
     stopped_at = int(out.split("signal 15 received: saved step ")[1].split(",")[0])
-    assert stopped_at < STEPS and _checkpoint_steps(tmp_path)[-1] == stopped_at
+    assert stopped_at < STEPS and checkpoint_steps(tmp_path)[-1] == stopped_at
