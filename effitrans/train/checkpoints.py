@@ -274,15 +274,14 @@ class Checkpointer:
         older one is tried. Checkpoints written by another config: "refuse" raises IncompatibleCheckpointError
         listing the differing keys (disk untouched); "start_fresh" sets them all aside and returns no state;
         "load_weights" returns (None, None, weights) with `load_matching_params` of the newest readable one
-        (the parameters whose paths and shapes match `abstract_state["params"]`), then sets them all aside, so the new
-        run starts
-        from step 0 and its keep-K cleanup never reaches them.
+        (the parameters whose paths and shapes match `abstract_state["params"]`), then sets them all aside, so
+        the new run starts from step 0 and its keep-K cleanup never reaches them.
         """
         if on_config_change not in ON_CONFIG_CHANGE:
             raise ValueError(f"on_config_change={on_config_change!r}; allowed {ON_CONFIG_CHANGE}")
         changed = self._changed_config(abstract_state, on_config_change)
         if changed is not None:
-            step, diff = changed
+            _, diff = changed
             weights = (
                 self.load_matching_params(abstract_state["params"]) if on_config_change == "load_weights" else None
             )
