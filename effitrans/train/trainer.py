@@ -216,7 +216,11 @@ class Trainer:
             f"loaded {len(weights['loaded'])} parameter arrays from checkpoint step {weights['step']}; "
             f"{len(fresh)} initialized fresh" + (f": {', '.join(fresh)}" if fresh else "")
         )
-        return {**state, "params": params, "opt_state": jax.jit(self.tx.init)(params)}
+        return {
+            **state,
+            "params": params,
+            "opt_state": jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params),
+        }
 
     def _model_state(self, model_state) -> dict:
         """`model_state` (the state's "model_state"); None is allowed for models without non-trainable state."""
