@@ -58,13 +58,16 @@ def _plain(cfg) -> dict:
 
 
 def meaning(config) -> dict:
-    """{"model.d_model": 64, "data.name": "cpython_docs", "train.task": "lm", ...}: every key that changes what
-    a checkpoint's numbers mean. Optimizer, schedule, logging and mesh keys are left out: a run may resume
-    with more steps, another learning rate or another mesh."""
+    """{"model.d_model": 64, "data.name": "text_lm", "train.task": "lm", ...}: every key that changes what
+    a checkpoint's numbers mean. Optimizer, schedule, logging, mesh and held-out-evaluation keys are left
+    out: a run may resume with more steps, another learning rate, another mesh or a larger eval batch."""
     out = {}
-    for group in ("model", "data"):
-        if group in config:
-            out.update(_flatten(_plain(config[group]), f"{group}."))
+    if "model" in config:
+        out.update(_flatten(_plain(config.model), "model."))
+    if "data" in config:
+        # Data keys named *eval* (eval_batch_size, max_eval_batches, eval_seed, ...) only shape the held-out
+        # pass, not what was trained on.
+        out.update({k: v for k, v in _flatten(_plain(config.data), "data.").items() if "eval" not in k})
     if "train" in config and "task" in config.train:
         out["train.task"] = config.train.task
     return out

@@ -19,6 +19,8 @@ from effitrans.train.checkpoints import (
     IncompatibleCheckpointError,
     abstract_like,
     all_finite,
+    config_diff,
+    meaning,
 )
 from effitrans.train.trainer import NonFiniteLossError, Trainer
 from tests.helpers import tiny_lm_experiment
@@ -234,3 +236,15 @@ def test_rerun_with_fewer_steps_than_the_checkpoint_is_an_error(tmp_path):
     Trainer(tiny_lm_experiment(steps=4), str(tmp_path), peak_gflops=1.0, verbose=False).train()
     with pytest.raises(CheckpointError, match=r"at step 4, past the config\.train\.steps=2: nothing to train"):
         Trainer(tiny_lm_experiment(steps=2), str(tmp_path), peak_gflops=1.0, verbose=False).train()
+
+
+def test_meaning_leaves_out_what_may_change_on_resume():
+    cfg = tiny_lm_experiment()
+    before = meaning(cfg)
+    cfg.train.update(steps=1000, learning_rate=1e-4, log_every=7)
+    cfg.data.update(eval_batch_size=4, max_eval_batches=9)
+    cfg.mesh.update(data=2)
+    assert meaning(cfg) == before
+    assert before["model.d_model"] == 64 and before["data.seq_len"] == 32 and before["train.task"] == "lm"
+    cfg.data.seq_len = 64
+    assert config_diff(before, meaning(cfg)) == ["config.data.seq_len=32 there, config.data.seq_len=64 here"]
