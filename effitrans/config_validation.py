@@ -103,6 +103,7 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
         "funnel_classifier": "classification",
         "funnel_embedding": "retrieval",
         "autoformer": "forecast",
+        "dlinear": "forecast",
     }[config.model.name]
     if t.task != expected_task:
         raise ConfigError(
@@ -119,8 +120,12 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
 
 
 def check_forecast_shapes(model_cfg, data: dict) -> None:
-    """A forecaster's lengths and channels must be the dataset's (`data`: the resolved config.data)."""
-    a = model_cfg.autoformer
+    """A forecaster's lengths and channels (its model.<name> group) must be the dataset's (`data`: the resolved
+    config.data)."""
+    a = model_cfg[model_cfg.name]
+    for key in ("input_len", "pred_len", "num_series"):  # the data's own range first, then the match
+        if not is_int(data[key]) or data[key] < 1:
+            raise ConfigError(f"config.data.{key}={data[key]!r} must be an int >= 1")
     channels = data["num_series"] if data["series"] == "synthetic" else 1  # the statsmodels series are univariate
     for key, have, want in (
         ("input_len", a.input_len, data["input_len"]),
@@ -129,6 +134,6 @@ def check_forecast_shapes(model_cfg, data: dict) -> None:
     ):
         if have != want:
             raise ConfigError(
-                f"config.model.autoformer.{key}={have} does not match the data's {key}={want} "
+                f"config.model.{model_cfg.name}.{key}={have} does not match the data's {key}={want} "
                 f"(config.data.name={data['name']!r}, series={data['series']!r}); allowed: {want}"
             )

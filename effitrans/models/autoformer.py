@@ -1,7 +1,7 @@
 """Autoformer (Wu et al., 2021): a decomposition encoder-decoder forecaster with auto-correlation in place of
 attention and progressive trend accumulation.
 
-`Autoformer(model_cfg)(inputs [B, L, C], per_row_delays=True) -> forecast [B, pred_len, C]`:
+`Autoformer(model_cfg)(inputs [B, L, C], training=False) -> forecast [B, pred_len, C]`:
   seasonal, trend = decompose(inputs)
   decoder seasonal input = [seasonal[-label_len:], zeros(pred_len)]; trend start = [trend[-label_len:],
   mean(inputs) x pred_len]
@@ -130,9 +130,11 @@ class Autoformer(nnx.Module):
         self.head = init_param(rngs, (d, c), ("embed", None), fan_in_normal())
         self.head_bias = nnx.Param(jnp.zeros((c,)))
 
-    def __call__(self, inputs: jax.Array, *, per_row_delays: bool = True) -> jax.Array:
-        """inputs [B, input_len, C] -> forecast [B, pred_len, C] (float32). per_row_delays: a delay set per row
-        (gather; evaluation) or one per batch (roll; the paper's training path)."""
+    def __call__(self, inputs: jax.Array, *, training: bool = False) -> jax.Array:
+        """inputs [B, input_len, C] -> forecast [B, pred_len, C] (float32). training: one delay set for the
+        batch (roll; the paper's training path), else one per row (gather), so a row's forecast never depends
+        on the other rows."""
+        per_row_delays = not training
         b, length, c = inputs.shape
         if (length, c) != (self.input_len, self.num_series):
             raise ValueError(

@@ -119,17 +119,27 @@ def forecast_loss(forecast, batch):
 
 def forecast_task() -> Task:
     """Forecasting: batch inputs [B, L, C], targets [B, H, C], example_weights [B]; MSE loss, MAE metric. The
-    model is called model(inputs, per_row_delays=...): one delay set per batch in training (Autoformer's
-    training path), one per row in evaluation, so held-out scores never depend on the other rows."""
+    model is called model(inputs, training=...) (Autoformer picks its delays per batch in training, per row
+    otherwise)."""
     keys = ("inputs", "targets", "example_weights")
     return Task(
         "forecast",
         keys,
-        lambda model, batch: model(batch["inputs"], per_row_delays=True),
+        lambda model, batch: model(batch["inputs"], training=False),
         forecast_loss,
         ("inputs",),
-        train_forward=lambda model, batch: model(batch["inputs"], per_row_delays=False),
+        train_forward=lambda model, batch: model(batch["inputs"], training=True),
     )
+
+
+def forecast_scores(forecast: Callable, dataset) -> dict:
+    """Held-out {"mse", "mae", "examples"} of forecast(inputs [B, L, C]) -> [B, H, C] over dataset.eval_batches(),
+    weighted like the trainer's evaluation (for parameter-free forecasts such as forecast_baselines.seasonal_naive)."""
+    s = w = mae = 0.0
+    for batch in dataset.eval_batches():
+        bs, bw, bm = forecast_loss(forecast(jnp.asarray(batch["inputs"])), batch)
+        s, w, mae = s + float(bs), w + float(bw), mae + float(bm["mae"])
+    return {"mse": s / max(w, 1.0), "mae": mae / max(w, 1.0), "examples": w}
 
 
 def lm_task(**fields) -> Task:

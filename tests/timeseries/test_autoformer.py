@@ -17,7 +17,7 @@ from tests.helpers import shipped_config
 def _tiny(**autoformer):
     """configs/autoformer_synthetic.py shrunk: 48 -> 12 steps, width 16, one layer each side."""
     cfg = shipped_config("autoformer_synthetic")
-    cfg.model.update(d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, ffn_width=32)
+    cfg.model.update(d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, ffn_width=16)  # few distinct shapes
     cfg.model.autoformer.update(input_len=48, pred_len=12, label_len=24, moving_avg=13, encoder_layers=1)
     cfg.model.autoformer.update(autoformer)
     cfg.data.update(input_len=48, pred_len=12, length=600)
@@ -25,7 +25,7 @@ def _tiny(**autoformer):
     return cfg
 
 
-_forward = nnx.jit(lambda m, x, per_row: m(x, per_row_delays=per_row), static_argnums=2)
+_forward = nnx.jit(lambda m, x, training: m(x, training=training), static_argnums=2)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def model():
 
 def test_forecast_shape_and_rows_independent_in_evaluation(model):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 48, 1)).astype(np.float32))
-    y = _forward(model, x, True)
+    y = _forward(model, x, False)
     assert y.shape == (4, 12, 1) and bool(jnp.isfinite(y).all())
-    alone = _forward(model, x[:1].repeat(4, 0), True)  # row 0 among copies of itself: same forecast
+    alone = _forward(model, x[:1].repeat(4, 0), False)  # row 0 among copies of itself: same forecast
     np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(y[0]), atol=1e-5)
 
 
@@ -50,7 +50,7 @@ def test_with_silent_layers_the_forecast_is_the_trend_start(model):
     model.head[...] = jnp.zeros_like(model.head[...])
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 48, 1)).astype(np.float32))  # the shape compiled above
     expected = jnp.broadcast_to(x.mean(1, keepdims=True), (4, 12, 1))
-    np.testing.assert_allclose(np.asarray(_forward(model, x, True)), np.asarray(expected), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_forward(model, x, False)), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +64,7 @@ def test_with_silent_layers_the_forecast_is_the_trend_start(model):
             r"autoformer.pred_len=24 does not match the data's pred_len=12",
         ),
         (lambda c: c.model.autoformer.update(num_series=2), r"autoformer.num_series=2 does not match .*num_series=1"),
+        (lambda c: c.data.update(pred_len=0), r"config.data.pred_len=0 must be an int >= 1"),
         (lambda c: c.train.update(task="lm"), r"config.train.task='lm' does not fit config.model.name='autoformer'"),
         (lambda c: delattr(c.model, "autoformer"), r"config.model.autoformer is required"),
     ],
@@ -83,10 +84,10 @@ def test_forecast_task_scores_weighted_rows_and_trains_on_the_batch_delay_path()
     s, w, m = task.loss(jnp.asarray(forecast), batch)
     assert (float(s), float(w), float(m["mae"])) == (1.0, 1.0, 1.0)
     calls = []
-    model = lambda inputs, per_row_delays: calls.append(per_row_delays) or jnp.asarray(forecast)
+    model = lambda inputs, training: calls.append(training) or jnp.asarray(forecast)
     task.scored(model, {**batch, "inputs": None}, training=True)
     task.scored(model, {**batch, "inputs": None})
-    assert calls == [False, True]  # training: one delay set per batch (roll); evaluation: per row (gather)
+    assert calls == [True, False]
 
 
 @pytest.mark.slow
