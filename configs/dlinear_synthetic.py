@@ -1,32 +1,17 @@
-"""dlinear_synthetic: the DLinear baseline (decomposition + two linear maps over time) on the same series, windows
-and splits as configs/autoformer_synthetic.py (--config.data.series=co2 with statsmodels installed)."""
+"""dlinear_synthetic: the DLinear baseline (decomposition + two linear maps over time) on the same series, windows,
+splits and training schedule as configs/autoformer_synthetic.py (--config.data.series=co2 with statsmodels)."""
+
+import os
 
 from effitrans import defaults
-
-INPUT_LEN, PRED_LEN = 96, 24
+from effitrans.schema import load_config
 
 
 def get_config(arg=None):
     del arg
-    data = defaults.data(
-        "timeseries", series="synthetic", length=2000, num_series=1, input_len=INPUT_LEN, pred_len=PRED_LEN
-    )
-    data.eval_split = "test"
-    model = defaults.model(name="dlinear")
-    model.dlinear = defaults.dlinear(input_len=INPUT_LEN, pred_len=PRED_LEN)
-    return defaults.experiment(
-        model,
-        data,
-        defaults.train(
-            task="forecast",
-            steps=300,
-            batch_size=32,
-            learning_rate=1e-2,
-            warmup_steps=20,
-            weight_decay=0.0,
-            checkpoint_every=100,
-            eval_every=100,
-            log_every=20,
-        ),
-        defaults.mesh(),
-    )
+    config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "autoformer_synthetic.py"))
+    shapes = {k: config.model.autoformer[k] for k in ("input_len", "pred_len", "num_series")}
+    config.model = defaults.model(name="dlinear")
+    config.model.dlinear = defaults.dlinear(**shapes)
+    config.train.learning_rate = 1e-2  # a linear model takes a larger step
+    return config

@@ -37,16 +37,24 @@ AUTOFORMER_KEYS = {
 }
 
 
+def forecaster_group(model_cfg, name: str, prefix: str = "config.model"):
+    """The model.<name> group of forecaster `name` when model.name is `name`, else None; the group must exist
+    exactly then."""
+    if model_cfg.name != name:
+        if name in model_cfg:
+            raise ConfigError(f"{prefix}.{name} is set but {prefix}.name={model_cfg.name!r} is not {name!r}")
+        return None
+    if name not in model_cfg:
+        raise ConfigError(f"{prefix}.{name} is required when {prefix}.name={name!r} (keys: {name.upper()}_KEYS)")
+    return model_cfg[name]
+
+
 def check_autoformer_config(model_cfg, prefix: str = "config.model") -> None:
     """Relations: the group exists exactly on autoformer models, label_len <= input_len, an odd moving average,
     and factor gives at least one delay at the encoder's and the decoder's lengths."""
-    if model_cfg.name != "autoformer":
-        if "autoformer" in model_cfg:
-            raise ConfigError(f"{prefix}.autoformer is set but {prefix}.name={model_cfg.name!r} is not 'autoformer'")
+    a = forecaster_group(model_cfg, "autoformer", prefix)
+    if a is None:
         return
-    if "autoformer" not in model_cfg:
-        raise ConfigError(f"{prefix}.autoformer is required when {prefix}.name='autoformer' (keys: AUTOFORMER_KEYS)")
-    a = model_cfg.autoformer
     if a.label_len > a.input_len:
         raise ConfigError(
             f"{prefix}.autoformer.label_len={a.label_len} must be <= {prefix}.autoformer.input_len={a.input_len}"

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.layers.series import series_decomposition
+from effitrans.models.autoformer import forecaster_group
 from effitrans.schema import ConfigError, Key, boolean, int_at_least
 
 DLINEAR_KEYS = {
@@ -26,14 +27,9 @@ DLINEAR_KEYS = {
 
 def check_dlinear_config(model_cfg, prefix: str = "config.model") -> None:
     """The group exists exactly on dlinear models, and its moving average is odd."""
-    if model_cfg.name != "dlinear":
-        if "dlinear" in model_cfg:
-            raise ConfigError(f"{prefix}.dlinear is set but {prefix}.name={model_cfg.name!r} is not 'dlinear'")
-        return
-    if "dlinear" not in model_cfg:
-        raise ConfigError(f"{prefix}.dlinear is required when {prefix}.name='dlinear' (keys: DLINEAR_KEYS)")
-    if model_cfg.dlinear.moving_avg % 2 == 0:
-        raise ConfigError(f"{prefix}.dlinear.moving_avg={model_cfg.dlinear.moving_avg} must be odd (a centred window)")
+    d = forecaster_group(model_cfg, "dlinear", prefix)
+    if d is not None and d.moving_avg % 2 == 0:
+        raise ConfigError(f"{prefix}.dlinear.moving_avg={d.moving_avg} must be odd (a centred window)")
 
 
 class DLinear(nnx.Module):
