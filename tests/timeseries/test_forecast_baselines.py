@@ -57,6 +57,7 @@ def test_seasonal_naive_repeats_the_last_season():
     assert scores["examples"] == periodic.num_eval_rows and scores["mse"] < 1e-8  # exact on a periodic series
 
 
+@pytest.mark.slow  # ~10 s on a loaded 2-core machine (train and eval steps compile)
 def test_dlinear_trains_through_the_trainer_and_beats_seasonal_naive(tmp_path):
     cfg = _dlinear_config()
     trainer = Trainer(cfg, str(tmp_path), verbose=False, prefetch=False, peak_gflops=1.0)
