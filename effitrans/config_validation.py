@@ -46,7 +46,9 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
         data = resolve_config(config.data)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.{e}") from None
-    if config.model.vocab_size < VOCAB_SIZE:  # every dataset emits byte-tokenizer ids up to VOCAB_SIZE - 1
+    if (
+        data["name"] != "timeseries" and config.model.vocab_size < VOCAB_SIZE
+    ):  # every dataset emits byte-tokenizer ids up to VOCAB_SIZE - 1
         raise ConfigError(
             f"config.model.vocab_size={config.model.vocab_size} is below the size of the tokenizer of "
             f"config.data.name={data['name']!r} (ids up to {VOCAB_SIZE - 1}); allowed: >= {VOCAB_SIZE}"
@@ -100,9 +102,38 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
         "encoder_embedding": "retrieval",
         "funnel_classifier": "classification",
         "funnel_embedding": "retrieval",
+        "autoformer": "forecast",
+        "dlinear": "forecast",
     }[config.model.name]
     if t.task != expected_task:
         raise ConfigError(
             f"config.train.task={t.task!r} does not fit config.model.name={config.model.name!r} "
             f"(allowed: {expected_task!r})"
         )
+    if (data["name"] == "timeseries") != (t.task == "forecast"):
+        raise ConfigError(
+            f"config.train.task={t.task!r} does not fit config.data.name={data['name']!r} (the timeseries dataset "
+            f"and the forecast task go together)"
+        )
+    if t.task == "forecast":
+        check_forecast_shapes(config.model, data)
+
+
+def check_forecast_shapes(model_cfg, data: dict) -> None:
+    """A forecaster's lengths and channels (its model.<name> group) must be the dataset's (`data`: the resolved
+    config.data)."""
+    a = model_cfg[model_cfg.name]
+    for key in ("input_len", "pred_len", "num_series"):  # the data's own range first, then the match
+        if not is_int(data[key]) or data[key] < 1:
+            raise ConfigError(f"config.data.{key}={data[key]!r} must be an int >= 1")
+    channels = data["num_series"] if data["series"] == "synthetic" else 1  # the statsmodels series are univariate
+    for key, have, want in (
+        ("input_len", a.input_len, data["input_len"]),
+        ("pred_len", a.pred_len, data["pred_len"]),
+        ("num_series", a.num_series, channels),
+    ):
+        if have != want:
+            raise ConfigError(
+                f"config.model.{model_cfg.name}.{key}={have} does not match the data's {key}={want} "
+                f"(config.data.name={data['name']!r}, series={data['series']!r}); allowed: {want}"
+            )

@@ -17,6 +17,8 @@ import ml_collections
 
 from effitrans.data.registry import data_defaults
 from effitrans.funnel.config import FUNNEL_KEYS
+from effitrans.models.autoformer import AUTOFORMER_KEYS
+from effitrans.models.forecast_baselines import DLINEAR_KEYS
 from effitrans.registry import model_keys
 from effitrans.schema import default_config
 from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
@@ -30,6 +32,16 @@ def model(**overrides) -> ml_collections.ConfigDict:
 def funnel(**overrides) -> ml_collections.ConfigDict:
     """config.model.funnel, for model.name = funnel_embedding | funnel_classifier."""
     return default_config(FUNNEL_KEYS, **overrides)
+
+
+def autoformer(**overrides) -> ml_collections.ConfigDict:
+    """config.model.autoformer, for model.name = autoformer."""
+    return default_config(AUTOFORMER_KEYS, **overrides)
+
+
+def dlinear(**overrides) -> ml_collections.ConfigDict:
+    """config.model.dlinear, for model.name = dlinear."""
+    return default_config(DLINEAR_KEYS, **overrides)
 
 
 def data(name: str, **overrides) -> ml_collections.ConfigDict:

@@ -8,6 +8,8 @@ from flax import nnx
 from effitrans.attention import attention_keys
 from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoderClassifier
+from effitrans.models.autoformer import AUTOFORMER_KEYS, Autoformer, check_autoformer_config
+from effitrans.models.forecast_baselines import DLINEAR_KEYS, DLinear, check_dlinear_config
 from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier
 from effitrans.schema import NOT_SET, ConfigError, Key, is_int, one_of, validate
 
@@ -17,6 +19,8 @@ MODELS = {
     "encoder_embedding": EmbeddingEncoder,
     "funnel_classifier": FunnelEncoderClassifier,  # + model.funnel group: docs/funnel.md
     "funnel_embedding": FunnelEmbeddingEncoder,
+    "autoformer": Autoformer,  # + model.autoformer group: docs/timeseries.md
+    "dlinear": DLinear,  # + model.dlinear group
 }
 # Keys without a default that a model name needs.
 REQUIRED_KEYS = {
@@ -24,7 +28,10 @@ REQUIRED_KEYS = {
     "encoder_embedding": ("embed_dim",),
     "funnel_classifier": ("num_classes",),
     "funnel_embedding": ("embed_dim",),
+    "autoformer": ("autoformer",),
+    "dlinear": ("dlinear",),
 }
+FORECASTERS = ("autoformer", "dlinear")  # forecast-task models; each reads the model.<name> group
 
 
 def model_keys(kind: str = "dense") -> dict:
@@ -34,6 +41,8 @@ def model_keys(kind: str = "dense") -> dict:
         **MODEL_KEYS,
         "attention": attention_keys(kind),
         "funnel": Key(NOT_SET, FUNNEL_KEYS, "funnel_* models only (effitrans.funnel.FUNNEL_KEYS)"),
+        "autoformer": Key(NOT_SET, AUTOFORMER_KEYS, "autoformer only (effitrans.models.autoformer.AUTOFORMER_KEYS)"),
+        "dlinear": Key(NOT_SET, DLINEAR_KEYS, "dlinear only (effitrans.models.forecast_baselines.DLINEAR_KEYS)"),
     }
 
 
@@ -56,9 +65,11 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     for key in REQUIRED_KEYS.get(m.name, ()):
         if key not in m:
             raise ConfigError(f"{prefix}.{key} is required when {prefix}.name={m.name!r}")
-    if m.name != "causal_lm" and "pooling" not in m:
+    if m.name not in ("causal_lm", *FORECASTERS) and "pooling" not in m:
         raise ConfigError(f"{prefix}.pooling is required for encoder models (one of 'cls', 'mean')")
     check_funnel_config(m, prefix)
+    check_autoformer_config(m, prefix)
+    check_dlinear_config(m, prefix)
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

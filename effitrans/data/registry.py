@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from effitrans.data import listops, retrieval, synthetic, text
+from effitrans.data import listops, retrieval, synthetic, text, timeseries
 from effitrans.schema import ConfigError, Key, default_config
 
 _TYPES = {"corpus_path": str}  # ConfigDict field types of keys whose default is None (else int)
@@ -32,7 +32,7 @@ _DOCS = {
     "query_len": "bytes of the query, CLS included",
     "doc_len": "bytes of the document, CLS included",
     "corpus_path": "None: the CPython docs if installed, else pydoc topics",
-    "val_fraction": "share of documents held out (split by document)",
+    "val_fraction": "share held out for validation (text: split by document; timeseries: chronological)",
     "max_eval_batches": "cap the held-out pass at this many batches (None: all)",
     "max_eval_examples": "held-out pairs scored against each other (None: all)",
     "pairing": "halves (first half -> second half) | crops (independent crops of one passage)",
@@ -49,6 +49,14 @@ _DOCS = {
     "num_eval_examples": "held-out examples, generated from eval_seed",
     "eval_seed": "the held-out set's seed, apart from training",
     "eval_batch_size": "None: the global batch size",
+    "series": "synthetic | a statsmodels series (co2, sunspots, elnino, nile: needs the timeseries extra)",
+    "length": "synthetic series: points",
+    "num_series": "synthetic series: channels C",
+    "noise": "synthetic series: Gaussian noise std",
+    "input_len": "past values the model reads (L)",
+    "pred_len": "future values it forecasts (H, the horizon)",
+    "test_fraction": "last share of the series held out as the test split (chronological)",
+    "eval_split": "val | test: the windows the held-out evaluation scores",
 }
 
 
@@ -72,6 +80,7 @@ def _keys(constructor, names: str, **required) -> dict[str, Key]:
     return out
 
 
+_BUILDER = inspect.signature(timeseries.build_forecast_dataset).parameters  # series keys not in ForecastDataset
 _EVAL = "num_eval_examples eval_seed eval_batch_size"
 DATA_KEYS = {
     "text_lm": _keys(
@@ -91,6 +100,11 @@ DATA_KEYS = {
     "copy": _keys(synthetic.CopyDataset, f"seq_len min_copy_len max_copy_len num_symbols {_EVAL}", seq_len=64),
     "associative_recall": _keys(
         synthetic.AssociativeRecallDataset, f"seq_len num_pairs num_keys num_values {_EVAL}", seq_len=64
+    ),
+    "timeseries": _keys(
+        timeseries.ForecastDataset,
+        "series length num_series noise input_len pred_len val_fraction test_fraction eval_split eval_batch_size",
+        **{k: v.default for k, v in _BUILDER.items() if v.default is not inspect.Parameter.empty},
     ),
 }
 DATASET_NAMES = tuple(DATA_KEYS)
@@ -161,10 +175,12 @@ def build_dataset(data_config: Any, *, global_batch_size: int, seed: int):
             return kind(corpus, **{k: v for k, v in cfg.items() if k != "corpus_path"}, **common)
         if name == "listops":
             return listops.ListOpsDataset(**cfg, **common)
+        if name == "timeseries":
+            return timeseries.build_forecast_dataset(**cfg, **common)
         if name == "copy":
             return synthetic.CopyDataset(**cfg, **common)
         return synthetic.AssociativeRecallDataset(**cfg, **common)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         raise _data_error(name, cfg, e) from e
 
 

@@ -14,7 +14,7 @@ from effitrans.schema import (
 )
 
 TRAIN_KEYS = {
-    "task": Key("lm", one_of("lm", "classification", "retrieval"), "must fit model.name"),
+    "task": Key("lm", one_of("lm", "classification", "retrieval", "forecast"), "must fit model.name"),
     "steps": Key(300, int_at_least(1), "optimizer updates"),
     "batch_size": Key(16, int_at_least(1), "global batch (all processes, all micro-batches)"),
     "grad_accum_steps": Key(1, int_at_least(1), "micro-batches per update; batch_size must divide evenly"),

@@ -21,9 +21,10 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """name: lm | classification | retrieval (evaluation and FLOPs follow it); batch_keys: what a batch holds;
-    token_keys: the batch arrays counted as tokens (tokens/s); variant(step) -> a hashable static choice (or
-    None) and view(params, variant) -> the params the forward pass sees; variant_name labels it in logs."""
+    """name: lm | classification | retrieval | forecast (evaluation and FLOPs follow it); batch_keys: what a
+    batch holds; token_keys: the batch arrays counted as tokens (tokens/s); variant(step) -> a hashable static
+    choice (or None) and view(params, variant) -> the params the forward pass sees; variant_name labels it in
+    logs; train_forward, when given, replaces forward in training steps (a model whose training pass differs)."""
 
     name: str
     batch_keys: tuple[str, ...]
@@ -33,14 +34,15 @@ class Task:
     variant: Callable[[int], Hashable] | None = None
     view: Callable | None = None
     variant_name: str = "variant"
+    train_forward: Callable | None = None
 
     def tokens(self, batch) -> int:
         """Tokens in one batch (for tokens/s)."""
         return int(sum(batch[k].size for k in self.token_keys))
 
-    def scored(self, model, batch):
-        """(loss sum, weight sum, metric sums, outputs) of `model` on `batch`."""
-        out = self.forward(model, batch)
+    def scored(self, model, batch, *, training: bool = False):
+        """(loss sum, weight sum, metric sums, outputs) of `model` on `batch` (training: by train_forward if set)."""
+        out = (self.train_forward if training and self.train_forward is not None else self.forward)(model, batch)
         return (*self.loss(out, batch), out)
 
 
@@ -106,6 +108,40 @@ def infonce_loss(q, d, weights, temperature: float):
     return jnp.sum(nll * w), jnp.sum(w), {"accuracy": jnp.sum(correct * w)}
 
 
+def forecast_loss(forecast, batch):
+    """Per-example mean squared error over horizon and channels, summed with example_weights [B];
+    forecast and targets [B, H, C]. Returns (MSE sum, weight sum, {"mae": MAE sum})."""
+    err = forecast.astype(jnp.float32) - batch["targets"].astype(jnp.float32)  # [B, H, C]
+    w = batch["example_weights"].astype(jnp.float32)
+    mse, mae = jnp.mean(err * err, axis=(1, 2)), jnp.mean(jnp.abs(err), axis=(1, 2))  # [B] each
+    return jnp.sum(mse * w), jnp.sum(w), {"mae": jnp.sum(mae * w)}
+
+
+def forecast_task() -> Task:
+    """Forecasting: batch inputs [B, L, C], targets [B, H, C], example_weights [B]; MSE loss, MAE metric. The
+    model is called model(inputs, training=...) (Autoformer picks its delays per batch in training, per row
+    otherwise)."""
+    keys = ("inputs", "targets", "example_weights")
+    return Task(
+        "forecast",
+        keys,
+        lambda model, batch: model(batch["inputs"], training=False),
+        forecast_loss,
+        ("inputs",),
+        train_forward=lambda model, batch: model(batch["inputs"], training=True),
+    )
+
+
+def forecast_scores(forecast: Callable, dataset) -> dict:
+    """Held-out {"mse", "mae", "examples"} of forecast(inputs [B, L, C]) -> [B, H, C] over dataset.eval_batches(),
+    weighted like the trainer's evaluation (for parameter-free forecasts such as forecast_baselines.seasonal_naive)."""
+    s = w = mae = 0.0
+    for batch in dataset.eval_batches():
+        bs, bw, bm = forecast_loss(forecast(jnp.asarray(batch["inputs"])), batch)
+        s, w, mae = s + float(bs), w + float(bw), mae + float(bm["mae"])
+    return {"mse": s / max(w, 1.0), "mae": mae / max(w, 1.0), "examples": w}
+
+
 def lm_task(**fields) -> Task:
     """Causal LM: batch inputs/targets int [B, T], weights [B, T]."""
     return Task("lm", ("inputs", "targets", "weights"), _lm_forward, _lm_loss, ("inputs",), **fields)
@@ -136,7 +172,11 @@ def task_from_config(train_cfg) -> Task:
         return classification_task()
     if train_cfg.task == "retrieval":
         return retrieval_task(train_cfg.contrastive_temperature)
-    raise ValueError(f"config.train.task={train_cfg.task!r} is not one of ['lm', 'classification', 'retrieval']")
+    if train_cfg.task == "forecast":
+        return forecast_task()
+    raise ValueError(
+        f"config.train.task={train_cfg.task!r} is not one of ['lm', 'classification', 'retrieval', 'forecast']"
+    )
 
 
 def lm_loss(model, batch):

@@ -249,7 +249,7 @@ class Trainer:
         def sums_and_grads(params, model_state, batch, teacher_out, variant):
             def f(p):
                 model = nnx.merge(graphdef, p if variant is None else task.view(p, variant), model_state)
-                s, w, m, out = task.scored(model, batch)
+                s, w, m, out = task.scored(model, batch, training=True)
                 if distill is not None:
                     d, dm = distill.term(out, teacher_out, batch)
                     m = {**m, "task_loss": s, **dm}
@@ -356,13 +356,12 @@ class Trainer:
         if not totals:  # a dataset without held-out batches
             return {}
         w = max(totals.get("weight", 0.0), 1.0)
-        out = {
-            "eval_loss": totals.get("loss_sum", 0.0) / w,
-            "eval_accuracy": totals.get("accuracy_sum", 0.0) / w,
-            "eval_examples": totals.get("weight", 0.0),
-        }
+        metrics = {f"eval_{k[: -len('_sum')]}": v / w for k, v in totals.items() if k.endswith("_sum")}
+        out = {**metrics, "eval_examples": totals.get("weight", 0.0)}  # eval_loss and each task metric
         if self.task.name == "lm":
             out["eval_bits_per_byte"] = out["eval_loss"] * BITS_PER_NAT
+        if self.task.name == "forecast":
+            out["eval_mse"] = out["eval_loss"]
         return out
 
     def _evaluate_retrieval(self, params, model_state) -> dict:
@@ -402,7 +401,7 @@ class Trainer:
 
     def _flops_per_step(self) -> float | None:
         """Model FLOPs of one step from config.model (None without one: MFU is then not reported)."""
-        if "model" not in self.config:
+        if "model" not in self.config or self.task.name == "forecast":  # the FLOP model covers Transformer stacks
             return None
         shapes = {k: v.shape for k, v in self.dataset.get_batch(0).items()}
         return perf.train_flops_per_step(self.config.model, self.task.name, shapes)
