@@ -17,6 +17,7 @@ import ml_collections
 
 from effitrans.data.registry import data_defaults
 from effitrans.funnel.config import FUNNEL_KEYS
+from effitrans.layers.moe import MOE_KEYS
 from effitrans.registry import model_keys
 from effitrans.schema import default_config
 from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
@@ -30,6 +31,11 @@ def model(**overrides) -> ml_collections.ConfigDict:
 def funnel(**overrides) -> ml_collections.ConfigDict:
     """config.model.funnel, for model.name = funnel_embedding | funnel_classifier."""
     return default_config(FUNNEL_KEYS, **overrides)
+
+
+def moe(**overrides) -> ml_collections.ConfigDict:
+    """config.model.moe: a mixture-of-experts feed-forward in the layers it names (docs/moe.md)."""
+    return default_config(MOE_KEYS, **overrides)
 
 
 def data(name: str, **overrides) -> ml_collections.ConfigDict:

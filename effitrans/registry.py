@@ -8,7 +8,7 @@ from flax import nnx
 from effitrans.attention import attention_keys
 from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoderClassifier
-from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier
+from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier, check_moe_config
 from effitrans.schema import NOT_SET, ConfigError, Key, is_int, one_of, validate
 
 MODELS = {
@@ -59,6 +59,7 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     if m.name != "causal_lm" and "pooling" not in m:
         raise ConfigError(f"{prefix}.pooling is required for encoder models (one of 'cls', 'mean')")
     check_funnel_config(m, prefix)
+    check_moe_config(m, prefix)
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

@@ -288,7 +288,8 @@ class MoEFeedForward(nnx.Module):
             top_groups=self.top_groups,
         )
 
-    def __call__(self, x):
+    def __call__(self, x, *, decode: bool = False):
+        """x [B, T, D] -> [B, T, D]. decode (a serving step, possibly inside a scan): no reports, no proposal."""
         shape = x.shape
         xt = x.reshape(-1, shape[-1]).astype(self.dtype)  # [T, D], T = all tokens of the batch
         r = self.routing(xt)
@@ -304,6 +305,8 @@ class MoEFeedForward(nnx.Module):
         y = y.reshape(shape)
         if self.shared is not None:
             y = y + self.shared(x)
+        if decode:
+            return y.astype(self.dtype)
         counts = expert_counts(r.experts, self.num_experts)  # [E]
         aux = load_balancing_loss(r.probs, r.experts)
         report(self, "moe_aux_loss", aux)
