@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from effitrans import defaults
 from effitrans.layers.moe import (
     MoEFeedForward,
     balance_bias_update,
@@ -21,6 +24,7 @@ from effitrans.layers.moe import (
     route,
 )
 from effitrans.layers.params import StateVariable, commit_updates, pop_reports
+from effitrans.train import partitioning
 
 T, D, E, F, K = 24, 8, 5, 4, 2
 
@@ -180,3 +184,27 @@ def test_module_reports_aux_loss_and_metrics_and_proposes_the_bias():
 def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(kw, match):
     with pytest.raises(ValueError, match=match):
         MoEFeedForward(D, expert_width=F, rngs=nnx.Rngs(0), **kw)
+
+
+# The `experts` logical axis on the fsdp mesh axis: each device holds one expert's weights. The dropless
+# variant compiles slowly under GSPMD (~25 s on 2 loaded cores), so it runs with the slow tests.
+@pytest.mark.parametrize("dispatch", [pytest.param("dropless", marks=pytest.mark.slow), "capacity"])
+def test_experts_sharded_over_8_devices_equal_one_device(dispatch):
+    mesh = partitioning.make_mesh(defaults.mesh(data=1, fsdp=8, tensor=1))
+    rules = (("experts", "fsdp"), ("batch", "fsdp"))
+    ffn = MoEFeedForward(D, num_experts=8, expert_width=F, top_k=K, dispatch=dispatch, rngs=nnx.Rngs(1))
+    graphdef, params, state = nnx.split(ffn, nnx.Param, StateVariable)
+    specs = partitioning.param_specs(params, rules, mesh)
+    assert specs["gate"] == P("fsdp", None, None) and specs["down"] == P("fsdp", None, None)
+
+    def fwd(params, x):
+        return nnx.merge(graphdef, params, state)(x, decode=True)  # decode: no reports to carry out
+
+    x = jax.random.normal(jax.random.key(6), (8, 6, D))
+    pure = nnx.to_pure_dict(params)
+    want = jax.jit(fwd)(pure, x)
+    shard = lambda s: NamedSharding(mesh, s)
+    sharded = jax.device_put(pure, jax.tree.map(shard, specs, is_leaf=lambda s: isinstance(s, P)))
+    got = jax.jit(fwd, out_shardings=shard(P("fsdp")))(sharded, jax.device_put(x, shard(P("fsdp"))))
+    assert len(sharded["gate"].sharding.device_set) == 8
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

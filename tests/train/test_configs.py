@@ -7,7 +7,7 @@ from effitrans.config_validation import validate_config
 from effitrans.train.trainer import Trainer
 from tests.helpers import shipped_config
 
-CONFIGS = ["lm_tiny", "lm_small", "encoder_retrieval_small", "listops_small"]
+CONFIGS = ["lm_tiny", "lm_small", "encoder_retrieval_small", "listops_small", "moe_lm_tiny"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
