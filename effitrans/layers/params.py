@@ -8,7 +8,8 @@ Non-trainable state (LSH rotations, routing centroids) is a `StateVariable`: not
 optimizer built over `nnx.Param` never sees it, but tagged with `logical_axes` like a parameter, so it is
 sharded and checkpointed the same way. A forward pass never changes it: a module that learns state
 outside of gradients (a k-means EMA) records the new value with `propose_update`, and only a training
-step applies it with `commit_updates`; evaluation and serving drop the proposal.
+step applies it with `commit_updates`; evaluation and serving drop the proposal. Likewise a forward pass may
+`report` scalars (auxiliary losses, router metrics) that the training step collects with `pop_reports`.
 """
 
 from __future__ import annotations
