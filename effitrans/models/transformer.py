@@ -90,6 +90,8 @@ def check_moe_config(model_cfg, prefix: str = "config.model") -> None:
     for _, msg in moe_problems(o["num_experts"], o["top_k"], o["num_groups"], o["top_groups"], o["capacity_factor"]):
         raise ConfigError(f"{prefix}.moe.{msg}")
     layers, n = model_cfg.moe.get("layers"), model_cfg.num_layers
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ConfigError(f"{prefix}.moe.layers={list(layers)} names a layer twice; expected distinct indices")
     for i in layers or ():
         if i >= n:
             raise ConfigError(

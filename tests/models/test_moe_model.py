@@ -38,6 +38,7 @@ def test_moe_layers_replace_the_dense_feed_forward_where_named():
         ({"top_k": 5}, r"config\.model\.moe\.top_k=5 is not allowed: expected an int in \[1, num_experts=4\]"),
         ({"num_experts": 0}, r"config\.model\.moe\.num_experts=0 is not allowed: expected an int >= 1"),
         ({"capacity_factor": 0.0}, r"moe\.capacity_factor=0\.0 is not allowed: expected a finite number > 0"),
+        ({"layers": [1, 1]}, r"config\.model\.moe\.layers=\[1, 1\] names a layer twice; expected distinct"),
         ({"layers": [-1]}, r"moe\.layers=\[-1\] is not allowed: expected None \(every layer\) or a list"),
     ],
 )  # fmt: skip
