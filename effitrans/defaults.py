@@ -17,6 +17,7 @@ import ml_collections
 
 from effitrans.data.registry import data_defaults
 from effitrans.funnel.config import FUNNEL_KEYS
+from effitrans.layers.moe import MOE_KEYS
 from effitrans.models.autoformer import AUTOFORMER_KEYS
 from effitrans.models.forecast_baselines import DLINEAR_KEYS
 from effitrans.registry import model_keys
@@ -42,6 +43,11 @@ def autoformer(**overrides) -> ml_collections.ConfigDict:
 def dlinear(**overrides) -> ml_collections.ConfigDict:
     """config.model.dlinear, for model.name = dlinear."""
     return default_config(DLINEAR_KEYS, **overrides)
+
+
+def moe(**overrides) -> ml_collections.ConfigDict:
+    """config.model.moe: a mixture-of-experts feed-forward in the layers it names (docs/moe.md)."""
+    return default_config(MOE_KEYS, **overrides)
 
 
 def data(name: str, **overrides) -> ml_collections.ConfigDict:

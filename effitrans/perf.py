@@ -211,7 +211,8 @@ def _widths(model_cfg) -> list[int]:
 def forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
     """Forward FLOPs of `model_cfg` on [batch, length] tokens, PaLM-style.
 
-    Per layer: 2 x T_q x (q, o projections + GLU params) + 2 x T_kv x (k, v projections) + 4 x T_q x T_kv x
+    Per layer: 2 x T_q x (q, o projections + the feed-forward params a token uses: the GLU, or an MoE layer's
+    router, top_k routed and shared experts) + 2 x T_kv x (k, v projections) + 4 x T_q x T_kv x
     N x H for scores and values (halved for a causal LM); the LM head (2 x D x V per token) for causal_lm;
     the embedding lookup is free. `spec` (a funnel.FunnelSpec) gives each layer's pooled lengths.
     """
@@ -227,9 +228,18 @@ def forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
                 lengths_q[layer] = seq[b]
                 lengths_kv[layer] = seq[b - 1] if (b > 0 and j == 0 and spec.pool_q_only) else seq[b]
                 layer += 1
+    ffn = [3 * d * w for w in _widths(m)]  # GLU params a token uses, per layer
+    if "moe" in m:  # router + the top_k routed and the shared experts a token uses
+        from effitrans.layers.moe import MOE_KEYS  # jax-free import of this module otherwise
+        from effitrans.schema import value
+
+        o = {key: value(m.moe, MOE_KEYS, key) for key in MOE_KEYS}
+        active = 3 * d * o["expert_width"] * (o["top_k"] + o["num_shared_experts"]) + d * o["num_experts"]
+        for i in range(m.num_layers) if o["layers"] is None else o["layers"]:
+            ffn[i] = active
     total = 0.0
-    for w, tq, tkv in zip(_widths(m), lengths_q, lengths_kv):
-        total += 2 * tq * (d * n * h + n * h * d + 3 * d * w)  # q, o projections and the GLU
+    for f, tq, tkv in zip(ffn, lengths_q, lengths_kv):
+        total += 2 * tq * (d * n * h + n * h * d + f)  # q, o projections and the feed-forward
         total += 2 * tkv * (2 * d * k * h)  # k, v projections
         total += 4 * tq * tkv * n * h * (0.5 if causal_lm else 1.0)  # scores and values
     if causal_lm:

@@ -10,7 +10,7 @@ from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoderClassifier
 from effitrans.models.autoformer import AUTOFORMER_KEYS, Autoformer, check_autoformer_config
 from effitrans.models.forecast_baselines import DLINEAR_KEYS, DLinear, check_dlinear_config
-from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier
+from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier, check_moe_config
 from effitrans.schema import NOT_SET, ConfigError, Key, is_int, one_of, validate
 
 MODELS = {
@@ -70,6 +70,7 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     check_funnel_config(m, prefix)
     check_autoformer_config(m, prefix)
     check_dlinear_config(m, prefix)
+    check_moe_config(m, prefix)
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

@@ -8,7 +8,8 @@ Non-trainable state (LSH rotations, routing centroids) is a `StateVariable`: not
 optimizer built over `nnx.Param` never sees it, but tagged with `logical_axes` like a parameter, so it is
 sharded and checkpointed the same way. A forward pass never changes it: a module that learns state
 outside of gradients (a k-means EMA) records the new value with `propose_update`, and only a training
-step applies it with `commit_updates`; evaluation and serving drop the proposal.
+step applies it with `commit_updates`; evaluation and serving drop the proposal. Likewise a forward pass may
+`report` scalars (auxiliary losses, router metrics) that the training step collects with `pop_reports`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(axes)
 
 
-def fan_in_normal(fan_in_axes: Sequence[int] = (0,)) -> Initializer:
-    """Truncated-normal-free variance scaling with fan-in over `fan_in_axes` (like lecun_normal for einsum weights)."""
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes), out_axis=-1)
+def fan_in_normal(fan_in_axes: Sequence[int] = (0,), batch_axes: Sequence[int] = ()) -> Initializer:
+    """Truncated-normal-free variance scaling with fan-in over `fan_in_axes` (like lecun_normal for einsum weights);
+    `batch_axes` index independent matrices (e.g. the experts of a stacked [E, D, F] weight)."""
+    return nnx.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=tuple(fan_in_axes), out_axis=-1, batch_axis=tuple(batch_axes)
+    )
 
 
 class StateVariable(nnx.Variable):
@@ -91,3 +95,39 @@ def commit_updates(model: nnx.Module) -> int:
                 delattr(module, attr)
                 count += 1
     return count
+
+
+class StepReport(nnx.Variable):
+    """A scalar a forward pass reports to the training step: an auxiliary loss (`loss=True`: added to the
+    objective) or a metric; `reduce` (sum | mean | max) says how the same name from several modules combines.
+    It exists only after a forward pass and lives until `pop_reports` collects it."""
+
+
+REDUCTIONS = {"sum": sum, "mean": lambda v: sum(v) / len(v), "max": lambda v: jnp.max(jnp.stack(v))}
+
+
+def report(module: nnx.Module, name: str, value: jax.Array, *, loss: bool = False, reduce: str = "mean") -> None:
+    """Records the scalar `value` under `name` for the training step (an auxiliary loss when `loss`, else a
+    metric). A second call with the same name on the same module replaces the first."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce={reduce!r} is not one of {sorted(REDUCTIONS)}")
+    if jnp.ndim(value):
+        raise ValueError(f"report {name!r} must be a scalar, got shape {jnp.shape(value)}")
+    setattr(module, f"{name}_report", StepReport(value, name=name, loss=loss, reduce="sum" if loss else reduce))
+
+
+def pop_reports(model: nnx.Module) -> tuple[jax.Array, dict]:
+    """Removes every StepReport in `model`; returns (the sum of the reported losses, {name: reduced value}), where
+    a loss name reduces by sum (the total it adds to the objective). (0.0, {}) when nothing reported."""
+    losses, values = [], {}
+    for _, module in nnx.iter_modules(model):
+        for attr, rep in list(vars(module).items()):
+            if isinstance(rep, StepReport):
+                meta = rep.get_metadata()
+                value = jnp.asarray(rep.get_value(), jnp.float32)
+                if meta["loss"]:
+                    losses.append(value)
+                values.setdefault(meta["name"], (meta["reduce"], []))[1].append(value)
+                delattr(module, attr)
+    metrics = {name: REDUCTIONS[reduce](vals) for name, (reduce, vals) in values.items()}
+    return (sum(losses) if losses else jnp.zeros((), jnp.float32)), metrics

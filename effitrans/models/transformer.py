@@ -1,7 +1,9 @@
 """Llama-style Transformer stacks: a causal LM and a bidirectional encoder (classifier / embedder).
 
-Each block is pre-RMSNorm: x += attn(norm(x)); x += glu(norm(x)). Feed-forward widths come per layer
-(`model.ffn_width` may be a list), because pruning and MatFormer change them layer by layer.
+Each block is pre-RMSNorm: x += attn(norm(x)); x += ffn(norm(x)). Feed-forward widths come per layer
+(`model.ffn_width` may be a list), because pruning and MatFormer change them layer by layer. With a
+`model.moe` group the layers it names use a mixture-of-experts feed-forward (effitrans.layers.moe) instead
+of the dense GLU (whose width, ffn_width, those layers then do not use).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from flax import nnx
 from effitrans.attention import build_attention
 from effitrans.layers import Embed, GLUFeedForward, RMSNorm
 from effitrans.layers.glu import ACTIVATIONS
+from effitrans.layers.moe import MOE_KEYS, MoEFeedForward, moe_problems
 from effitrans.layers.params import fan_in_normal, init_param
 from effitrans.layers.rope import ROPE_LAYOUTS
 from effitrans.schema import (
     NOT_SET,
+    ConfigError,
     Key,
     boolean,
     float_at_least,
@@ -23,6 +27,7 @@ from effitrans.schema import (
     int_or_int_list,
     one_of,
     optional,
+    value,
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,6 +51,7 @@ MODEL_KEYS = {
     "pooling": Key(NOT_SET, one_of(*POOLINGS), "encoders: sequence -> vector by the CLS token or a masked mean"),
     "num_classes": Key(NOT_SET, int_at_least(2), "classifiers: output classes"),
     "embed_dim": Key(NOT_SET, int_at_least(1), "embedding encoders: output width"),
+    "moe": Key(NOT_SET, MOE_KEYS, "mixture-of-experts feed-forward in the layers it names (effitrans.layers.moe)"),
 }
 
 
@@ -62,17 +68,55 @@ def ffn_widths(model_cfg) -> list[int]:
     return [int(x) for x in w]
 
 
-class Block(nnx.Module):
-    """One pre-norm Transformer block around an attention module of any family."""
+def moe_options(model_cfg) -> dict:
+    """The MoEFeedForward arguments of model.moe (keys left out or None take their declared default)."""
+    return {k: value(model_cfg.moe, MOE_KEYS, k) for k in MOE_KEYS if k != "layers"}
 
-    def __init__(self, model_cfg, ffn_width: int, *, causal: bool, rngs: nnx.Rngs):
+
+def moe_layers(model_cfg) -> frozenset[int]:
+    """Indices of the layers with an MoE feed-forward: model.moe.layers, every layer when it is None, none
+    without a model.moe group."""
+    if "moe" not in model_cfg:
+        return frozenset()
+    layers = model_cfg.moe.get("layers")
+    return frozenset(range(model_cfg.num_layers) if layers is None else (int(i) for i in layers))
+
+
+def check_moe_config(model_cfg, prefix: str = "config.model") -> None:
+    """model.moe's values fit together (top_k <= num_experts, groups, capacity) and name existing layers."""
+    if "moe" not in model_cfg:
+        return
+    o = moe_options(model_cfg)
+    for _, msg in moe_problems(o["num_experts"], o["top_k"], o["num_groups"], o["top_groups"], o["capacity_factor"]):
+        raise ConfigError(f"{prefix}.moe.{msg}")
+    layers, n = model_cfg.moe.get("layers"), model_cfg.num_layers
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ConfigError(f"{prefix}.moe.layers={list(layers)} names a layer twice; expected distinct indices")
+    for i in layers or ():
+        if i >= n:
+            raise ConfigError(
+                f"{prefix}.moe.layers={list(layers)} names layer {i}, but {prefix}.num_layers={n}: "
+                f"allowed layer indices are 0..{n - 1}"
+            )
+
+
+class Block(nnx.Module):
+    """One pre-norm Transformer block around an attention module of any family; the feed-forward is a dense
+    GLU of width `ffn_width`, or with `moe` the MoEFeedForward of model_cfg.moe."""
+
+    def __init__(self, model_cfg, ffn_width: int, *, causal: bool, rngs: nnx.Rngs, moe: bool = False):
         dtype = compute_dtype(model_cfg)
         self.attn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
         self.attn = build_attention(model_cfg, causal=causal, rngs=rngs, dtype=dtype)
         self.ffn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
-        self.ffn = GLUFeedForward(
-            model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype
-        )
+        if moe:
+            self.ffn = MoEFeedForward(
+                model_cfg.d_model, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype, **moe_options(model_cfg)
+            )
+        else:
+            self.ffn = GLUFeedForward(
+                model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype
+            )
 
     def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False):
         """x [B, T, D] -> (x [B, T, D], cache)."""
@@ -86,7 +130,8 @@ class Block(nnx.Module):
             decode=decode,
         )
         x = x + h
-        x = x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        x = x + (self.ffn(h, decode=decode) if isinstance(self.ffn, MoEFeedForward) else self.ffn(h))
         return x, cache
 
 
@@ -96,7 +141,10 @@ class TransformerStack(nnx.Module):
     def __init__(self, model_cfg, *, causal: bool, rngs: nnx.Rngs):
         self.dtype = compute_dtype(model_cfg)
         self.embed = Embed(model_cfg.vocab_size, model_cfg.d_model, rngs=rngs, dtype=self.dtype)
-        self.blocks = nnx.List([Block(model_cfg, w, causal=causal, rngs=rngs) for w in ffn_widths(model_cfg)])
+        moe = moe_layers(model_cfg)
+        self.blocks = nnx.List(
+            [Block(model_cfg, w, causal=causal, rngs=rngs, moe=i in moe) for i, w in enumerate(ffn_widths(model_cfg))]
+        )
         self.final_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, caches=None, decode=False):

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from effitrans import perf
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
-from effitrans.layers.params import StateVariable, commit_updates
+from effitrans.layers.params import StateVariable, commit_updates, pop_reports
 from effitrans.registry import build_model
 from effitrans.train import partitioning
 from effitrans.train.checkpoints import (
@@ -245,6 +245,7 @@ class Trainer:
     def _build_steps(self) -> None:
         graphdef, tx, task, distill, schedule = self.graphdef, self.tx, self.task, self.distillation, self.schedule
         accum = self.config.train.get("grad_accum_steps", 1)
+        report_names = self._report_names = set()  # the metrics modules reported (filled while tracing)
 
         def sums_and_grads(params, model_state, batch, teacher_out, variant):
             def f(p):
@@ -254,6 +255,11 @@ class Trainer:
                     d, dm = distill.term(out, teacher_out, batch)
                     m = {**m, "task_loss": s, **dm}
                     s = distill.task_weight * s + distill.weight * d
+                aux, reported = pop_reports(model)  # e.g. an MoE router's balance loss and metrics (means)
+                if reported:
+                    report_names.update(reported)
+                    s = s + aux * w  # a mean per weight unit, like s / w: summed over micro-batches exactly
+                    m = {**m, **{k: v * w for k, v in reported.items()}}
                 commit_updates(model)  # only here: e.g. the routing centroids' EMA step
                 return s, (w, m, nnx.to_pure_dict(nnx.state(model, StateVariable)))
 
@@ -521,6 +527,7 @@ class Trainer:
                         f"step {done}/{end} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
                         f"grad_norm {m['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
                         f"MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {_format_eta(eta)}"
+                        + "".join(f" | {k} {m[k]:.3g}" for k in sorted(self._report_names))
                     )
                     window_start, window_steps = time.perf_counter(), 0
                 if save_now:

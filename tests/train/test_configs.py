@@ -14,6 +14,7 @@ CONFIGS = [
     "listops_small",
     "autoformer_synthetic",
     "dlinear_synthetic",
+    "moe_lm_tiny",
 ]
 
 
