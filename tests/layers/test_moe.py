@@ -84,6 +84,7 @@ def _queue_keep(experts: np.ndarray, capacity: int) -> np.ndarray:
     return keep
 
 
+@pytest.mark.slow  # ~5 s of compiles; the dispatch test keeps the capacity path in the default run
 def test_capacity_path_drops_past_capacity_and_equals_the_reference_without_the_dropped():
     x, router, w = _weights(2)
     router = router.at[:, 0].add(2.0)  # skew: expert 0 is overfull

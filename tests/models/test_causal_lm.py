@@ -12,7 +12,7 @@ from tests.helpers import tiny_model_config
     "num_kv_heads,impl",
     [
         pytest.param(4, "reference", marks=pytest.mark.slow),
-        (2, "reference"),
+        pytest.param(2, "reference", marks=pytest.mark.slow),  # ~17 s; generate tests cover decode by default
         pytest.param(1, "reference", marks=pytest.mark.slow),
         pytest.param(2, "xla", marks=pytest.mark.slow),
     ],

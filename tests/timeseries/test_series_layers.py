@@ -72,7 +72,7 @@ def _loop_aggregation(values, corr, delays):
     return jnp.stack(rows)
 
 
-@pytest.mark.parametrize("per_row", [True, False])
+@pytest.mark.parametrize("per_row", [pytest.param(True, marks=pytest.mark.slow), False])  # ~7 s each
 def test_delay_aggregation_and_its_gradients_match_an_explicit_loop(per_row):
     values, corr = jnp.asarray(_normal(3, (3, 16, 2, 4))), jnp.asarray(_normal(4, (3, 16, 2, 4)))
     delays = _loop_delays(corr, 3, per_row)
