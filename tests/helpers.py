@@ -81,3 +81,11 @@ def checkpoint_steps(workdir) -> list[int]:
     """The committed checkpoint steps under WORKDIR/checkpoints (orbax's temporary folders left out)."""
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def truncate_array_files(step_dir) -> None:
+    """Empties every array file of a checkpoint (what a full disk or a torn copy leaves)."""
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            if not f.endswith((".json", "_METADATA", "_CHECKPOINT_METADATA")):
+                open(os.path.join(root, f), "wb").close()

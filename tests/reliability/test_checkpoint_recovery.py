@@ -23,7 +23,7 @@ from effitrans.train.checkpoints import (
     meaning,
 )
 from effitrans.train.trainer import NonFiniteLossError, Trainer
-from tests.helpers import tiny_lm_experiment
+from tests.helpers import tiny_lm_experiment, truncate_array_files
 
 MEANING = {"model.d_model": 8, "model.attention.kind": "mha", "data.name": "cpython_docs", "train.task": "lm"}
 
@@ -45,14 +45,6 @@ def _write(directory, steps, meaning=MEANING, keep=3) -> None:
     for s in steps:
         ck.save(s, _state(float(s)), force=True)
     ck.close()
-
-
-def _truncate_arrays(step_dir) -> None:
-    """Empties every array file of a checkpoint (what a full disk or a torn copy leaves)."""
-    for root, _, files in os.walk(step_dir):
-        for f in files:
-            if not f.endswith((".json", "_METADATA", "_CHECKPOINT_METADATA")):
-                open(os.path.join(root, f), "wb").close()
 
 
 def _set_aside(workdir, stamps: bool = False) -> list[str]:
@@ -79,7 +71,7 @@ def _tree(directory) -> dict:
 def test_corrupt_newest_checkpoint_is_set_aside_and_its_step_can_be_saved_again(tmp_path):
     ckdir = tmp_path / "checkpoints"
     _write(ckdir, [2, 4])
-    _truncate_arrays(ckdir / "4" / "state")
+    truncate_array_files(ckdir / "4" / "state")
     ck = _checkpointer(ckdir)
     step, state, _ = ck.restore_latest(_abstract())
     assert step == 2 and float(state["params"]["w"][0, 0]) == 2.0
@@ -108,7 +100,7 @@ def test_checkpoint_with_unreadable_meta_or_non_finite_params_is_set_aside(tmp_p
 @pytest.mark.slow  # trains the tiny LM twice (~20 s on 2 cores): CI runs it
 def test_corrupt_newest_checkpoint_then_training_reaches_its_final_step(tmp_path, capsys):
     Trainer(tiny_lm_experiment(steps=4, checkpoint_every=2), str(tmp_path), peak_gflops=1.0, verbose=False).train()
-    _truncate_arrays(tmp_path / "checkpoints" / "4" / "state")
+    truncate_array_files(tmp_path / "checkpoints" / "4" / "state")
     trainer = Trainer(tiny_lm_experiment(steps=6, checkpoint_every=2), str(tmp_path), peak_gflops=1.0, verbose=False)
     result = trainer.train()
     trainer.checkpointer.close()

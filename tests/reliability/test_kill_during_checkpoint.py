@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, checkpoint_steps, metrics_rows, subprocess_env, tiny_lm_main_args
+from tests.helpers import ROOT, checkpoint_steps, metrics_rows, subprocess_env, tiny_lm_main_args, truncate_array_files
 
 STEPS = 40
 # A checkpoint every step: a write is under way almost all the time.
@@ -65,11 +65,7 @@ def test_sigkill_during_checkpoint_writes_then_corrupt_newest_still_reaches_fina
 
     steps = checkpoint_steps(killed)
     assert steps and steps[-1] < STEPS, f"a kill should leave the run unfinished (checkpoints {steps})"
-    newest = os.path.join(killed, "checkpoints", str(steps[-1]), "state")
-    for root, _, files in os.walk(newest):  # and then the newest checkpoint is torn as well
-        for f in files:
-            if not f.endswith((".json", "_METADATA", "_CHECKPOINT_METADATA")):
-                open(os.path.join(root, f), "wb").close()
+    truncate_array_files(os.path.join(killed, "checkpoints", str(steps[-1]), "state"))  # then a torn newest
 
     rerun = subprocess.run(_cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
