@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from effitrans import pruning
-from effitrans.data import load_corpus, split_documents
+from effitrans.data import load_corpus, split_documents, windows_batches
 from effitrans.layers.glu import glu_feed_forward
 from effitrans.perf import machine_description
 from effitrans.schema import load_config
@@ -93,23 +93,6 @@ def make_masked_eval(model):
         return float(np.exp(s / w))
 
     return run
-
-
-def windows_batches(stream: np.ndarray, n: int, length: int, batch: int, spread: bool = True) -> list[dict]:
-    """n windows of `length` predicted tokens from a 1-D stream (evenly spread), in batches."""
-    need = length + 1
-    if stream.size < need:
-        raise ValueError(f"stream of {stream.size} tokens is shorter than one window of {need}")
-    starts = np.linspace(0, stream.size - need, n).astype(int) if spread else np.arange(n) * length
-    rows = np.stack([stream[s : s + need] for s in starts]).astype(np.int32)  # [n, length + 1]
-    return [
-        {
-            "inputs": rows[i : i + batch, :-1],
-            "targets": rows[i : i + batch, 1:],
-            "weights": np.ones((min(batch, n - i), length), np.float32),
-        }
-        for i in range(0, n, batch)
-    ]
 
 
 def grid(model, calib_tokens, eval_batches, ratios, criteria, *, batch_size, seed):

@@ -21,7 +21,13 @@ class DenseAttention(AttentionBase, kind="dense", cross_attention=True, decodes=
     """Softmax attention over all (allowed) keys, through `effitrans.kernels.attention`.
 
     Weights: q [D, N, H], k and v [D, K, H], o [N, H, D].
+
+    `extra_mask` (a static kernels.masks.Mask, default None) is intersected with the causal / full mask of
+    a full pass: it runs the trained weights under a sparse pattern without retraining (effitrans.analysis
+    sets it per layer); decoding ignores it.
     """
+
+    extra_mask = None
 
     def __init__(
         self,
@@ -65,6 +71,8 @@ class DenseAttention(AttentionBase, kind="dense", cross_attention=True, decodes=
         """x [B, T, D] (keys/values from kv_x [B, S, D] when given) -> y [B, T, D]."""
         q, k, v = self._qkv(x, positions, kv_x, kv_positions)  # [B, T, N, H], [B, S, K, H] x 2
         mask = kernels.masks.Causal() if (self.causal and kv_x is None) else kernels.masks.Full()
+        if self.extra_mask is not None:
+            mask = mask & self.extra_mask
         return self._output(self._kernel(q, k, v, mask, segment_ids))  # [B, T, N, H] -> [B, T, D]
 
     def _decode(self, x, positions, cache: KVCache):

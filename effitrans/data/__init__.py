@@ -9,7 +9,14 @@ from effitrans.data.listops import ListOpsDataset
 from effitrans.data.registry import DATA_KEYS, DATASET_NAMES, build_dataset, data_defaults, resolve_config
 from effitrans.data.retrieval import TextRetrievalDataset, paired_recall_loss, retrieval_metrics, retrieval_ranks
 from effitrans.data.synthetic import AssociativeRecallDataset, CopyDataset
-from effitrans.data.text import Corpus, TextLMDataset, load_corpus, split_documents, unigram_entropy_bits
+from effitrans.data.text import (
+    Corpus,
+    TextLMDataset,
+    load_corpus,
+    split_documents,
+    unigram_entropy_bits,
+    windows_batches,
+)
 from effitrans.data.tokenizer import BOS, CLS, EOS, MASK, PAD, VOCAB_SIZE, decode, encode
 
 __all__ = [
@@ -38,4 +45,5 @@ __all__ = [
     "retrieval_ranks",
     "split_documents",
     "unigram_entropy_bits",
+    "windows_batches",
 ]

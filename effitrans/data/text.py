@@ -208,6 +208,23 @@ def join_documents(docs: Sequence[bytes]) -> np.ndarray:
     return out
 
 
+def windows_batches(stream: np.ndarray, n: int, length: int, batch: int, spread: bool = True) -> list[dict]:
+    """n windows of `length` predicted tokens from a 1-D stream (evenly spread), in batches."""
+    need = length + 1
+    if stream.size < need:
+        raise ValueError(f"stream of {stream.size} tokens is shorter than one window of {need}")
+    starts = np.linspace(0, stream.size - need, n).astype(int) if spread else np.arange(n) * length
+    rows = np.stack([stream[s : s + need] for s in starts]).astype(np.int32)  # [n, length + 1]
+    return [
+        {
+            "inputs": rows[i : i + batch, :-1],
+            "targets": rows[i : i + batch, 1:],
+            "weights": np.ones((min(batch, n - i), length), np.float32),
+        }
+        for i in range(0, n, batch)
+    ]
+
+
 def unigram_entropy_bits(corpus, *, val_fraction: float = 0.05) -> float:
     """Entropy (bits per byte) of the byte unigram distribution.
 
