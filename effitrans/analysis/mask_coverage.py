@@ -19,6 +19,7 @@ from effitrans.kernels import masks as masks_lib
 # Coverage within this of the threshold counts as reaching it (float32 sums of probabilities that add to 1).
 COVERAGE_TOLERANCE = 1e-6
 FULL = "full"
+_UNSET = object()
 
 
 def check_threshold(threshold) -> float:
@@ -73,27 +74,26 @@ def candidate_masks(
 def recommend(coverage, density, names: Sequence[str], threshold: float) -> list[dict]:
     """Per layer the cheapest pattern whose coverage reaches `threshold` (ties: the higher coverage).
 
-    coverage [L, M] (layer coverage: mean over heads), density [M], names: the M pattern names (one of them
-    "full", which always qualifies). Returns one {"layer", "pattern", "coverage", "density"} per layer.
+    coverage [L, M] (layer coverage: mean over heads), density [M] or per layer [L, M], names: the M pattern
+    names (one of them "full", which always qualifies). Returns one {"layer", "pattern", "coverage",
+    "density"} per layer.
     """
     threshold = check_threshold(threshold)
     coverage = np.asarray(coverage, np.float64)
-    density = np.asarray(density, np.float64)
     names = list(names)
-    if coverage.ndim != 2 or coverage.shape[1] != len(names) or density.shape != (len(names),):
-        raise ValueError(
-            f"coverage [L, M] and density [M] must match the {len(names)} names, got {coverage.shape} and "
-            f"{density.shape}"
-        )
+    if coverage.ndim != 2 or coverage.shape[1] != len(names):
+        raise ValueError(f"coverage must be [layers, {len(names)}] (one column per name), got {coverage.shape}")
+    density = np.asarray(density, np.float64)
+    if density.shape not in ((len(names),), coverage.shape):
+        raise ValueError(f"density must be [{len(names)}] or {list(coverage.shape)}, got {list(density.shape)}")
+    density = np.broadcast_to(density, coverage.shape)
     if FULL not in names:
         raise ValueError(f"names must include {FULL!r} (the fallback every layer can take), got {names}")
     out = []
-    for layer, row in enumerate(coverage):
+    for layer, (row, cost) in enumerate(zip(coverage, density)):
         ok = [m for m in range(len(names)) if row[m] >= threshold - COVERAGE_TOLERANCE or names[m] == FULL]
-        best = min(ok, key=lambda m: (density[m], -row[m]))
-        out.append(
-            {"layer": layer, "pattern": names[best], "coverage": float(row[best]), "density": float(density[best])}
-        )
+        best = min(ok, key=lambda m: (cost[m], -row[m]))
+        out.append({"layer": layer, "pattern": names[best], "coverage": float(row[best]), "density": float(cost[best])})
     return out
 
 
@@ -129,11 +129,16 @@ def layer_masks(model, per_layer: Sequence[masks_lib.Mask | None]):
     for i, mask in enumerate(per_layer):
         if mask is not None and not isinstance(mask, masks_lib.Mask):
             raise TypeError(f"per_layer[{i}] must be a kernels.masks.Mask or None, got {type(mask).__name__}")
-    saved = [attn.extra_mask for attn in modules]
+    # A layer without its own extra_mask gets the attribute removed again, so its graph (and any jitted
+    # forward compiled for it) is the one it had before.
+    saved = [vars(attn).get("extra_mask", _UNSET) for attn in modules]
     try:
         for attn, mask in zip(modules, per_layer):
             attn.extra_mask = None if isinstance(mask, masks_lib.Full) else mask
         yield model
     finally:
         for attn, mask in zip(modules, saved):
-            attn.extra_mask = mask
+            if mask is _UNSET:
+                del attn.extra_mask
+            else:
+                attn.extra_mask = mask
