@@ -24,6 +24,7 @@ from absl import logging
 
 from effitrans.analysis import attention_maps as am
 from effitrans.analysis import mask_coverage as mc
+from effitrans.perf import machine_description
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join(ROOT, "experiments", "results", "attention_maps")
@@ -182,8 +183,9 @@ def plot(out_dir: str, stats, recs, picks, first, *, map_len: int) -> list[str]:
     for ax, (why, layer, head) in zip(axes[0], picks):
         # Causal rows < t see only keys < t; a non-causal layer's crop drops the mass on later keys.
         p = np.asarray(am.attention_probs(q[layer][:1, :t], k[layer][:1, :t], support=supports[layer]))[0, head]
-        ax.imshow(np.maximum(p, 1e-4), norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma")
-        ax.set_title(f"{why}: layer {layer} head {head}", fontsize=9)
+        ax.imshow(np.maximum(p, 1e-4), norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma", interpolation="nearest")
+        ax.set_xlim(-0.04 * t, t)  # room left of key 0, so a sink column is not hidden under the axis
+        ax.set_title(f"{why if why == 'chosen' else 'most ' + why}: layer {layer} head {head}", fontsize=9)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
     fig.tight_layout()
@@ -327,6 +329,7 @@ def main(argv=None) -> int:
         "command": "python -m effitrans.analysis attention " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "args": vars(args),
+        "machine": machine_description(),
         **meta,
     }
     doc = run(model, calib, held_out, args=args, meta=meta)
