@@ -133,9 +133,14 @@ def test_layer_qk_reads_the_model_without_changing_it():
     q, k, supports = am.layer_qk(model, tokens)
     assert q.shape == (2, 2, 12, 4, 8) and k.shape == (2, 2, 12, 2, 8) and supports == [masks.Causal()] * 2
     # Layer 0's queries are the attention module's own projection of the normed embeddings.
-    block = model.stack.blocks[0]
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    q0, k0, _ = block.attn._qkv(block.attn_norm(model.stack.embed(tokens)), pos)
+
+    @nnx.jit
+    def first_layer_qk(model, tokens):
+        block = model.stack.blocks[0]
+        return block.attn._qkv(block.attn_norm(model.stack.embed(tokens)), pos)[:2]
+
+    q0, k0 = first_layer_qk(model, tokens)
     np.testing.assert_allclose(q[0], q0, atol=1e-5)
     np.testing.assert_allclose(k[0], k0, atol=1e-5)
     after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
