@@ -168,11 +168,15 @@ def _offset_profile(p_rows, q_idx, s: int, t: int):
 
 
 def probs_sums(probs, *, support: masks_lib.Mask, candidates: Sequence[masks_lib.Mask] = (), sink: int = 4) -> dict:
-    """The sums of `attention_sums` from given probabilities probs [B, N, T, S] (e.g. hand-built ones)."""
+    """The sums of `attention_sums` from given probabilities probs [B, N, T, S] (e.g. hand-built ones), which
+    must be 0 on the pairs `support` does not allow (a ValueError otherwise)."""
     probs = jnp.asarray(probs, jnp.float32)
     if probs.ndim != 4:
         raise ValueError(f"probs must be [batch, heads, q_len, kv_len], got shape {tuple(probs.shape)}")
     _check_sums_args(1, sink)
+    outside = float(jnp.max(jnp.where(support.dense(probs.shape[2], probs.shape[3]), 0.0, jnp.abs(probs))))
+    if outside > 0:
+        raise ValueError(f"probs put mass {outside:g} on a pair the support {support!r} does not allow")
     return _probs_sums(probs, support, tuple(candidates), sink)
 
 
@@ -181,7 +185,7 @@ def _probs_sums(probs, support, candidates, sink):
     t, s = probs.shape[2], probs.shape[3]
     q_idx = jnp.arange(t, dtype=jnp.int32)
     allowed = jnp.broadcast_to(support.mask_fn(q_idx[:, None], jnp.arange(s)[None, :]), (t, s))
-    sums, p_rows = _block_sums(probs * allowed, allowed, q_idx, tuple(candidates), sink)
+    sums, p_rows = _block_sums(probs, allowed, q_idx, tuple(candidates), sink)
     sums["profile"] = _offset_profile(p_rows, q_idx, s, t)
     sums["kv_len"] = jnp.asarray(s, jnp.float32)
     return sums

@@ -158,5 +158,9 @@ def test_bad_inputs_are_named():
         am.attention_probs(q, k, support="causal")
     with pytest.raises(ValueError, match="block_q must be an int >= 1, got 0"):
         am.attention_sums(q, k, support=masks.Causal(), block_q=0)
+    with pytest.raises(
+        ValueError, match=r"probs put mass 0.25 on a pair the support Causal\(offset=0\) does not allow"
+    ):
+        am.probs_sums(np.ones((1, 1, 4, 4)) / 4, support=masks.Causal())
     with pytest.raises(ValueError, match="band must be an int >= 0"):
         am.head_statistics(am.probs_sums(_hand_built("sink"), support=masks.Causal()), band=-1)
