@@ -1,0 +1,90 @@
+"""What a run leaves in its workdir besides checkpoints and metrics.jsonl: config.json (the resolved config),
+machine.json (where it ran), TensorBoard event files (every metrics row as scalars, and the config as
+hparams once the run finishes, so TensorBoard's HParams tab compares sweep points) and result.json (the
+final step and held-out metrics; its presence marks a finished run)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+
+RESULT_FILE = "result.json"
+
+
+def flat_config(config) -> dict:
+    """{"model.d_model": 64, "train.steps": 200, ...}: every leaf of a ConfigDict (or nested dict) by dotted path."""
+    plain = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(plain, "")
+    return out
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON to `path` atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_start_records(workdir: str, config) -> None:
+    """WORKDIR/config.json (the resolved config) and WORKDIR/machine.json (effitrans.perf.machine_description)."""
+    from effitrans import perf
+
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    write_json(os.path.join(workdir, "machine.json"), perf.machine_description())
+
+
+def read_result(workdir: str) -> dict | None:
+    """WORKDIR/result.json ({"step", "eval", "train"}) of a finished run, None when the run has not finished."""
+    path = os.path.join(workdir, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _hparam_value(v):
+    """A value TensorBoard's HParams plugin can show: numbers, strings and bools as they are, the rest as text."""
+    return v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+
+
+class EventWriter:
+    """TensorBoard event files in `logdir` (tensorboardX: no TensorFlow needed): `scalars(step, row)` for each
+    metrics row, `hparams(config, metrics)` once at the end. Write errors are logged, never fatal."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+
+    def scalars(self, step: int, row: dict) -> None:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._writer.add_scalar(k, v, step)
+
+    def hparams(self, config, metrics: dict) -> None:
+        """The config's leaves as hparams of this run, with `metrics`' names (already logged as scalars)."""
+        from tensorboardX.summary import hparams
+
+        values = {k: _hparam_value(v) for k, v in flat_config(config).items() if v is not None}
+        for summary in hparams(values, dict.fromkeys(metrics)):
+            self._writer.file_writer.add_summary(summary)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError as e:  # a full disk must not turn a finished run into a crash
+            logging.warning("could not close the TensorBoard writer: %s", e)
