@@ -88,3 +88,28 @@ class EventWriter:
             self._writer.close()
         except OSError as e:  # a full disk must not turn a finished run into a crash
             logging.warning("could not close the TensorBoard writer: %s", e)
+
+
+def _default_flat(config) -> dict:
+    """flat_config of the declared defaults of `config`'s groups (data: of its config.data.name)."""
+    from effitrans import defaults
+
+    groups = {"model": defaults.model(), "train": defaults.train(), "mesh": defaults.mesh()}
+    if "data" in config and "name" in config.data:
+        groups["data"] = defaults.data(config.data.name)
+    out = flat_config({k: json.loads(v.to_json_best_effort()) for k, v in groups.items()})
+    for name in ("funnel", "moe", "autoformer", "dlinear"):
+        if "model" in config and name in config.model and config.model[name] is not None:
+            group = json.loads(getattr(defaults, name)().to_json_best_effort())
+            out.update({f"model.{name}.{k}": v for k, v in flat_config(group).items()})
+    return out
+
+
+def config_lines(config) -> list[str]:
+    """The resolved config as "key = value" lines: keys whose value differs from the declared default first
+    (marked *), then the rest."""
+    defaults_flat = _default_flat(config)
+    flat = flat_config(config)
+    changed = [k for k, v in flat.items() if k not in defaults_flat or defaults_flat[k] != v]
+    same = [k for k in flat if k not in changed]
+    return [f"* {k} = {json.dumps(flat[k])}" for k in changed] + [f"  {k} = {json.dumps(flat[k])}" for k in same]
