@@ -245,26 +245,36 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None, shorthands: Ma
         value = parse_value(text)
         if key in shorthands:
             shorthands[key](config, value)
-            continue
-        parts = key.split(".")
-        node = config
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                where = ".".join(parts[:i]) or "the config"
-                raise ConfigError(
-                    f"config argument {key}={text}: {key} is not a key of this config ({part!r} is not in {where}); "
-                    f"allowed: a dotted config key or one of the config file's shorthands {sorted(shorthands)}"
-                )
-            if i < len(parts) - 1:
-                node = node[part]
-        name = parts[-1]
-        old = node[name]
-        if hasattr(old, "keys"):
-            raise ConfigError(f"config argument {key}={text}: {key} is a group; set one of its keys {sorted(old)}")
-        try:
-            node[name] = value
-        except (TypeError, ValueError) as e:
-            raise ConfigError(
-                f"config argument {key}={text}: {key} holds {type(old).__name__} {old!r}, not {value!r} ({e})"
-            ) from None
+        else:
+            set_key(
+                config,
+                key,
+                value,
+                f"config argument {key}={text}",
+                f"or one of the config file's shorthands {sorted(shorthands)}",
+            )
     return config
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value, what: str, also: str = "") -> None:
+    """config[key] = value for a dotted `key` the config already has, keeping the key's type. `what` starts the
+    ConfigError an unknown key, a group or a value of another type raises (`also`: other allowed keys)."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(
+                f"{what}: {key} is not a key of this config ({part!r} is not in {where}); allowed: a dotted "
+                f"config key{' ' + also if also else ''}"
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    name = parts[-1]
+    old = node[name]
+    if hasattr(old, "keys"):
+        raise ConfigError(f"{what}: {key} is a group; set one of its keys {sorted(old)}")
+    try:
+        node[name] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what}: {key} holds {type(old).__name__} {old!r}, not {value!r} ({e})") from None
