@@ -164,7 +164,7 @@ def test_a_2x2_sweep_killed_with_sigkill_resumes_without_rerunning_finished_poin
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        process_group=0,
     )
     try:
         _wait_for(lambda: os.path.exists(os.path.join(second, "metrics.jsonl")), 300, proc)
