@@ -13,7 +13,7 @@ import pytest
 from effitrans import sweep
 from effitrans.schema import ConfigError
 from effitrans.train import records
-from tests.helpers import ROOT, metrics_rows, subprocess_env
+from tests.helpers import ROOT, checkpoint_steps, metrics_rows, subprocess_env
 
 TINY = "configs/lm_tiny.py:" + ",".join(
     [
@@ -167,19 +167,19 @@ def test_a_2x2_sweep_killed_with_sigkill_resumes_without_rerunning_finished_poin
         process_group=0,
     )
     try:
-        _wait_for(lambda: os.path.exists(os.path.join(second, "metrics.jsonl")), 300, proc)
+        _wait_for(lambda: os.path.isdir(os.path.join(second, "checkpoints")) and checkpoint_steps(second), 900, proc)
         os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its run, as a crashed machine would
         proc.wait()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert records.read_result(first) is not None and records.read_result(second) is None
-    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{points[0].name}: finished before, skipped" in done.stdout
     starts = lambda d: [r for r in metrics_rows(d) if r.get("event") == "start"]
     assert len(starts(first)) == 1  # not run again
-    assert len(starts(second)) == 2  # the killed run, resumed
+    assert [r["step"] for r in starts(second)] == [0, 2]  # the killed run, resumed from its checkpoint
     rows = json.loads((workdir / "results.json").read_text())
     assert len(rows) == 4 and all(r["status"] == "done" and r["step"] == 4 for r in rows)
     assert {"train.seed", "train.learning_rate", "loss", "eval_loss", "eval_bits_per_byte"} <= set(rows[0])
