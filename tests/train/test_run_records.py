@@ -59,3 +59,13 @@ def test_profile_steps_takes_a_step_range_only():
         with pytest.raises(ConfigError, match=r"config.train.profile_steps=.* \"START:END\" with 0 <= START < END"):
             validate({"profile_steps": bad}, TRAIN_KEYS, "config.train")
     validate(defaults.train(profile_steps="0:1"), TRAIN_KEYS, "config.train")
+
+
+def test_the_printed_config_lists_non_default_keys_first():
+    from effitrans.train.records import config_lines
+
+    lines = config_lines(tiny_lm_experiment(steps=4))
+    changed = [line for line in lines if line.startswith("* ")]
+    assert lines[: len(changed)] == changed and all(line.startswith("  ") for line in lines[len(changed) :])
+    assert "* train.steps = 4" in changed and "* model.num_layers = 1" in changed
+    assert "  train.b1 = 0.9" in lines and "  mesh.data = 1" in lines
