@@ -314,7 +314,11 @@ def plot(workdir: str, rows: list[dict], metric: str, key: str) -> str:
     if not done:
         known = sorted({k for r in rows for k in r})
         raise ValueError(f"--metric={metric} --key={key}: no finished point has both; columns: {known}")
-    others = [k for k in dict.fromkeys(k for r in rows for k in r) if "." in k and k != key]
+    others = [  # the other override keys that vary: one line per combination of their values
+        k
+        for k in dict.fromkeys(k for r in rows for k in r)
+        if "." in k and k != key and len({_cell(r.get(k)) for r in rows}) > 1
+    ]
     numeric = all(isinstance(r[key], (int, float)) and not isinstance(r[key], bool) for r in done)
     xs = sorted({_cell(r[key]) for r in done}) if not numeric else None
     fig, ax = plt.subplots(figsize=(6, 4))
