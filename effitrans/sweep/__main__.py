@@ -38,7 +38,9 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points run at the same time.", 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command and run nothing.")
 _COLLECT = flags.DEFINE_bool("collect", False, "Only collect DIR's results into tables (and the plot).")
 _EMIT = flags.DEFINE_enum("emit", None, ["slurm"], "Write DIR/sweep.slurm (one array task per point); run nothing.")
-_METRIC = flags.DEFINE_string("metric", None, "Metric of the plot (default: the first eval_* column, else loss).")
+_METRIC = flags.DEFINE_string(
+    "metric", None, "Metric of the plot (default: eval_loss, else an eval_* column, else loss)."
+)
 _KEY = flags.DEFINE_string("key", None, "Override key on the plot's x axis (default: the first one).")
 
 PROG = "effitrans.sweep"
@@ -53,7 +55,8 @@ def _report(workdir: str, points: list[Point]) -> None:
     for path in write_table(workdir, rows):
         _say(f"wrote {path}")
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    metric = _METRIC.value or next((c for c in columns if c.startswith("eval_")), "loss")
+    evals = [c for c in columns if c.startswith("eval_")]
+    metric = _METRIC.value or ("eval_loss" if "eval_loss" in evals else next(iter(evals), "loss"))
     key = _KEY.value or next((c for c in columns if "." in c), None)
     if key is None:
         return
