@@ -2,15 +2,19 @@
 weekly cycles + noise; effitrans.data.timeseries), MSE / MAE on the normalised test split.
 
 With statsmodels installed (pip install 'effitrans[timeseries]'), --config.data.series=co2 runs it on the Mauna Loa
-weekly CO2 series (univariate, 2,284 weeks)."""
+weekly CO2 series (univariate, 2,284 weeks).
+
+Argument: `--config=configs/autoformer_synthetic.py:key=value,...` sets dotted config keys (`train.steps=50`,
+`model.attention.impl=xla`) before any --config.x override; effitrans.schema.apply_arg.
+"""
 
 from effitrans import defaults
+from effitrans.schema import apply_arg
 
 INPUT_LEN, PRED_LEN = 96, 24
 
 
 def get_config(arg=None):
-    del arg
     data = defaults.data(
         "timeseries", series="synthetic", length=2000, num_series=1, input_len=INPUT_LEN, pred_len=PRED_LEN
     )
@@ -19,7 +23,7 @@ def get_config(arg=None):
         name="autoformer", d_model=64, num_heads=4, head_dim=16, ffn_width=128, ffn_activation="gelu"
     )
     model.autoformer = defaults.autoformer(input_len=INPUT_LEN, pred_len=PRED_LEN, label_len=INPUT_LEN // 2)
-    return defaults.experiment(
+    config = defaults.experiment(
         model,
         data,
         defaults.train(
@@ -35,3 +39,4 @@ def get_config(arg=None):
         ),
         defaults.mesh(),
     )
+    return apply_arg(config, arg)

@@ -6,13 +6,16 @@ shared bytes): this encoder reaches ~51% recall@1 over 1024 held-out passages in
 quality differences are measurable. data.pairing="halves" (first half -> second half, no shared text) is
 the harder continuation task: ~2% recall@1 after 100-400 steps at this size. lr 1e-3 made the contrastive
 loss on halves sit near chance (ln 32) after warmup; 3e-4 trains.
+
+Argument: `--config=configs/encoder_retrieval_small.py:key=value,...` sets dotted config keys (`train.steps=50`,
+`model.attention.impl=xla`) before any --config.x override; effitrans.schema.apply_arg.
 """
 
 from effitrans import defaults
+from effitrans.schema import apply_arg
 
 
 def get_config(arg=None):
-    del arg
     data = defaults.data(
         "text_retrieval",
         query_len=64,  # bytes of the query (first half), CLS included
@@ -20,7 +23,7 @@ def get_config(arg=None):
         max_eval_examples=512,  # held-out pairs scored against each other
         pairing="crops",  # or "halves": query = first half, doc = second half (much harder)
     )
-    return defaults.experiment(
+    config = defaults.experiment(
         defaults.model(
             name="encoder_embedding",
             num_layers=6,
@@ -45,3 +48,4 @@ def get_config(arg=None):
         ),
         defaults.mesh(),
     )
+    return apply_arg(config, arg)

@@ -4,16 +4,18 @@ dense, as in DeepSeek-V3): 8 experts of width 96, top-2 routing plus one shared 
 dropless dispatch, the Switch aux loss and the aux-loss-free selection bias. docs/moe.md.
 
 python -m effitrans.main --config=configs/moe_lm_tiny.py --workdir=/tmp/moe_lm_tiny
+
+Argument: `--config=configs/moe_lm_tiny.py:key=value,...` sets dotted config keys (`train.steps=50`,
+`model.attention.impl=xla`) before any --config.x override; effitrans.schema.apply_arg.
 """
 
 import os
 
 from effitrans import defaults
-from effitrans.schema import load_config
+from effitrans.schema import apply_arg, load_config
 
 
 def get_config(arg=None):
-    del arg
     config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_tiny.py"))
     config.model.moe = defaults.moe(
         layers=[1],  # layer 0 keeps its dense GLU
@@ -27,4 +29,4 @@ def get_config(arg=None):
         bias_update_rate=1e-3,
     )
     config.train.log_every = 10
-    return config
+    return apply_arg(config, arg)

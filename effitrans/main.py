@@ -30,7 +30,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a configs/*.py file (optionally file.py:arg).", lock_config=True
+    "config",
+    None,
+    "Path to a configs/*.py file, optionally file.py:key=value,... (schema.apply_arg).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.jsonl.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to run.")
@@ -194,7 +197,13 @@ def _run_mode(argv) -> None:
     prompt = _sample_prompt(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; keep the progress lines readable
     _init_distributed()
+    import jax
+
+    from effitrans.train import records
     from effitrans.train.trainer import Trainer
+
+    if jax.process_index() == 0:  # non-default keys (*) first; the same config lands in WORKDIR/config.json
+        print("config:\n  " + "\n  ".join(records.config_lines(config)), flush=True)
 
     trainer = Trainer(config, _WORKDIR.value, on_config_change=_ON_CONFIG_CHANGE.value)
     if _MODE.value == "train":
@@ -227,7 +236,7 @@ def _config_argument(argv) -> str | None:
 
 def _load_config_file(spec: str, debug: bool):
     """get_config() of the --config file, or exit 2 naming the file and what went wrong in it."""
-    from effitrans.schema import load_config
+    from effitrans.schema import ConfigError, load_config
 
     path = spec.rsplit(":", 1)[0] if ":" in os.path.basename(spec) else spec
     flag = f"--config={spec}"
@@ -237,6 +246,8 @@ def _load_config_file(spec: str, debug: bool):
         return load_config(spec)
     except SyntaxError as e:
         _exit_user_error(f"{flag}: syntax error in {e.filename} line {e.lineno}: {e.msg}", debug)
+    except ConfigError as e:  # e.g. a bad file.py:key=value argument
+        _exit_user_error(f"{flag}: {e}", debug)
     except Exception as e:  # noqa: BLE001 - whatever a config file raises is the config file's problem
         lines = [
             f.lineno

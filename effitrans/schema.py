@@ -196,3 +196,85 @@ def value(cfg: Mapping, group: Group, name: str):
     """cfg[name], or the key's declared default when the config leaves it out or None."""
     v = cfg.get(name)
     return group[name].default if v is None else v
+
+
+def split_arg(arg: str) -> list[tuple[str, str]]:
+    """'a=1,b.c=[2,3],d=x' -> [("a", "1"), ("b.c", "[2,3]"), ("d", "x")]: commas inside brackets or quotes stay."""
+    parts, depth, quote, current = [], 0, None, ""
+    for ch in arg:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += ch
+    parts.append(current)
+    out = []
+    for part in parts:
+        key, eq, text = part.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"config argument {part!r} is not key=value (allowed: 'key=value,key2=value2,...')")
+        out.append((key.strip(), text.strip()))
+    return out
+
+
+def parse_value(text: str):
+    """A Python literal ('4', '[2, 4]', 'None', '0.5', 'True') as its value; anything else as the string itself."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None, shorthands: Mapping | None = None):
+    """`config` with the config-file argument `arg` applied: 'key=value,...' (the `file.py:key=value,...` of
+    --config), where a key is a dotted config key (train.steps=50, model.funnel.strides=[4]) or one of the config
+    file's `shorthands` (name -> function(config, value) that sets the keys it stands for). An unknown key, or
+    a value of another type than the key's, raises ConfigError naming the key. None or "" changes nothing."""
+    shorthands = dict(shorthands or {})
+    for key, text in split_arg(arg) if arg else ():
+        value = parse_value(text)
+        if key in shorthands:
+            shorthands[key](config, value)
+        else:
+            set_key(
+                config,
+                key,
+                value,
+                f"config argument {key}={text}",
+                f"or one of the config file's shorthands {sorted(shorthands)}",
+            )
+    return config
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value, what: str, also: str = "") -> None:
+    """config[key] = value for a dotted `key` the config already has, keeping the key's type. `what` starts the
+    ConfigError an unknown key, a group or a value of another type raises (`also`: other allowed keys)."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if not hasattr(node, "keys") or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(
+                f"{what}: {key} is not a key of this config ({part!r} is not in {where}); allowed: a dotted "
+                f"config key{' ' + also if also else ''}"
+            )
+        if i < len(parts) - 1:
+            node = node[part]
+    name = parts[-1]
+    old = node[name]
+    if hasattr(old, "keys"):
+        raise ConfigError(f"{what}: {key} is a group; set one of its keys {sorted(old)}")
+    try:
+        node[name] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what}: {key} holds {type(old).__name__} {old!r}, not {value!r} ({e})") from None

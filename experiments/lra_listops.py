@@ -74,17 +74,15 @@ GRIDS = {
 
 
 def family_options(kind: str, seq_len: int) -> dict:
-    """Per-kind attention keys, scaled with the sequence length (global tokens = CLS for the window)."""
-    w = max(seq_len // 8, 16)
-    return {
-        "dense": {},
-        "sliding_window": {"window_left": w, "window_right": w, "num_global": 1},
-        "sparse_strided": {"stride": max(int(seq_len**0.5), 4)},
-        "sparse_fixed": {"block": max(int(seq_len**0.5), 4), "summary": 2},
-        "lsh": {"n_buckets": max(seq_len // 32, 2), "n_hashes": 2, "chunk_len": 32},
-        "routing": {"num_clusters": max(int(seq_len**0.5) // 4, 2), "local_window": w // 2},
-        "transient_global": {"local_radius": w // 2 - 1, "global_block": 16},
-    }[kind]
+    """Per-kind attention keys, scaled with the sequence length: those of configs/sweeps/lra_listops.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lra_listops_sweep", os.path.join(ROOT, "configs", "sweeps", "lra_listops.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.family_options(kind, seq_len)
 
 
 def make_config(kind: str, grid: dict, seed: int):

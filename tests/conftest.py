@@ -1,4 +1,4 @@
-"""Test-session setup: 8 fake CPU devices (so meshes are testable on one CPU)."""
+"""Test setup: 8 fake CPU devices (so meshes are testable on one CPU)."""
 
 import os
 

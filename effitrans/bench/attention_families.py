@@ -1,4 +1,4 @@
-"""The attention-families part of `python -m effitrans.bench attention` (issue 4).
+"""The attention-families part of `python -m effitrans.bench attention`.
 
 Two measurements, both bidirectional (encoder) attention at d_model 512, 8 heads x 64, batch 1, float32:
 

@@ -122,3 +122,46 @@ def build_model_fast(model_cfg):
         return jax.tree.unflatten(tree, out)
 
     return nnx.merge(graphdef, fill(abstract))
+
+
+def config_from_args(argv: Sequence[str], default: str, prog: str) -> tuple[Any, str, list[str]]:
+    """(config, its --config spec, the other args) of a benchmark's argv: `--config=FILE[:key=value,...]`
+    (default `default`) and `--config.a.b=value` overrides, parsed by ml_collections' config_flags as
+    `python -m effitrans.main` parses them. A bad file, key or value exits 2 with one line naming it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from effitrans.schema import ConfigError, load_config
+
+    argv, config_args, rest = list(argv), [], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--config" and argv:
+            config_args.append(f"--config={argv.pop(0)}")
+        elif arg.startswith(("--config=", "--config.")):
+            config_args.append(arg)
+        else:
+            rest.append(arg)
+    specs = [a.split("=", 1)[1] for a in config_args if a.startswith("--config=")]
+    spec = specs[-1] if specs else default
+    parse = [prog, f"--config={spec}", *[a for a in config_args if a.startswith("--config.")]]
+    fl = flags.FlagValues()  # overrides are found in sys_argv (config_flags reads sys.argv without it)
+    config_flags.DEFINE_config_file("config", None, "configs/*.py", flag_values=fl, lock_config=True, sys_argv=parse)
+    try:
+        base = load_config(spec)
+        for arg in parse[2:]:
+            key = arg[len("--config.") :].split("=", 1)[0]
+            node, parts = base, key.split(".")
+            for i, part in enumerate(parts):
+                if not hasattr(node, "keys") or part not in node:
+                    where = ".".join(["config", *parts[:i]])
+                    known = sorted(node.keys()) if hasattr(node, "keys") else []
+                    raise ConfigError(
+                        f"bad config override {arg}: config.{key} does not exist; keys of {where}: {known}"
+                    )
+                node = node[part]
+        fl(parse)
+        return fl.config, spec, rest
+    except (flags.Error, OSError, ConfigError, TypeError, ValueError, AttributeError, KeyError) as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -16,6 +16,7 @@ so a single length says little; with --json and more than one length a PNG of cu
 next to the JSON.
 
     python -m effitrans.bench serve --config=configs/encoder_retrieval_small.py --seq_len 128,256,512 [--json PATH]
+    ... --config.model.attention.impl=xla   (any config key, as in effitrans.main)
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import numpy as np
 
 from effitrans import perf
 from effitrans.bench import common
-from effitrans.schema import load_config
 
 
 def variants(model_cfg, args) -> list:
@@ -162,7 +162,6 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", default="configs/encoder_retrieval_small.py")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq_len", default="256", help="one length or a comma list, e.g. 128,256,512")
     p.add_argument("--requests", type=int, default=30)
@@ -171,9 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--tga_block", type=int, default=16)
     p.add_argument("--impl", default=None, help="override config.model.attention.impl (dense/funnel)")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    cfg, spec, rest = common.config_from_args(argv, "configs/encoder_retrieval_small.py", "effitrans.bench serve")
+    args = p.parse_args(rest)
     lengths = parse_lengths(args.seq_len)
-    cfg = load_config(args.config)
     if args.impl:
         cfg.model.attention.impl = args.impl
     runs = []
@@ -201,7 +200,7 @@ def main(argv=None) -> int:
     )
     print(common.format_table(rows, cols))
     print(common.markdown_table(rows, cols))
-    common.write_json(args.json, rows, config=args.config)
+    common.write_json(args.json, rows, config=spec)
     if args.json and len(lengths) > 1:
         plot_cuts(rows, os.path.splitext(args.json)[0] + ".png")
     return 0

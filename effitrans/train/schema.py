@@ -13,6 +13,26 @@ from effitrans.schema import (
     rules_table,
 )
 
+
+def parse_step_range(v: str) -> tuple[int, int] | None:
+    """(start, end) of a "START:END" step range (0 <= START < END), None for ""; ValueError otherwise."""
+    if v == "":
+        return None
+    parts = v.split(":") if isinstance(v, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+        raise ValueError(f'{v!r} is not a step range: expected "START:END" with 0 <= START < END, or ""')
+    return int(parts[0]), int(parts[1])
+
+
+def step_range(v) -> str | None:
+    """The check of train.profile_steps."""
+    try:
+        parse_step_range(v)
+    except ValueError:
+        return '"" or "START:END" with 0 <= START < END (e.g. "10:13")'
+    return None
+
+
 TRAIN_KEYS = {
     "task": Key("lm", one_of("lm", "classification", "retrieval", "forecast"), "must fit model.name"),
     "steps": Key(300, int_at_least(1), "optimizer updates"),
@@ -33,6 +53,9 @@ TRAIN_KEYS = {
     "contrastive_temperature": Key(0.05, float_at_least(0.0, strict=True), "retrieval: InfoNCE temperature"),
     "sample_prompt": Key("The Python ", non_empty_string, "lm: prompt for the sample printed after training"),
     "sample_tokens": Key(120, int_at_least(0), "lm: how many bytes to generate for that sample"),
+    "profile_steps": Key(
+        "", step_range, 'jax.profiler trace of steps START..END-1 into WORKDIR/profile, e.g. "10:13"; "" for none'
+    ),
 }
 
 # Logical axis -> mesh axes (t5x-style). Dimensions a mesh axis does not divide are replicated.

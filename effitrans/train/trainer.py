@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,7 +37,7 @@ from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
 from effitrans.layers.params import StateVariable, commit_updates, pop_reports
 from effitrans.registry import build_model
-from effitrans.train import partitioning
+from effitrans.train import partitioning, records
 from effitrans.train.checkpoints import (
     Checkpointer,
     CheckpointError,
@@ -47,6 +48,7 @@ from effitrans.train.checkpoints import (
     shape_signature,
 )
 from effitrans.train.optimizer import learning_rate_schedule, make_optimizer
+from effitrans.train.schema import parse_step_range
 from effitrans.train.tasks import BITS_PER_NAT, Task, task_from_config
 
 
@@ -161,6 +163,7 @@ class Trainer:
         self.peak_gflops = peak_gflops
         self._stop_signal: int | None = None
         self._resumed_from: int | None = None
+        self._events: records.EventWriter | None = None  # TensorBoard, open during train() on process 0
 
     # ---- state ------------------------------------------------------------------------------------
 
@@ -401,6 +404,8 @@ class Trainer:
         os.makedirs(self.workdir, exist_ok=True)
         with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._events is not None and "event" not in row:
+            self._events.scalars(row["step"], row)
 
     def _on_signal(self, signum, frame):  # noqa: ARG002 - signal handler signature
         self._stop_signal = signum
@@ -441,6 +446,31 @@ class Trainer:
                 f"the steps since the last check). {kept}"
             )
 
+    def _profile_range(self, start: int, end: int) -> tuple[int, int] | None:
+        """config.train.profile_steps as (first, end) step indices when this run reaches them, else None."""
+        steps = parse_step_range(self.config.train.get("profile_steps", ""))
+        if steps is None:
+            return None
+        first, stop = steps
+        if first < start or stop > end:
+            logging.warning(
+                "config.train.profile_steps=%r lies outside the steps this run takes (%d-%d): no profile",
+                self.config.train.profile_steps,
+                start,
+                end - 1,
+            )
+            return None
+        return steps
+
+    def _write_result(self, eval_metrics: dict, history: list) -> None:
+        """WORKDIR/result.json (marks the run finished) and the config as TensorBoard hparams; process 0 only."""
+        if jax.process_index() != 0:
+            return
+        result = {"step": self.config.train.steps, "eval": eval_metrics, "train": history[-1] if history else None}
+        records.write_json(os.path.join(self.workdir, records.RESULT_FILE), result)
+        if self._events is not None:
+            self._events.hparams(self.config, {**eval_metrics, **({"loss": 0.0} if history else {})})
+
     def train(self, *, until: int | None = None) -> dict:
         """Runs (or resumes) training to config.train.steps, or only to step `until` of that schedule (a
         checkpoint is written there). Returns the final state, eval metrics (at config.train.steps), whether
@@ -463,6 +493,9 @@ class Trainer:
             self.peak_gflops, peak_source = perf.matmul_peak_gflops("float32")
         flops_per_step = self._flops_per_step()
         tokens_per_step = self.task.tokens(self.dataset.get_batch(0)) * jax.process_count()
+        if jax.process_index() == 0:
+            records.write_start_records(self.workdir, self.config)
+            self._events = records.EventWriter(self.workdir)
         self._write_metrics(
             {
                 "event": "start",
@@ -477,6 +510,7 @@ class Trainer:
             f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{end} | "
             f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s ({peak_source})"
         )
+        profile, tracing = self._profile_range(start, end), False
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         pool = ThreadPoolExecutor(1, thread_name_prefix="effitrans-prefetch") if self.prefetch else None
         last_good = self._resumed_from  # the newest checkpoint known to hold finite params
@@ -488,8 +522,17 @@ class Trainer:
             in_flight: collections.deque = collections.deque()
             upcoming = pool.submit(self.step_inputs, start) if pool is not None and start < end else None
             for step in range(start, end):
+                if profile is not None and step == profile[0]:
+                    jax.profiler.start_trace(os.path.join(self.workdir, "profile"))
+                    tracing = True
                 batch, teacher_out, variant = upcoming.result() if pool is not None else self.step_inputs(step)
-                state, metrics = self._train_step(state, batch, teacher_out, variant=variant)  # dispatched
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = self._train_step(state, batch, teacher_out, variant=variant)  # dispatched
+                if profile is not None and step + 1 == profile[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                    tracing = False
+                    self._log(f"profiler trace of steps {profile[0]}-{step} in {self.workdir}/profile")
                 done = step + 1
                 if pool is not None and done < end:
                     upcoming = pool.submit(self.step_inputs, done)  # built while this step runs
@@ -546,12 +589,19 @@ class Trainer:
             interrupted = self._stop_signal is not None
             if not eval_metrics and not interrupted and end == cfg.steps:  # e.g. rerun of a finished run
                 eval_metrics = self.evaluate(state["params"], state["model_state"])
+            if not interrupted and end == cfg.steps:
+                self._write_result(eval_metrics, history)
             self._log(
                 f"{'stopped' if interrupted else 'finished'} at step {int(jax.device_get(state['step']))} "
                 f"in {_format_eta(time.perf_counter() - run_start)}"
             )
             return {"state": state, "eval": eval_metrics, "interrupted": interrupted, "history": history}
         finally:
+            if tracing:  # stopped inside the traced range
+                jax.profiler.stop_trace()
+            if self._events is not None:
+                self._events.close()
+                self._events = None
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             self.checkpointer.wait()

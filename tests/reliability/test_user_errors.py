@@ -80,7 +80,7 @@ def parse_table(text: str) -> list[tuple[str, list[str], str]]:
 
 
 TABLE = parse_table(TABLE_TEXT)
-SUBPROCESS_ONLY = {"eval_batch_vs_mesh": ["--cpu_devices=2"]}  # in-process the test session has 8 devices
+SUBPROCESS_ONLY = {"eval_batch_vs_mesh": ["--cpu_devices=2"]}  # in-process the test run has 8 devices
 
 
 @pytest.fixture
