@@ -118,8 +118,11 @@ class Block(nnx.Module):
                 model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype
             )
 
-    def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False):
-        """x [B, T, D] -> (x [B, T, D], cache)."""
+    def __call__(
+        self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False, token_mask=None
+    ):
+        """x [B, T, D] -> (x [B, T, D], cache). token_mask bool [B, T]: the real tokens an MoE feed-forward routes
+        (None: segment ids != 0 when they are one array, the Encoder's padding convention; else every token)."""
         h, cache = self.attn(
             self.attn_norm(x),
             positions=positions,
@@ -131,7 +134,12 @@ class Block(nnx.Module):
         )
         x = x + h
         h = self.ffn_norm(x)
-        x = x + (self.ffn(h, decode=decode) if isinstance(self.ffn, MoEFeedForward) else self.ffn(h))
+        if isinstance(self.ffn, MoEFeedForward):
+            if token_mask is None and segment_ids is not None and not isinstance(segment_ids, tuple):
+                token_mask = segment_ids != 0
+            x = x + self.ffn(h, valid=token_mask, decode=decode)
+        else:
+            x = x + self.ffn(h)
         return x, cache
 
 
