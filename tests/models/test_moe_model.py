@@ -67,6 +67,19 @@ def test_shipped_moe_configs_have_the_active_parameters_of_their_dense_twin(moe,
     assert router * 64 < 0.005 * perf.forward_flops(dense_cfg, 1, 64)  # the router: < 0.5% of the work
 
 
+def test_dense_twin_has_equal_active_parameters_and_no_router():
+    """bench train's baseline for an MoE config: dense GLUs of the width a token uses, nothing else changed."""
+    from effitrans.bench.train import dense_twin
+
+    config = shipped_config("moe_lm_small")
+    twin = dense_twin(config)
+    assert "moe" not in twin.model and "moe" in config.model
+    assert list(twin.model.ffn_width) == [1536, 1536, 1536, 1536]  # layer 0 dense; (3 + 1) x 384 in 1..3
+    router = 2 * 512 * 16 * 3  # per token, in the three MoE layers
+    assert perf.forward_flops(config.model, 1, 8) == perf.forward_flops(twin.model, 1, 8) + 8 * router
+    validate_model_config(twin.model)
+
+
 @pytest.mark.slow  # ~20-45 s on 2 loaded cores (three XLA compiles); the jitted step in tests/layers/test_moe.py
 # is its fast representative (reports popped, bias committed), and test_configs validates configs/moe_lm_tiny.py
 def test_moe_lm_trains_with_aux_loss_router_metrics_and_the_committed_bias(tmp_path):
