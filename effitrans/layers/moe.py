@@ -27,7 +27,7 @@ from flax import nnx
 
 from effitrans.layers.glu import ACTIVATIONS, GLUFeedForward
 from effitrans.layers.params import StateVariable, fan_in_normal, init_param, propose_update, report
-from effitrans.schema import Key, boolean, float_at_least, int_at_least, is_int, one_of
+from effitrans.schema import Key, boolean, float_at_least, int_at_least, int_or_int_list, is_int, one_of
 
 GATINGS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity", "dense")
@@ -41,7 +41,9 @@ def layer_indices(v):
 # config.model.moe (present: the layers it names use MoEFeedForward; absent: every layer is a dense GLU).
 MOE_KEYS = {
     "layers": Key(None, layer_indices, "layers with an MoE feed-forward; None = every layer", object),
-    "num_experts": Key(8, int_at_least(1), "routed experts E"),
+    "num_experts": Key(
+        8, int_or_int_list, "routed experts E: an int, or one per MoE layer in layer order (pruned experts)", object
+    ),
     "expert_width": Key(96, int_at_least(1), "GLU width F of each expert (and of each shared expert)"),
     "top_k": Key(2, int_at_least(1), "routed experts per token K"),
     "num_shared_experts": Key(0, int_at_least(0), "experts every token uses (one GLU of width n x expert_width)"),
@@ -183,9 +185,10 @@ def experts_reference(x, experts, weights, w_gate, w_up, w_down, activation: str
     return y
 
 
-def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu"):
+def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu", *, per_assignment=False):
     """The T x K assignments sorted by expert, each expert's rows one group of `jax.lax.ragged_dot`. Same
-    arguments and result as experts_reference; the work is T x K rows, not T x E."""
+    arguments and result as experts_reference; the work is T x K rows, not T x E. per_assignment: also return
+    each assignment's weighted expert output [T, K, D] (what expert experts[t, k] adds to token t)."""
     num_tokens, top_k = experts.shape
     flat = experts.reshape(-1)  # [T*K]
     order = jnp.argsort(flat, stable=True)  # [T*K] assignment index, grouped by expert
@@ -194,7 +197,8 @@ def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str 
     h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
     ys = jax.lax.ragged_dot(h, w_down, sizes)  # [T*K, D]
     ys = ys[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # [T, K, D] back in assignment order
-    return jnp.einsum("TKD,TK->TD", ys, weights.astype(x.dtype))
+    y = jnp.einsum("TKD,TK->TD", ys, weights.astype(x.dtype))
+    return (y, ys * weights[..., None].astype(x.dtype)) if per_assignment else y
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -237,6 +241,22 @@ def experts_capacity(x, experts, weights, w_gate, w_up, w_down, activation: str 
 
 
 # ---- the module ------------------------------------------------------------------------------------------
+
+
+class ExpertStatistics(nnx.Variable):
+    """Per-expert sums of one forward pass, written only while the module's `record_experts` is set
+    (effitrans.pruning.expert_statistics): {"load": assignments [E], "output_norm": sum of ||weighted expert
+    output||_2 over its assignments [E], "tokens": real tokens []}."""
+
+
+def expert_statistics_of(x, r: Routing, weights, w_gate, w_up, w_down, activation: str, valid=None) -> dict:
+    """The ExpertStatistics sums for tokens x [T, D] routed by r (weights [T, K] with padding zeroed)."""
+    num_experts = w_gate.shape[0]
+    _, contrib = experts_dropless(x, r.experts, weights, w_gate, w_up, w_down, activation, per_assignment=True)
+    norms = jnp.linalg.norm(contrib.astype(jnp.float32), axis=-1)  # [T, K]
+    out_norm = jnp.zeros((num_experts,), jnp.float32).at[r.experts.reshape(-1)].add(norms.reshape(-1))
+    tokens = x.shape[0] if valid is None else jnp.sum(valid)
+    return {"load": expert_counts(r.experts, num_experts, valid), "output_norm": out_norm, "tokens": tokens}
 
 
 class MoEFeedForward(nnx.Module):
@@ -291,6 +311,7 @@ class MoEFeedForward(nnx.Module):
             else None
         )
         self.selection_bias = StateVariable(jnp.zeros((num_experts,), jnp.float32), logical_axes=("experts",))
+        self.record_experts = False  # set by effitrans.pruning.expert_statistics
 
     def routing(self, x) -> Routing:
         """x [T, D] -> Routing (router in float32)."""
@@ -324,6 +345,8 @@ class MoEFeedForward(nnx.Module):
         else:
             capacity = expert_capacity(xt.shape[0], self.top_k, self.num_experts, self.capacity_factor)
             y, dropped = experts_capacity(xt, r.experts, weights, *w, self.activation, capacity=capacity, valid=v)
+        if self.record_experts:
+            self.expert_stats = ExpertStatistics(expert_statistics_of(xt, r, weights, *w, self.activation, v))
         y = y.reshape(shape)
         if self.shared is not None:
             y = y + self.shared(x)
