@@ -234,9 +234,10 @@ def forward_flops(model_cfg, batch: int, length: int, spec=None) -> float:
         from effitrans.schema import value
 
         o = {key: value(m.moe, MOE_KEYS, key) for key in MOE_KEYS}
-        active = 3 * d * o["expert_width"] * (o["top_k"] + o["num_shared_experts"]) + d * o["num_experts"]
-        for i in range(m.num_layers) if o["layers"] is None else o["layers"]:
-            ffn[i] = active
+        layers = sorted(range(m.num_layers) if o["layers"] is None else o["layers"])
+        experts = o["num_experts"] if isinstance(o["num_experts"], (list, tuple)) else [o["num_experts"]] * len(layers)
+        for i, e in zip(layers, experts):
+            ffn[i] = 3 * d * o["expert_width"] * (o["top_k"] + o["num_shared_experts"]) + d * e
     total = 0.0
     for f, tq, tkv in zip(ffn, lengths_q, lengths_kv):
         total += 2 * tq * (d * n * h + n * h * d + f)  # q, o projections and the feed-forward

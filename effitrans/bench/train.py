@@ -3,7 +3,9 @@
 Times effitrans's jitted training step on a config's model and data and reports tokens/s and MFU, where
 MFU's peak is a float32 matmul measured in the same process. As the baseline, the same model written in
 plain JAX (raw arrays, one function, jax.nn.dot_product_attention, the same AdamW) is timed in the same
-run, so the table shows what the framework costs, not just what the machine can do.
+run, so the table shows what the framework costs, not just what the machine can do. For a config with
+`model.moe`, the baseline is its dense twin instead (`dense_twin`: dense GLUs of the width a token uses, so
+equal active parameters), and one MoE layer's forward is split into routing, expert matmuls and dispatch.
 """
 
 from __future__ import annotations
@@ -97,6 +99,86 @@ def plain_jax_train_step(model_cfg, train_cfg):
     return init, step
 
 
+def dense_twin(config):
+    """The config with model.moe removed and each MoE layer's feed-forward a dense GLU of the width a token
+    uses there ((top_k + shared experts) x expert_width): equal active parameters, no routing."""
+    from effitrans.models.transformer import ffn_widths, moe_layers, moe_options
+
+    twin = config.copy_and_resolve_references()
+    o, layers = moe_options(config.model), moe_layers(config.model)
+    active = (o["top_k"] + o["num_shared_experts"]) * o["expert_width"]
+    widths = [active if i in layers else w for i, w in enumerate(ffn_widths(config.model))]
+    with twin.unlocked():
+        del twin.model["moe"]
+        del twin.model["ffn_width"]  # an int field: per-layer widths are a list
+        twin.model.ffn_width = widths
+    return twin
+
+
+def _time_trainer(config, peak: float, steps: int, warmup: int):
+    """(median step seconds, global batches, tokens per step, model FLOPs per step) of the Trainer's step."""
+    from effitrans import perf
+    from effitrans.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(config, workdir, peak_gflops=peak, verbose=False)
+        local = [trainer.dataset.get_batch(s) for s in range(4)]
+        batches = [trainer.global_batch(b) for b in local]
+        flops = perf.train_flops_per_step(config.model, config.train.task, {k: v.shape for k, v in local[0].items()})
+        t, _ = _median_step_time(trainer._train_step, trainer.init_state(), batches, steps, warmup)
+        trainer.checkpointer.close()
+    return t, batches, trainer.task.tokens(local[0]), flops
+
+
+def moe_breakdown(config, num_tokens: int, repeats: int = 5) -> dict:
+    """Forward time of one MoE layer of `config` on [num_tokens, D] split into its parts, beside the dense GLU
+    of the same active width: route (router matmul, top-k), expert matmuls (ragged_dot on tokens already sorted
+    by expert), and the rest of the dropless layer (sort, gather, scatter back, combine). Seconds, medians."""
+    import jax
+    import jax.numpy as jnp
+
+    from effitrans import perf
+    from effitrans.layers.glu import glu_feed_forward
+    from effitrans.layers.moe import ACTIVATIONS, experts_dropless, route
+    from effitrans.models.transformer import moe_options
+
+    o, d, act = moe_options(config.model), config.model.d_model, config.model.ffn_activation
+    e, f, k = o["num_experts"], o["expert_width"], o["top_k"]
+    ks = jax.random.split(jax.random.key(0), 8)
+    x = jax.random.normal(ks[0], (num_tokens, d))
+    router = jax.random.normal(ks[1], (d, e)) / d**0.5
+    wg, wu = (jax.random.normal(kk, (e, d, f)) / d**0.5 for kk in ks[2:4])
+    wd = jax.random.normal(ks[4], (e, f, d)) / f**0.5
+    active = (k + o["num_shared_experts"]) * f
+    dg, du = (jax.random.normal(kk, (d, active)) / d**0.5 for kk in ks[5:7])
+    dd = jax.random.normal(ks[7], (active, d)) / active**0.5
+    r = route(x @ router, top_k=k, gating=o["gating"])
+    sizes = jnp.bincount(r.experts.reshape(-1), length=e).astype(jnp.int32)
+    xs = x[jnp.argsort(r.experts.reshape(-1)) // k]  # [T*K, D] sorted by expert
+
+    def grouped(xs):
+        h = ACTIVATIONS[act](jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
+        return jax.lax.ragged_dot(h, wd, sizes)
+
+    fns = {
+        "dense_glu_same_active_width": jax.jit(lambda x: glu_feed_forward(x[None], dg, du, dd, act)),
+        "route": jax.jit(lambda x: route(x @ router, top_k=k, gating=o["gating"]).weights),
+        "expert_matmuls": jax.jit(grouped),
+        "dropless_layer": jax.jit(
+            lambda x: experts_dropless(x, *route(x @ router, top_k=k, gating=o["gating"])[:2], wg, wu, wd, act)
+        ),
+    }
+    args = {"expert_matmuls": xs}
+    t = {
+        name: perf.time_fn(lambda fn=fn, a=args.get(name, x): fn(a), repeats=repeats)["median_s"]
+        for name, fn in fns.items()
+    }
+    shared = t["dense_glu_same_active_width"] * o["num_shared_experts"] / (k + o["num_shared_experts"])
+    t["sort_gather_scatter_combine"] = max(0.0, t["dropless_layer"] - t["route"] - t["expert_matmuls"])
+    t["shared_experts_estimate"] = shared
+    return {"num_tokens": num_tokens, "seconds": t}
+
+
 def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
     """Times `steps` train steps (after `warmup` untimed ones) of ours and of the plain-JAX baseline."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -106,27 +188,27 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
     import jax
 
     from effitrans import perf
-    from effitrans.train.trainer import Trainer
 
     peak = perf.measure_matmul_gflops()
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir, peak_gflops=peak, verbose=False)
-        local = [trainer.dataset.get_batch(s) for s in range(4)]
-        batches = [trainer.global_batch(b) for b in local]
-        flops = perf.train_flops_per_step(config.model, config.train.task, {k: v.shape for k, v in local[0].items()})
-        tokens = trainer.task.tokens(local[0])
-        t_ours, _ = _median_step_time(trainer._train_step, trainer.init_state(), batches, steps, warmup)
-        trainer.checkpointer.close()
+    t_ours, batches, tokens, flops = _time_trainer(config, peak, steps, warmup)
+    breakdown = None
     rows = [{"impl": "effitrans", "step_time_s": t_ours}]
-    if config.model.name == "causal_lm" and config.train.grad_accum_steps == 1:
+    if "moe" in config.model:  # the same model with dense GLUs of equal active width, same data
+        twin = dense_twin(config)
+        t_twin, _, _, flops_twin = _time_trainer(twin, peak, steps, warmup)
+        rows.append({"impl": "dense twin", "step_time_s": t_twin, "flops": flops_twin})
+        rows[0]["slowdown_vs_dense_twin"] = t_ours / t_twin
+        breakdown = moe_breakdown(config, tokens)
+    if config.model.name == "causal_lm" and config.train.grad_accum_steps == 1 and "moe" not in config.model:
         init, step = plain_jax_train_step(config.model, config.train)
         t_plain, _ = _median_step_time(step, init(jax.random.key(0)), batches, steps, warmup)
         rows.append({"impl": "plain JAX (baseline)", "step_time_s": t_plain})
     baseline = rows[-1]["step_time_s"]
     for r in rows:
+        r_flops = r.pop("flops", flops)
         r["tokens_per_s"] = tokens / r["step_time_s"]
-        r["model_tflop_per_step"] = flops / 1e12
-        r["gflops"] = flops / r["step_time_s"] / 1e9
+        r["model_tflop_per_step"] = r_flops / 1e12
+        r["gflops"] = r_flops / r["step_time_s"] / 1e9
         r["mfu"] = r["gflops"] / peak
         r["speedup_vs_baseline"] = baseline / r["step_time_s"]
     report = {
@@ -139,6 +221,7 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
             "data": config.data.to_dict(),
         },
         "rows": rows,
+        "moe_layer_forward": breakdown,
     }
     print(f"float32 matmul peak (measured in this run): {peak:.1f} GFLOP/s")
     print(f"{'impl':<22}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>8}{'vs baseline':>13}")
@@ -147,6 +230,11 @@ def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:
             f"{r['impl']:<22}{1e3 * r['step_time_s']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['gflops']:>10.1f}"
             f"{100 * r['mfu']:>7.1f}%{r['speedup_vs_baseline']:>12.2f}x"
         )
+    if breakdown:
+        t = breakdown["seconds"]
+        print(f"one MoE layer, forward on {breakdown['num_tokens']} tokens (ms; medians):")
+        for name, v in t.items():
+            print(f"  {name:<32}{1e3 * v:>9.2f}  {v / t['dense_glu_same_active_width']:>6.2f}x dense")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1, default=str)

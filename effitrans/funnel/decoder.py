@@ -31,7 +31,7 @@ class FunnelDecoder(nnx.Module):
         seg = mask.astype(jnp.int32)
         ids = (jnp.where(seg > 0, seg, 1), seg)  # key-only masking, as in the encoder
         for block in self.blocks:
-            x, _ = block(x, positions=positions, segment_ids=ids)  # [B, T, D]
+            x, _ = block(x, positions=positions, segment_ids=ids, token_mask=seg > 0)  # [B, T, D]
         return x
 
 

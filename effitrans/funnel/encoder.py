@@ -130,13 +130,17 @@ def funnel_forward(stack: TransformerStack, spec: FunnelSpec, tokens, mask, *, r
                 ppos = P.pool_positions(positions, s, mode=spec.position_pooling, **kw)  # [B, T']
                 pseg = P.pool_mask(seg, s, mode="min", **kw)  # [B, T']
                 pq_seg = P.pool_mask(q_seg, s, mode="max", **kw)  # [B, T']
+                # An MoE routes a pooled token that covers any real token.
+                real = P.pool_mask(seg, s, mode="max", **kw) > 0  # [B, T']
                 if spec.pool_q_only:
-                    x, _ = block(px, positions=ppos, segment_ids=(pq_seg, seg), kv_x=x, kv_positions=positions)
+                    x, _ = block(
+                        px, positions=ppos, segment_ids=(pq_seg, seg), kv_x=x, kv_positions=positions, token_mask=real
+                    )
                 else:
-                    x, _ = block(px, positions=ppos, segment_ids=(pq_seg, pseg))
+                    x, _ = block(px, positions=ppos, segment_ids=(pq_seg, pseg), token_mask=real)
                 positions, seg, q_seg = ppos, pseg, pq_seg
             else:
-                x, _ = block(x, positions=positions, segment_ids=(q_seg, seg))  # [B, T', D]
+                x, _ = block(x, positions=positions, segment_ids=(q_seg, seg), token_mask=seg > 0)  # [B, T', D]
         if b == 0:
             first = x
     out_mask = seg.astype(mask.dtype)

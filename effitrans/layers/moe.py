@@ -27,7 +27,7 @@ from flax import nnx
 
 from effitrans.layers.glu import ACTIVATIONS, GLUFeedForward
 from effitrans.layers.params import StateVariable, fan_in_normal, init_param, propose_update, report
-from effitrans.schema import Key, boolean, float_at_least, int_at_least, is_int, one_of
+from effitrans.schema import Key, boolean, float_at_least, int_at_least, int_or_int_list, is_int, one_of
 
 GATINGS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity", "dense")
@@ -41,7 +41,9 @@ def layer_indices(v):
 # config.model.moe (present: the layers it names use MoEFeedForward; absent: every layer is a dense GLU).
 MOE_KEYS = {
     "layers": Key(None, layer_indices, "layers with an MoE feed-forward; None = every layer", object),
-    "num_experts": Key(8, int_at_least(1), "routed experts E"),
+    "num_experts": Key(
+        8, int_or_int_list, "routed experts E: an int, or one per MoE layer in layer order (pruned experts)", object
+    ),
     "expert_width": Key(96, int_at_least(1), "GLU width F of each expert (and of each shared expert)"),
     "top_k": Key(2, int_at_least(1), "routed experts per token K"),
     "num_shared_experts": Key(0, int_at_least(0), "experts every token uses (one GLU of width n x expert_width)"),
@@ -128,22 +130,34 @@ def route(
     return Routing(experts.astype(jnp.int32), weights * scale, probs)
 
 
-def expert_counts(experts, num_experts: int):
-    """experts int [T, K] -> assignments per expert int32 [E] (before any capacity drop)."""
-    return jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
+def _token_weights(valid, num_tokens: int):
+    """valid bool [T] or None (every token) -> float32 [T] 1/0 and its sum (at least 1, so means stay finite)."""
+    w = jnp.ones((num_tokens,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return w, jnp.maximum(jnp.sum(w), 1.0)
 
 
-def load_balancing_loss(probs, experts):
+def expert_counts(experts, num_experts: int, valid=None):
+    """experts int [T, K] -> assignments per expert int32 [E] (before any capacity drop); valid bool [T] counts
+    only those tokens (padding routes nowhere)."""
+    num_tokens, top_k = experts.shape
+    w = None if valid is None else jnp.repeat(valid.astype(jnp.int32), top_k)  # [T*K]
+    return jnp.bincount(experts.reshape(-1), weights=w, length=num_experts).astype(jnp.int32)
+
+
+def load_balancing_loss(probs, experts, valid=None):
     """Switch Transformer auxiliary loss E x sum_e f_e x P_e: f_e the share of the T x K assignments expert e
-    got, P_e its mean router probability. 1 when both are uniform; gradients reach the router through P."""
-    num_experts = probs.shape[-1]
-    f = expert_counts(experts, num_experts).astype(jnp.float32) / experts.size  # [E]
-    return num_experts * jnp.sum(f * jnp.mean(probs, 0))
+    got, P_e its mean router probability, both over the valid tokens (bool [T]; None = all). 1 when both are
+    uniform; gradients reach the router through P."""
+    num_tokens, num_experts = probs.shape
+    w, n = _token_weights(valid, num_tokens)
+    f = expert_counts(experts, num_experts, valid).astype(jnp.float32) / (n * experts.shape[1])  # [E]
+    return num_experts * jnp.sum(f * (jnp.sum(probs * w[:, None], 0) / n))
 
 
-def router_entropy(probs):
-    """Mean over tokens of the entropy (nats) of probs [T, E]."""
-    return jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1))
+def router_entropy(probs, valid=None):
+    """Mean over the valid tokens (bool [T]; None = all) of the entropy (nats) of probs [T, E]."""
+    w, n = _token_weights(valid, probs.shape[0])
+    return jnp.sum(w * -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), -1)) / n
 
 
 def balance_bias_update(bias, counts, rate: float):
@@ -171,9 +185,10 @@ def experts_reference(x, experts, weights, w_gate, w_up, w_down, activation: str
     return y
 
 
-def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu"):
+def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu", *, per_assignment=False):
     """The T x K assignments sorted by expert, each expert's rows one group of `jax.lax.ragged_dot`. Same
-    arguments and result as experts_reference; the work is T x K rows, not T x E."""
+    arguments and result as experts_reference; the work is T x K rows, not T x E. per_assignment: also return
+    each assignment's weighted expert output [T, K, D] (what expert experts[t, k] adds to token t)."""
     num_tokens, top_k = experts.shape
     flat = experts.reshape(-1)  # [T*K]
     order = jnp.argsort(flat, stable=True)  # [T*K] assignment index, grouped by expert
@@ -182,7 +197,8 @@ def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str 
     h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
     ys = jax.lax.ragged_dot(h, w_down, sizes)  # [T*K, D]
     ys = ys[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # [T, K, D] back in assignment order
-    return jnp.einsum("TKD,TK->TD", ys, weights.astype(x.dtype))
+    y = jnp.einsum("TKD,TK->TD", ys, weights.astype(x.dtype))
+    return (y, ys * weights[..., None].astype(x.dtype)) if per_assignment else y
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -192,21 +208,26 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def capacity_slots(experts, num_experts: int, capacity: int):
+def capacity_slots(experts, num_experts: int, capacity: int, valid=None):
     """experts [T, K] -> (slot int32 [T, K]: the assignment's place in its expert's queue, keep bool [T, K]:
-    slot < capacity). The queue serves every token's first choice (in token order), then every second one."""
+    slot < capacity). The queue serves every token's first choice (in token order), then every second one.
+    Tokens with valid False (bool [T], padding) take no slot and are not kept."""
     num_tokens, top_k = experts.shape
     onehot = jax.nn.one_hot(experts.T.reshape(-1), num_experts, dtype=jnp.int32)  # [K*T, E], choice-major
+    if valid is not None:
+        onehot = onehot * jnp.tile(valid.astype(jnp.int32), top_k)[:, None]
     position = jnp.cumsum(onehot, 0) - 1  # [K*T, E]
     slot = jnp.sum(position * onehot, -1).reshape(top_k, num_tokens).T  # [T, K]
-    return slot, slot < capacity
+    keep = slot < capacity
+    return slot, keep if valid is None else keep & valid[:, None]
 
 
-def experts_capacity(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu", *, capacity: int):
+def experts_capacity(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu", *, capacity: int, valid=None):
     """GShard dispatch/combine einsums over [E, C] slots; assignments with slot >= capacity are dropped.
-    Same arguments as experts_reference (+ capacity C) -> (y [T, D], dropped assignments int32)."""
+    Same arguments as experts_reference (+ capacity C; valid bool [T]: padding tokens take no slot, give zero
+    and are not counted as dropped) -> (y [T, D], dropped assignments int32)."""
     num_experts = w_gate.shape[0]
-    slot, keep = capacity_slots(experts, num_experts, capacity)
+    slot, keep = capacity_slots(experts, num_experts, capacity, valid)
     to_expert = jax.nn.one_hot(experts, num_experts, dtype=x.dtype)  # [T, K, E]
     to_slot = jax.nn.one_hot(jnp.where(keep, slot, capacity), capacity, dtype=x.dtype)  # [T, K, C]; dropped: 0
     dispatch = jnp.einsum("TKE,TKC->TEC", to_expert, to_slot)  # [T, E, C] 0/1
@@ -215,10 +236,27 @@ def experts_capacity(x, experts, weights, w_gate, w_up, w_down, activation: str 
     h = ACTIVATIONS[activation](jnp.einsum("ECD,EDF->ECF", xe, w_gate)) * jnp.einsum("ECD,EDF->ECF", xe, w_up)
     ye = jnp.einsum("ECF,EFD->ECD", h, w_down)  # [E, C, D]
     y = jnp.einsum("TEC,ECD->TD", combine, ye)
-    return y, jnp.sum(~keep).astype(jnp.int32)
+    dropped = ~keep if valid is None else ~keep & valid[:, None]
+    return y, jnp.sum(dropped).astype(jnp.int32)
 
 
 # ---- the module ------------------------------------------------------------------------------------------
+
+
+class ExpertStatistics(nnx.Variable):
+    """Per-expert sums of one forward pass, written only while the module's `record_experts` is set
+    (effitrans.pruning.expert_statistics): {"load": assignments [E], "output_norm": sum of ||weighted expert
+    output||_2 over its assignments [E], "tokens": real tokens []}."""
+
+
+def expert_statistics_of(x, r: Routing, weights, w_gate, w_up, w_down, activation: str, valid=None) -> dict:
+    """The ExpertStatistics sums for tokens x [T, D] routed by r (weights [T, K] with padding zeroed)."""
+    num_experts = w_gate.shape[0]
+    _, contrib = experts_dropless(x, r.experts, weights, w_gate, w_up, w_down, activation, per_assignment=True)
+    norms = jnp.linalg.norm(contrib.astype(jnp.float32), axis=-1)  # [T, K]
+    out_norm = jnp.zeros((num_experts,), jnp.float32).at[r.experts.reshape(-1)].add(norms.reshape(-1))
+    tokens = x.shape[0] if valid is None else jnp.sum(valid)
+    return {"load": expert_counts(r.experts, num_experts, valid), "output_norm": out_norm, "tokens": tokens}
 
 
 class MoEFeedForward(nnx.Module):
@@ -273,6 +311,7 @@ class MoEFeedForward(nnx.Module):
             else None
         )
         self.selection_bias = StateVariable(jnp.zeros((num_experts,), jnp.float32), logical_axes=("experts",))
+        self.record_experts = False  # set by effitrans.pruning.expert_statistics
 
     def routing(self, x) -> Routing:
         """x [T, D] -> Routing (router in float32)."""
@@ -288,33 +327,41 @@ class MoEFeedForward(nnx.Module):
             top_groups=self.top_groups,
         )
 
-    def __call__(self, x, *, decode: bool = False):
-        """x [B, T, D] -> [B, T, D]. decode (a serving step, possibly inside a scan): no reports, no proposal."""
+    def __call__(self, x, *, valid=None, decode: bool = False):
+        """x [B, T, D] -> [B, T, D]. valid bool [B, T] (None = every token): padding tokens get no routed expert
+        (zero output from them), take no capacity slot and are left out of loads, aux loss, entropy and the bias
+        update. decode (a serving step, possibly inside a scan): no reports, no proposal."""
         shape = x.shape
         xt = x.reshape(-1, shape[-1]).astype(self.dtype)  # [T, D], T = all tokens of the batch
+        v = None if valid is None else jnp.broadcast_to(valid, shape[:-1]).reshape(-1).astype(jnp.bool_)  # [T]
         r = self.routing(xt)
+        weights = r.weights if v is None else jnp.where(v[:, None], r.weights, 0.0)  # [T, K]
         w = tuple(p[...].astype(self.dtype) for p in (self.gate, self.up, self.down))
         dropped = jnp.zeros((), jnp.int32)
         if self.dispatch == "dense":
-            y = experts_reference(xt, r.experts, r.weights, *w, self.activation)
+            y = experts_reference(xt, r.experts, weights, *w, self.activation)
         elif self.dispatch == "dropless":
-            y = experts_dropless(xt, r.experts, r.weights, *w, self.activation)
+            y = experts_dropless(xt, r.experts, weights, *w, self.activation)
         else:
             capacity = expert_capacity(xt.shape[0], self.top_k, self.num_experts, self.capacity_factor)
-            y, dropped = experts_capacity(xt, r.experts, r.weights, *w, self.activation, capacity=capacity)
+            y, dropped = experts_capacity(xt, r.experts, weights, *w, self.activation, capacity=capacity, valid=v)
+        if self.record_experts:
+            self.expert_stats = ExpertStatistics(expert_statistics_of(xt, r, weights, *w, self.activation, v))
         y = y.reshape(shape)
         if self.shared is not None:
             y = y + self.shared(x)
         if decode:
             return y.astype(self.dtype)
-        counts = expert_counts(r.experts, self.num_experts)  # [E]
-        aux = load_balancing_loss(r.probs, r.experts)
+        counts = expert_counts(r.experts, self.num_experts, v)  # [E]
+        aux = load_balancing_loss(r.probs, r.experts, v)
         report(self, "moe_aux_loss", aux)
         if self.aux_loss_weight > 0:
             report(self, "moe_weighted_aux_loss", self.aux_loss_weight * aux, loss=True)
-        report(self, "moe_load_max_over_mean", jnp.max(counts) / jnp.mean(counts.astype(jnp.float32)), reduce="max")
-        report(self, "moe_dropped_share", dropped / r.experts.size)
-        report(self, "moe_router_entropy", router_entropy(r.probs))
+        load = jnp.max(counts) / jnp.maximum(jnp.mean(counts.astype(jnp.float32)), 1e-9)
+        report(self, "moe_load_max_over_mean", load, reduce="max")
+        assignments = r.experts.size if v is None else jnp.maximum(jnp.sum(v) * self.top_k, 1)
+        report(self, "moe_dropped_share", dropped / assignments)
+        report(self, "moe_router_entropy", router_entropy(r.probs, v))
         if self.bias_update_rate > 0:
             new_bias = balance_bias_update(self.selection_bias[...], counts, self.bias_update_rate)
             propose_update(self, "selection_bias", new_bias)

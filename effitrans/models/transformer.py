@@ -68,9 +68,14 @@ def ffn_widths(model_cfg) -> list[int]:
     return [int(x) for x in w]
 
 
-def moe_options(model_cfg) -> dict:
-    """The MoEFeedForward arguments of model.moe (keys left out or None take their declared default)."""
-    return {k: value(model_cfg.moe, MOE_KEYS, k) for k in MOE_KEYS if k != "layers"}
+def moe_options(model_cfg, layer: int | None = None) -> dict:
+    """The MoEFeedForward arguments of model.moe (keys left out or None take their declared default). With a
+    per-layer num_experts list, `layer` picks that layer's count (None: the first MoE layer's)."""
+    o = {k: value(model_cfg.moe, MOE_KEYS, k) for k in MOE_KEYS if k != "layers"}
+    if not isinstance(o["num_experts"], int):
+        order = sorted(moe_layers(model_cfg))
+        o["num_experts"] = int(o["num_experts"][0 if layer is None else order.index(layer)])
+    return o
 
 
 def moe_layers(model_cfg) -> frozenset[int]:
@@ -86,9 +91,6 @@ def check_moe_config(model_cfg, prefix: str = "config.model") -> None:
     """model.moe's values fit together (top_k <= num_experts, groups, capacity) and name existing layers."""
     if "moe" not in model_cfg:
         return
-    o = moe_options(model_cfg)
-    for _, msg in moe_problems(o["num_experts"], o["top_k"], o["num_groups"], o["top_groups"], o["capacity_factor"]):
-        raise ConfigError(f"{prefix}.moe.{msg}")
     layers, n = model_cfg.moe.get("layers"), model_cfg.num_layers
     if layers is not None and len(set(layers)) != len(layers):
         raise ConfigError(f"{prefix}.moe.layers={list(layers)} names a layer twice; expected distinct indices")
@@ -98,28 +100,43 @@ def check_moe_config(model_cfg, prefix: str = "config.model") -> None:
                 f"{prefix}.moe.layers={list(layers)} names layer {i}, but {prefix}.num_layers={n}: "
                 f"allowed layer indices are 0..{n - 1}"
             )
+    experts = model_cfg.moe.get("num_experts")
+    per_layer = isinstance(experts, (list, tuple))
+    if per_layer and len(experts) != len(moe_layers(model_cfg)):
+        raise ConfigError(
+            f"{prefix}.moe.num_experts={list(experts)} has {len(experts)} entries for {len(moe_layers(model_cfg))} "
+            f"MoE layers: expected an int or one count per MoE layer"
+        )
+    for layer in sorted(moe_layers(model_cfg)) if per_layer else [None]:
+        o = moe_options(model_cfg, layer)
+        problems = moe_problems(o["num_experts"], o["top_k"], o["num_groups"], o["top_groups"], o["capacity_factor"])
+        for _, msg in problems:
+            raise ConfigError(f"{prefix}.moe.{msg}" + ("" if layer is None else f" in layer {layer}"))
 
 
 class Block(nnx.Module):
     """One pre-norm Transformer block around an attention module of any family; the feed-forward is a dense
-    GLU of width `ffn_width`, or with `moe` the MoEFeedForward of model_cfg.moe."""
+    GLU of width `ffn_width`, or with `moe` (its `moe_options`) an MoEFeedForward."""
 
-    def __init__(self, model_cfg, ffn_width: int, *, causal: bool, rngs: nnx.Rngs, moe: bool = False):
+    def __init__(self, model_cfg, ffn_width: int, *, causal: bool, rngs: nnx.Rngs, moe: dict | None = None):
         dtype = compute_dtype(model_cfg)
         self.attn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
         self.attn = build_attention(model_cfg, causal=causal, rngs=rngs, dtype=dtype)
         self.ffn_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
         if moe:
             self.ffn = MoEFeedForward(
-                model_cfg.d_model, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype, **moe_options(model_cfg)
+                model_cfg.d_model, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype, **moe
             )
         else:
             self.ffn = GLUFeedForward(
                 model_cfg.d_model, ffn_width, activation=model_cfg.ffn_activation, rngs=rngs, dtype=dtype
             )
 
-    def __call__(self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False):
-        """x [B, T, D] -> (x [B, T, D], cache)."""
+    def __call__(
+        self, x, *, positions, segment_ids=None, kv_x=None, kv_positions=None, cache=None, decode=False, token_mask=None
+    ):
+        """x [B, T, D] -> (x [B, T, D], cache). token_mask bool [B, T]: the real tokens an MoE feed-forward routes
+        (None: segment ids != 0 when they are one array, the Encoder's padding convention; else every token)."""
         h, cache = self.attn(
             self.attn_norm(x),
             positions=positions,
@@ -131,7 +148,12 @@ class Block(nnx.Module):
         )
         x = x + h
         h = self.ffn_norm(x)
-        x = x + (self.ffn(h, decode=decode) if isinstance(self.ffn, MoEFeedForward) else self.ffn(h))
+        if isinstance(self.ffn, MoEFeedForward):
+            if token_mask is None and segment_ids is not None and not isinstance(segment_ids, tuple):
+                token_mask = segment_ids != 0
+            x = x + self.ffn(h, valid=token_mask, decode=decode)
+        else:
+            x = x + self.ffn(h)
         return x, cache
 
 
@@ -143,7 +165,10 @@ class TransformerStack(nnx.Module):
         self.embed = Embed(model_cfg.vocab_size, model_cfg.d_model, rngs=rngs, dtype=self.dtype)
         moe = moe_layers(model_cfg)
         self.blocks = nnx.List(
-            [Block(model_cfg, w, causal=causal, rngs=rngs, moe=i in moe) for i, w in enumerate(ffn_widths(model_cfg))]
+            [
+                Block(model_cfg, w, causal=causal, rngs=rngs, moe=moe_options(model_cfg, i) if i in moe else None)
+                for i, w in enumerate(ffn_widths(model_cfg))
+            ]
         )
         self.final_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
 

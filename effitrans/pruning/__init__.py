@@ -1,6 +1,15 @@
 """Neuron pruning of GLU feed-forwards: importance criteria, keep-masks, masked and physically sliced
-models, distillation recovery, and MatFormer nested widths. See docs/pruning.md."""
+models, distillation recovery, and MatFormer nested widths; whole-expert pruning of mixture-of-experts
+feed-forwards. See docs/pruning.md and docs/moe.md."""
 
+from effitrans.pruning.experts import (
+    EXPERT_CRITERIA,
+    drop_experts,
+    expert_importance,
+    expert_statistics,
+    keep_experts,
+    moe_ffns,
+)
 from effitrans.pruning.importance import (
     ACTIVATION_CRITERIA,
     CRITERIA,
@@ -33,19 +42,25 @@ from effitrans.pruning.slicing import (
 __all__ = [
     "ACTIVATION_CRITERIA",
     "CRITERIA",
+    "EXPERT_CRITERIA",
     "activation_statistics",
     "check_ratio",
     "distill",
     "distill_config",
+    "drop_experts",
+    "expert_importance",
+    "expert_statistics",
     "evaluate_lm",
     "extract",
     "ffn_params",
     "ffn_widths_of",
+    "keep_experts",
     "keep_masks",
     "kd_loss",
     "load_pruned",
     "mask_model",
     "masked_forward",
+    "moe_ffns",
     "matformer_task",
     "nested_widths",
     "neuron_importance",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effitrans.layers.params import StateVariable
 from effitrans.pruning.importance import glu_blocks
 
 SCOPES = ("layer", "global")
@@ -131,15 +132,15 @@ def ffn_params(model) -> int:
 
 
 def save_pruned(directory: str, model, model_cfg, *, step: int = 0) -> str:
-    """Writes the model's params with the spine's orbax Checkpointer (meta carries the per-layer widths)
-    plus DIR/model_config.json, so `load_pruned(DIR)` rebuilds the sliced model from its config."""
+    """Writes the model's params (and StateVariables) with the spine's orbax Checkpointer (meta carries the
+    per-layer widths) plus DIR/model_config.json, so `load_pruned(DIR)` rebuilds the sliced model from its config."""
     from effitrans.train.checkpoints import Checkpointer
 
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "model_config.json"), "w") as f:
         f.write(model_cfg.to_json_best_effort())
     ckpt = Checkpointer(os.path.join(directory, "checkpoints"), keep=1, model_cfg=model_cfg)
-    ckpt.save(step, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}, force=True)
+    ckpt.save(step, _saved_state(model), force=True)
     ckpt.close()
     return directory
 
@@ -160,12 +161,24 @@ def load_pruned(directory: str, model_cfg=None):
         if isinstance(model_cfg.ffn_width, tuple):
             model_cfg.ffn_width = list(model_cfg.ffn_width)
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed=0))
-    graphdef, state = nnx.split(abstract, nnx.Param)
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))}
+    graphdef, params, model_state = nnx.split(abstract, nnx.Param, StateVariable)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _saved_state(abstract))
     ckpt = Checkpointer(os.path.join(directory, "checkpoints"), keep=1, model_cfg=model_cfg)
     step, restored, _ = ckpt.restore_latest(target)
     ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no readable checkpoint under {os.path.join(directory, 'checkpoints')}")
-    nnx.replace_by_pure_dict(state, restored["params"])
-    return nnx.merge(graphdef, state), model_cfg
+    nnx.replace_by_pure_dict(params, restored["params"])
+    if "state" in restored:
+        nnx.replace_by_pure_dict(model_state, restored["state"])
+    return nnx.merge(graphdef, params, model_state), model_cfg
+
+
+def _saved_state(model) -> dict:
+    """{"params": ..., "state": ...}: the parameters and, when the model has any, its non-trainable
+    StateVariables (an MoE's selection bias, routing centroids), which its forward pass reads too."""
+    out = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    model_state = nnx.to_pure_dict(nnx.state(model, StateVariable))
+    if model_state:
+        out["state"] = model_state
+    return out

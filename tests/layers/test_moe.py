@@ -22,6 +22,7 @@ from effitrans.layers.moe import (
     experts_reference,
     load_balancing_loss,
     route,
+    router_entropy,
 )
 from effitrans.layers.params import StateVariable, commit_updates, pop_reports
 from effitrans.train import partitioning
@@ -170,6 +171,42 @@ def test_module_reports_aux_loss_and_metrics_and_proposes_the_bias():
     before, after = np.asarray(state["selection_bias"][...]), np.asarray(new_state["selection_bias"][...])
     np.testing.assert_array_equal(before, np.zeros(E))
     assert np.abs(after).max() == pytest.approx(0.01)  # one sign step of the bias update rate
+
+
+def test_padding_tokens_take_no_slot_and_are_left_out_of_loads_and_metrics():
+    """Real tokens interleaved with padding route, fill capacity and count exactly as the real tokens alone."""
+    x, router, w = _weights(7)
+    valid = jnp.asarray(np.arange(T) % 3 != 1)  # every third token is padding
+    real = np.flatnonzero(np.asarray(valid))
+    r = route(x @ router, top_k=K)
+    weights = jnp.where(valid[:, None], r.weights, 0.0)
+    r_real = route(x[real] @ router, top_k=K)
+    capacity = 4  # small enough that real tokens are dropped too
+    y, dropped = experts_capacity(x, r.experts, weights, *w, capacity=capacity, valid=valid)
+    y_real, dropped_real = experts_capacity(x[real], r_real.experts, r_real.weights, *w, capacity=capacity)
+    np.testing.assert_allclose(y[real], y_real, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y[np.asarray(~valid)], 0.0)
+    assert int(dropped) == int(dropped_real) > 0
+    np.testing.assert_array_equal(expert_counts(r.experts, E, valid), expert_counts(r_real.experts, E))
+    np.testing.assert_allclose(
+        load_balancing_loss(r.probs, r.experts, valid), load_balancing_loss(r_real.probs, r_real.experts), rtol=1e-6
+    )
+    np.testing.assert_allclose(router_entropy(r.probs, valid), router_entropy(r_real.probs), rtol=1e-6)
+    y_dropless = experts_dropless(x, r.experts, weights, *w)
+    np.testing.assert_allclose(
+        y_dropless[real], experts_dropless(x[real], r_real.experts, r_real.weights, *w), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(y_dropless[np.asarray(~valid)], 0.0)
+
+    # The module: a padded batch reports the loads of its real tokens; an Encoder passes its mask through.
+    ffn = MoEFeedForward(D, num_experts=E, expert_width=F, top_k=K, rngs=nnx.Rngs(0))
+    xb = x.reshape(2, T // 2, D)
+    ffn(xb, valid=valid.reshape(2, T // 2))
+    _, padded = pop_reports(ffn)
+    ffn(x[real][None])
+    _, alone = pop_reports(ffn)
+    for k in ("moe_load_max_over_mean", "moe_router_entropy", "moe_aux_loss"):
+        np.testing.assert_allclose(padded[k], alone[k], rtol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from effitrans.layers.moe import MoEFeedForward
 from effitrans.registry import build_model, validate_model_config
 from effitrans.schema import ConfigError
 from effitrans.train.trainer import Trainer
-from tests.helpers import tiny_lm_experiment, tiny_model_config
+from tests.helpers import shipped_config, tiny_lm_experiment, tiny_model_config
 
 
 def _moe_cfg(**moe):
@@ -53,6 +53,31 @@ def test_flop_model_counts_the_active_experts_and_the_router():
     moe.ffn_width = 24
     router = 2 * 4 * 16 * 32 * 4  # 2 x batch x length x D x E, in layer 1 only
     assert perf.forward_flops(moe, 4, 16) == perf.forward_flops(dense, 4, 16) + router
+
+
+@pytest.mark.parametrize(
+    "moe, dense", [("moe_lm_small", "lm_small"), ("moe_encoder_retrieval_small", "encoder_retrieval_small")]
+)
+def test_shipped_moe_configs_have_the_active_parameters_of_their_dense_twin(moe, dense):
+    """Equal forward FLOPs per token but the router's: the same active feed-forward parameters."""
+    moe_cfg, dense_cfg = shipped_config(moe).model, shipped_config(dense).model
+    moe_layers = len(moe_cfg.moe.layers)
+    router = 2 * moe_cfg.d_model * moe_cfg.moe.num_experts * moe_layers  # per token
+    assert perf.forward_flops(moe_cfg, 1, 64) == perf.forward_flops(dense_cfg, 1, 64) + 64 * router
+    assert router * 64 < 0.005 * perf.forward_flops(dense_cfg, 1, 64)  # the router: < 0.5% of the work
+
+
+def test_dense_twin_has_equal_active_parameters_and_no_router():
+    """bench train's baseline for an MoE config: dense GLUs of the width a token uses, nothing else changed."""
+    from effitrans.bench.train import dense_twin
+
+    config = shipped_config("moe_lm_small")
+    twin = dense_twin(config)
+    assert "moe" not in twin.model and "moe" in config.model
+    assert list(twin.model.ffn_width) == [1536, 1536, 1536, 1536]  # layer 0 dense; (3 + 1) x 384 in 1..3
+    router = 2 * 512 * 16 * 3  # per token, in the three MoE layers
+    assert perf.forward_flops(config.model, 1, 8) == perf.forward_flops(twin.model, 1, 8) + 8 * router
+    validate_model_config(twin.model)
 
 
 @pytest.mark.slow  # ~20-45 s on 2 loaded cores (three XLA compiles); the jitted step in tests/layers/test_moe.py

@@ -18,6 +18,8 @@ CONFIGS = [
     "autoformer_synthetic",
     "dlinear_synthetic",
     "moe_lm_tiny",
+    "moe_lm_small",
+    "moe_encoder_retrieval_small",
 ]
 
 
