@@ -6,16 +6,18 @@ the layer). Sigmoid gating with normalised top-k weights, dropless dispatch, the
 aux-loss-free selection bias. docs/moe.md.
 
 python -m effitrans.main --config=configs/moe_lm_small.py --workdir=/tmp/moe_lm_small
+
+Argument: `--config=configs/moe_lm_small.py:key=value,...` sets dotted config keys (`train.steps=50`,
+`model.moe.top_k=2`) before any --config.x override; effitrans.schema.apply_arg.
 """
 
 import os
 
 from effitrans import defaults
-from effitrans.schema import load_config
+from effitrans.schema import apply_arg, load_config
 
 
 def get_config(arg=None):
-    del arg
     config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_small.py"))
     config.model.moe = defaults.moe(
         layers=[1, 2, 3],
@@ -28,4 +30,4 @@ def get_config(arg=None):
         aux_loss_weight=0.01,
         bias_update_rate=1e-3,
     )
-    return config
+    return apply_arg(config, arg)
