@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from effitrans.kernels import decode as decode_lib
-from effitrans.kernels import dispatch
+from effitrans.kernels import dispatch, reorder
 from effitrans.kernels import masks as masks_lib
 from effitrans.kernels import reference as reference_lib
-from effitrans.kernels import reorder
 
 IMPLS = ("reference", "xla", "pallas", "cudnn", "auto")
 DECODE_IMPLS = ("reference", "xla", "auto")
