@@ -6,6 +6,7 @@ kernels.attention reorders); here: which masks reorder, how much work it saves, 
 segment ids.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,14 +61,19 @@ def test_reordering_visits_an_eighth_of_causal_at_16k(mask):
 def test_merge_of_disjoint_parts_is_the_union():
     q, k, v = helpers.random_qkv(0, batch=1, q_len=12, kv_len=12, num_heads=2, num_kv_heads=2, head_dim=8)
     a, b = M.SlidingWindow(2), M.Causal(offset=-3)
-    out_a, lse_a = reference.reference_attention(q, k, v, mask=a, segment_ids=None, scale=0.5, return_lse=True)
-    out_b, lse_b = reference.reference_attention(q, k, v, mask=b, segment_ids=None, scale=0.5, return_lse=True)
-    out, lse = reorder.merge(out_a, lse_a, out_b, lse_b)
-    want, want_lse = reference.reference_attention(q, k, v, mask=a | b, segment_ids=None, scale=0.5, return_lse=True)
+
+    @jax.jit
+    def parts_and_union(q, k, v):
+        def ref(mask):
+            return reference.reference_attention(q, k, v, mask=mask, segment_ids=None, scale=0.5, return_lse=True)
+
+        return reorder.merge(*ref(a), *ref(b)), ref(a | b)
+
+    (out, lse), (want, want_lse) = parts_and_union(q, k, v)
     np.testing.assert_allclose(out, want, atol=1e-6)
     np.testing.assert_allclose(lse, want_lse, atol=1e-6)
-    empty = jnp.full_like(lse_a, -jnp.inf)
-    out0, lse0 = reorder.merge(jnp.zeros_like(out_a), empty, jnp.zeros_like(out_b), empty)
+    empty = jnp.full_like(lse, -jnp.inf)
+    out0, lse0 = jax.jit(reorder.merge)(jnp.zeros_like(out), empty, jnp.zeros_like(out), empty)
     assert bool(jnp.all(out0 == 0)) and bool(jnp.all(lse0 == -jnp.inf))
 
 
@@ -89,6 +95,7 @@ def test_reordered_with_segment_ids(impl, mask):
     )
 
 
+@pytest.mark.slow
 def test_reordered_strided_bfloat16_xla():
     helpers.check_impl_against_reference(
         "xla", q_len=48, num_heads=2, head_dim=16, mask=M.Strided(8), dtype=jnp.bfloat16, block_q=16, block_k=16
