@@ -231,7 +231,7 @@ def attention(
     if reorder.reorderable(mask, t, s):
         out, lse = reorder.reordered_attention(run, q, k, v, mask=mask, segment_ids=segs)
     else:
-        out, lse = run(q, k, v, mask, segs)
+        out, lse = run(q, k, v, mask, segs, None)
     return (out, lse) if return_lse else out
 
 
@@ -257,13 +257,18 @@ def _cudnn_attention(q, k, v, *, mask, segs, scale, return_lse):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **kwargs)
 
 
-def _blockwise(impl, q, k, v, mask, segs, *, scale, block_q, block_k):
-    """One call of the "xla" or "pallas" kernel -> (out [B, T, N, Hv], lse f32 [B, N, T])."""
+def _blockwise(impl, q, k, v, mask, segs, max_block, *, scale, block_q, block_k):
+    """One call of the "xla" or "pallas" kernel -> (out [B, T, N, Hv], lse f32 [B, N, T]).
+
+    max_block: None or a cap on the default tile sizes (explicit block_q / block_k win)."""
     t, s = q.shape[1], k.shape[1]
+    cap = (lambda blk: blk) if max_block is None else (lambda blk: min(blk, max_block))
     if impl == "xla":
         from effitrans.kernels import xla_flash  # pylint: disable=import-outside-toplevel
 
-        bq, bk = _default_xla_blocks(mask, t, s, block_q, block_k)
+        bq, bk = _default_xla_blocks(mask, t, s, None, None)
+        bq = block_q if block_q is not None else cap(bq)
+        bk = block_k if block_k is not None else cap(bk)
         return xla_flash.xla_attention(
             q, k, v, mask=mask, segment_ids=segs, scale=scale, block_q=int(bq), block_k=int(bk), return_lse=True
         )
@@ -274,8 +279,8 @@ def _blockwise(impl, q, k, v, mask, segs, *, scale, block_q, block_k):
         dispatch.pallas_gpu_tiles(q.dtype, q.shape[3], v.shape[3]) if _backend() in ("gpu", "cuda", "rocm") else None
     )
     default_q, default_k = tiles if tiles is not None else (PALLAS_BLOCK_Q, PALLAS_BLOCK_K)
-    bq = block_q if block_q is not None else _default_pallas_block(default_q, t)
-    bk = block_k if block_k is not None else _default_pallas_block(default_k, s)
+    bq = block_q if block_q is not None else cap(_default_pallas_block(default_q, t))
+    bk = block_k if block_k is not None else cap(_default_pallas_block(default_k, s))
     return pallas.pallas_attention(
         q,
         k,
