@@ -1,10 +1,11 @@
 """Performance accounting: timing, the machine's matmul peak (measured once, cached), model FLOPs, machine.
 
-MFU = model FLOPs per step / step time / peak. The peak is a float32 (or other dtype) matmul measured on
-this machine; `matmul_peak_gflops` measures it once per machine and dtype and keeps it in a small JSON file
-($EFFITRANS_CACHE_DIR, else $XDG_CACHE_HOME/effitrans, else ~/.cache/effitrans), or takes it from
-$EFFITRANS_PEAK_GFLOPS. The FLOP model is PaLM-style: 2 x matmul parameters per token plus the attention
-scores and values, backward = 2 x forward.
+MFU = model FLOPs per step / step time / peak, the peak of the dtype the model computes in (`peak_gflops`):
+$EFFITRANS_PEAK_GFLOPS if set; else the published dense peak of a known accelerator (PUBLISHED_PEAKS_TFLOPS:
+H100/H200/A100, TPU v4/v5e/v5p/v6e); else a matmul in that dtype measured on this machine:
+`matmul_peak_gflops` measures it once per machine and dtype and keeps it in a small JSON file
+($EFFITRANS_CACHE_DIR, else $XDG_CACHE_HOME/effitrans, else ~/.cache/effitrans). The FLOP model is
+PaLM-style: 2 x matmul parameters per token plus the attention scores and values, backward = 2 x forward.
 """
 
 from __future__ import annotations
@@ -77,6 +78,52 @@ def measure_matmul_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32
     f = jax.jit(lambda a, b: a @ b)
     stats = time_fn(lambda: f(a, b), repeats=repeats, warmup=2)
     return 2 * n**3 / stats["median_s"] / 1e9
+
+
+# Published dense (no sparsity) peak TFLOP/s of one device (jax Device: a GPU, a TPU chip) per compute dtype,
+# from the vendors' data sheets: NVIDIA H100/H200 SXM (H100 PCIe lower), A100; Google Cloud TPU v4, v5e,
+# v5p, v6e system-architecture pages. float32 on NVIDIA is the TF32 tensor-core rate (XLA's default for
+# float32 dots on GPU); TPUs publish bf16 only, so their float32 peak is measured. Matched as substrings
+# of Device.device_kind, first match wins (so "TPU v5 lite" is tested before "TPU v5").
+PUBLISHED_PEAKS_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),
+    ("TPU v6 lite", {"bfloat16": 918.0}),
+    ("TPU v6e", {"bfloat16": 918.0}),
+)
+
+
+def published_peak_gflops(device_kind: str, dtype: str) -> float | None:
+    """The published dense peak in GFLOP/s of `device_kind` (Device.device_kind) in `dtype`, or None."""
+    for kind, peaks in PUBLISHED_PEAKS_TFLOPS:
+        if kind in str(device_kind):
+            value = peaks.get(str(dtype))
+            return None if value is None else value * 1e3
+    return None
+
+
+def peak_gflops(dtype: str = "float32", device_kind: str | None = None) -> tuple[float, str]:
+    """(GFLOP/s, source) of the peak MFU is measured against for compute in `dtype` on this machine.
+
+    source: "given" ($EFFITRANS_PEAK_GFLOPS), "published <device kind> <dtype> dense" (the table above),
+    or "measured" / "cached" (a `dtype` matmul on this machine, `matmul_peak_gflops`). device_kind defaults
+    to the first device's.
+    """
+    if not os.environ.get(PEAK_ENV):
+        if device_kind is None:
+            import jax
+
+            device_kind = jax.devices()[0].device_kind
+        published = published_peak_gflops(device_kind, dtype)
+        if published is not None:
+            return published, f"published {device_kind} {dtype} dense"
+    return matmul_peak_gflops(dtype)
 
 
 def peak_rss_mb() -> float:

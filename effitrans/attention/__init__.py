@@ -134,7 +134,9 @@ def attention_keys(kind: str = "dense") -> dict:
     """
     keys = {
         "kind": Key("dense", one_of(*ATTENTION_FAMILIES), "attention family (ATTENTION_FAMILIES)"),
-        "impl": Key("auto", one_of(*IMPLS), "kernel: reference | xla | pallas | auto (pallas on TPU/GPU, xla on CPU)"),
+        "impl": Key(
+            "auto", one_of(*IMPLS), "kernel: reference | xla | pallas | cudnn | auto (kernels.dispatch.choose_impl)"
+        ),
         "block_q": Key(None, block_size, "kernel query block (None: auto)", int),
         "block_k": Key(None, block_size, "kernel key block (None: auto)", int),
     }

@@ -4,11 +4,15 @@
 ``decode_attention`` the T newest tokens against a KV cache with per-row lengths.
 
 impl: "reference" (dense oracle), "xla" (blockwise, block-sparse, pure JAX), "pallas" (fused kernel;
-interpret mode on CPU), "auto" (pallas on TPU/GPU, xla on CPU).
+interpret mode on CPU), "cudnn" (jax.nn.dot_product_attention's cuDNN kernel; GPU, bf16/f16, Full /
+Causal() / causal SlidingWindow), "auto" (``dispatch.choose_impl``: cuDNN where it expresses the call and
+Pallas otherwise on GPU, Pallas on TPU, xla on CPU). On "xla" and "pallas", Strided and Fixed masks
+run reordered into block-sparse parts (``reorder.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from effitrans.kernels import decode as decode_lib
+from effitrans.kernels import dispatch, reorder
 from effitrans.kernels import masks as masks_lib
 from effitrans.kernels import reference as reference_lib
 
-IMPLS = ("reference", "xla", "pallas", "auto")
+IMPLS = ("reference", "xla", "pallas", "cudnn", "auto")
 DECODE_IMPLS = ("reference", "xla", "auto")
 
 # Default block sizes, chosen by measurement (docs/kernels.md). xla (CPU): 512 x 512 tiles amortise the
@@ -28,7 +33,8 @@ DECODE_IMPLS = ("reference", "xla", "auto")
 # causal 4K fwd 0.55 s vs 0.88-1.18 s, f+b 2.2 s vs 2.8 s), but on banded masks they waste work in
 # masked corners (window-256 4K fwd 258 ms vs 198 ms at 256). So `_default_xla_blocks` takes 512 when
 # the 512 block map visits at most XLA_BIG_BLOCK_WASTE x the area the 256 map visits, else 256.
-# On accelerators the Pallas kernel wants tiles that fit on-chip memory.
+# On accelerators the Pallas kernel wants tiles that fit on-chip memory: on GPU the per (dtype, head dim)
+# table dispatch.PALLAS_GPU_TILES; on TPU (and interpreted on CPU) 128 x 128.
 XLA_BLOCK_Q = 256
 XLA_BLOCK_K = 256
 XLA_BIG_BLOCK = 512
@@ -42,11 +48,19 @@ def _backend() -> str:
     return jax.default_backend()
 
 
-def _resolve_impl(impl: Any, allowed: tuple[str, ...]) -> str:
+def _device_kind() -> str | None:
+    return jax.devices()[0].device_kind if _backend() in ("gpu", "cuda", "rocm") else None
+
+
+def _resolve_impl(impl: Any, allowed: tuple[str, ...], choose=None) -> str:
+    """Validates impl; "auto" becomes ``choose().impl`` (a dispatch.Choice), or without ``choose`` the
+    backend's kernel (pallas on TPU/GPU, xla otherwise)."""
     if not isinstance(impl, str) or impl not in allowed:
         raise ValueError(f"impl must be one of {allowed}, got {impl!r}.")
     if impl != "auto":
         return impl
+    if choose is not None:
+        return choose().impl
     if "pallas" in allowed and _backend() in ("tpu", "gpu", "cuda", "rocm"):
         return "pallas"
     return "xla"
@@ -167,7 +181,7 @@ def attention(
       segment_ids: None, int [B, T] (needs T == S) or (q_seg [B, T], kv_seg [B, S]); a query attends
         only keys with an equal segment id.
       scale: logit scale (static float), default 1 / sqrt(H).
-      impl: "reference" | "xla" | "pallas" | "auto".
+      impl: "reference" | "xla" | "pallas" | "cudnn" | "auto" (see the module docstring).
       block_q, block_k: tile sizes (positive multiples of 8) for "xla"/"pallas"; None = default.
       return_lse: also return the float32 log-sum-exp of the scaled masked logits, [B, N, T]
         (-inf for queries that see no key).
@@ -188,28 +202,85 @@ def attention(
     _check_block("block_k", block_k)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
-    impl = _resolve_impl(impl, IMPLS)
     b, t, _, h = q.shape
     s = k.shape[1]
     scale = _check_scale(scale, h)
     segs = normalize_segment_ids(segment_ids, b, t, s)
+    choose = functools.partial(
+        dispatch.choose_impl,
+        mask,
+        q_len=t,
+        kv_len=s,
+        head_dim=h,
+        v_head_dim=v.shape[3],
+        dtype=q.dtype,
+        backend=_backend(),
+        has_segments=segs is not None,
+        return_lse=return_lse,
+        device_kind=_device_kind(),
+    )
+    impl = _resolve_impl(impl, IMPLS, choose)
 
     if impl == "reference":
         return reference_lib.reference_attention(
             q, k, v, mask=mask, segment_ids=segs, scale=scale, return_lse=return_lse
         )
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, mask=mask, segs=segs, scale=scale, return_lse=return_lse)
+    run = functools.partial(_blockwise, impl, scale=scale, block_q=block_q, block_k=block_k)
+    if reorder.reorderable(mask, t, s):
+        out, lse = reorder.reordered_attention(run, q, k, v, mask=mask, segment_ids=segs)
+    else:
+        out, lse = run(q, k, v, mask, segs, None)
+    return (out, lse) if return_lse else out
+
+
+def _cudnn_attention(q, k, v, *, mask, segs, scale, return_lse):
+    """jax.nn.dot_product_attention(implementation="cudnn"); ValueError for what cuDNN cannot express."""
+    t, s, h, hv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    why_not = dispatch.cudnn_unsupported(
+        mask,
+        q_len=t,
+        kv_len=s,
+        head_dim=h,
+        v_head_dim=hv,
+        dtype=q.dtype,
+        has_segments=segs is not None,
+        return_lse=return_lse,
+        device_kind=_device_kind(),
+    )
+    if why_not is not None:
+        raise ValueError(f'impl="cudnn" cannot run this call: {why_not}. Use impl="auto" or "pallas".')
+    if _backend() not in ("gpu", "cuda"):
+        raise ValueError(f'impl="cudnn" needs a CUDA GPU backend, got {_backend()!r}.')
+    kwargs = dispatch.cudnn_mask_args(mask, t, s)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **kwargs)
+
+
+def _blockwise(impl, q, k, v, mask, segs, max_block, *, scale, block_q, block_k):
+    """One call of the "xla" or "pallas" kernel -> (out [B, T, N, Hv], lse f32 [B, N, T]).
+
+    max_block: None or a cap on the default tile sizes (explicit block_q / block_k win)."""
+    t, s = q.shape[1], k.shape[1]
+    cap = (lambda blk: blk) if max_block is None else (lambda blk: min(blk, max_block))
     if impl == "xla":
         from effitrans.kernels import xla_flash  # pylint: disable=import-outside-toplevel
 
-        bq, bk = _default_xla_blocks(mask, t, s, block_q, block_k)
+        bq, bk = _default_xla_blocks(mask, t, s, None, None)
+        bq = block_q if block_q is not None else cap(bq)
+        bk = block_k if block_k is not None else cap(bk)
         return xla_flash.xla_attention(
-            q, k, v, mask=mask, segment_ids=segs, scale=scale, block_q=int(bq), block_k=int(bk), return_lse=return_lse
+            q, k, v, mask=mask, segment_ids=segs, scale=scale, block_q=int(bq), block_k=int(bk), return_lse=True
         )
     # impl == 'pallas'
     from effitrans.kernels import pallas  # pylint: disable=import-outside-toplevel
 
-    bq = block_q if block_q is not None else _default_pallas_block(PALLAS_BLOCK_Q, t)
-    bk = block_k if block_k is not None else _default_pallas_block(PALLAS_BLOCK_K, s)
+    tiles = (
+        dispatch.pallas_gpu_tiles(q.dtype, q.shape[3], v.shape[3]) if _backend() in ("gpu", "cuda", "rocm") else None
+    )
+    default_q, default_k = tiles if tiles is not None else (PALLAS_BLOCK_Q, PALLAS_BLOCK_K)
+    bq = block_q if block_q is not None else cap(_default_pallas_block(default_q, t))
+    bk = block_k if block_k is not None else cap(_default_pallas_block(default_k, s))
     return pallas.pallas_attention(
         q,
         k,
@@ -219,7 +290,7 @@ def attention(
         scale=scale,
         block_q=int(bq),
         block_k=int(bk),
-        return_lse=return_lse,
+        return_lse=True,
         interpret=_backend() == "cpu",
     )
 
@@ -246,7 +317,7 @@ def decode_attention(q, k_cache, v_cache, *, lengths, scale=None, impl="auto", b
         raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}.")
     if tuple(lengths.shape) != (q.shape[0],):
         raise ValueError(f"lengths must have shape ({q.shape[0]},) (one per batch row), got {tuple(lengths.shape)}.")
-    impl = _resolve_impl(impl, DECODE_IMPLS)
+    impl = _resolve_impl(impl, DECODE_IMPLS, functools.partial(dispatch.choose_decode_impl, backend=_backend()))
     scale = _check_scale(scale, q.shape[3])
     if impl == "reference":
         return reference_lib.reference_decode_attention(q, k_cache, v_cache, lengths=lengths, scale=scale)

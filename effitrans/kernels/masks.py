@@ -282,6 +282,29 @@ class Chunked(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class PrecedingBlocks(Mask):
+    """Query i sees key j iff key block j // kv_block comes before query block i // q_block.
+
+    The summary part of ``Fixed(block, summary)`` once its summary keys are gathered into a compact
+    sequence (``kernels.reorder``): ``PrecedingBlocks(q_block=block, kv_block=summary)``.
+    """
+
+    q_block: int
+    kv_block: int
+
+    def __post_init__(self):
+        _check_int("PrecedingBlocks", "q_block", self.q_block, 1)
+        _check_int("PrecedingBlocks", "kv_block", self.kv_block, 1)
+
+    def mask_fn(self, q_idx, kv_idx):
+        return kv_idx // self.kv_block < q_idx // self.q_block
+
+    def _any_all(self, qa, qb, ka, kb):
+        # The key block grows with j and the query block with i: the extreme corners decide.
+        return ka // self.kv_block < qb // self.q_block, kb // self.kv_block < qa // self.q_block
+
+
+@dataclasses.dataclass(frozen=True)
 class _Combined(Mask):
     """Two masks combined elementwise by ``_op`` (| or &), in mask_fn and in block maps alike."""
 
@@ -416,6 +439,7 @@ __all__ = [
     "Fixed",
     "GlobalTokens",
     "Chunked",
+    "PrecedingBlocks",
     "Or",
     "And",
     "bottom_right_offset",

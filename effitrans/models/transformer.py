@@ -8,6 +8,7 @@ of the dense GLU (whose width, ffn_width, those layers then do not use).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -32,6 +33,13 @@ from effitrans.schema import (
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POOLINGS = ("cls", "mean")
+# Activation rematerialisation of each block in training: none, full (only the block input is saved), or
+# dots_saveable (matmul outputs are saved, the elementwise work between them is recomputed).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
 
 # The keys of config.model these stacks read (name, attention and funnel: effitrans.registry.model_keys).
 MODEL_KEYS = {
@@ -52,6 +60,10 @@ MODEL_KEYS = {
     "num_classes": Key(NOT_SET, int_at_least(2), "classifiers: output classes"),
     "embed_dim": Key(NOT_SET, int_at_least(1), "embedding encoders: output width"),
     "moe": Key(NOT_SET, MOE_KEYS, "mixture-of-experts feed-forward in the layers it names (effitrans.layers.moe)"),
+    "scan_layers": Key(False, boolean, "run the blocks as one lax.scan (compiled once, not once per layer)"),
+    "remat": Key(
+        "none", one_of(*REMAT_POLICIES), "recompute block activations in the backward: none | full | dots_saveable"
+    ),
 }
 
 
@@ -161,9 +173,16 @@ class TransformerStack(nnx.Module):
     """Token embedding, `num_layers` blocks and a final norm; shared by every model below."""
 
     def __init__(self, model_cfg, *, causal: bool, rngs: nnx.Rngs):
+        moe = moe_layers(model_cfg)
+        self.scan_layers = bool(model_cfg.get("scan_layers", False))
+        self.remat = model_cfg.get("remat", "none")
+        if self.scan_layers and (moe or len(set(ffn_widths(model_cfg))) > 1):
+            raise ConfigError(
+                "config.model.scan_layers=True needs homogeneous layers: one ffn_width for all layers and no "
+                f"model.moe (got ffn_width={model_cfg.ffn_width!r}, moe layers {sorted(moe)})"
+            )
         self.dtype = compute_dtype(model_cfg)
         self.embed = Embed(model_cfg.vocab_size, model_cfg.d_model, rngs=rngs, dtype=self.dtype)
-        moe = moe_layers(model_cfg)
         self.blocks = nnx.List(
             [
                 Block(model_cfg, w, causal=causal, rngs=rngs, moe=moe_options(model_cfg, i) if i in moe else None)
@@ -177,6 +196,8 @@ class TransformerStack(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = self.embed(tokens)  # [B, T, D]
+        if caches is None and not decode and (self.scan_layers or self.remat != "none"):
+            return self.final_norm(self._scanned_or_remat(x, positions, segment_ids)), None
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, c = block(
@@ -188,6 +209,42 @@ class TransformerStack(nnx.Module):
             )
             new_caches.append(c)
         return self.final_norm(x), (new_caches if caches is not None else None)
+
+    def _scanned_or_remat(self, x, positions, segment_ids):
+        """The training/prefill path of model.scan_layers and model.remat: x [B, T, D] -> [B, T, D].
+
+        The blocks stay separate modules (checkpoints, sharding and pruning see the same parameters); for the
+        scan their states are stacked on a leading layer axis and one block body runs under lax.scan.
+        """
+        policy = REMAT_POLICIES[self.remat]
+
+        def apply(graphdef, state, x):
+            block = nnx.merge(graphdef, state)
+            y, _ = block(x, positions=positions, segment_ids=segment_ids)
+            after = nnx.state(block)
+            if jax.tree.structure(after) != jax.tree.structure(state):
+                raise ValueError(
+                    f"config.model.scan_layers / remat={self.remat!r} need blocks whose call adds no variables "
+                    "(reported metrics or state updates: MoE, routing, LSH attention); use the defaults"
+                )
+            return y
+
+        if self.remat != "none":
+            apply = jax.checkpoint(apply, policy=policy, static_argnums=(0,))
+        if not self.scan_layers:
+            for block in self.blocks:
+                graphdef, state = nnx.split(block)
+                x = apply(graphdef, state, x)
+            return x
+        splits = [nnx.split(block) for block in self.blocks]
+        graphdef = splits[0][0]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[state for _, state in splits])  # [L, ...]
+
+        def body(x, state):
+            return apply(graphdef, state, x), None
+
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
 
 
 def _positions_from_cache(tokens, caches):

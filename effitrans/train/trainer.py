@@ -489,8 +489,10 @@ class Trainer:
                 "evaluate it, or another --workdir for a shorter run"
             )
         peak_source = "given"
+        # MFU is against the peak of the dtype the model computes in (params stay float32).
+        peak_dtype = self.config.model.get("dtype", "float32") if "model" in self.config else "float32"
         if self.peak_gflops is None:
-            self.peak_gflops, peak_source = perf.matmul_peak_gflops("float32")
+            self.peak_gflops, peak_source = perf.peak_gflops(peak_dtype)
         flops_per_step = self._flops_per_step()
         tokens_per_step = self.task.tokens(self.dataset.get_batch(0)) * jax.process_count()
         if jax.process_index() == 0:
@@ -502,13 +504,15 @@ class Trainer:
                 "step": start,
                 "num_params": self.num_params,
                 "peak_matmul_gflops": self.peak_gflops,
+                "peak_dtype": peak_dtype,
+                "peak_source": peak_source,
                 "data": self.dataset.metadata,
                 "config": json.loads(self.config.to_json_best_effort()),
             }
         )
         self._log(
             f"{self.num_params:,} params | mesh {dict(self.mesh.shape)} | steps {start}->{end} | "
-            f"peak float32 matmul {self.peak_gflops:.1f} GFLOP/s ({peak_source})"
+            f"peak {peak_dtype} {self.peak_gflops:.1f} GFLOP/s ({peak_source})"
         )
         profile, tracing = self._profile_range(start, end), False
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -543,6 +547,10 @@ class Trainer:
                 if len(in_flight) > _IN_FLIGHT:
                     in_flight.popleft().block_until_ready()
                 window_steps += 1
+                if step == start:  # the first step compiles: time it apart and start the window after it
+                    metrics["loss"].block_until_ready()
+                    window_start, window_steps = time.perf_counter(), 0
+                    self._log(f"first step (compile and run) {window_start - run_start:.1f} s")
                 log_now = done % cfg.log_every == 0 or done == end
                 save_now = done % cfg.checkpoint_every == 0 or done == end or self._stop_signal is not None
                 eval_now = done % cfg.eval_every == 0 or done == cfg.steps
@@ -551,14 +559,17 @@ class Trainer:
                     unchecked = []
                 if log_now:
                     now = time.perf_counter()
-                    dt = (now - window_start) / window_steps
+                    # A window holding only the first step: its time includes compilation, so no MFU.
+                    compiling = window_steps == 0
+                    dt = (now - run_start) if compiling else (now - window_start) / window_steps
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     mfu = None
-                    if flops_per_step is not None:
+                    if flops_per_step is not None and not compiling:
                         achieved = flops_per_step / dt / 1e9  # GFLOP/s
-                        if achieved > self.peak_gflops and peak_source != "given":  # peak cached under load
-                            self.peak_gflops, peak_source = perf.raise_peak("float32", achieved), "raised"
-                            self._log(f"peak float32 matmul raised to {self.peak_gflops:.1f} GFLOP/s (seen here)")
+                        if achieved > self.peak_gflops and peak_source in ("measured", "cached", "raised"):
+                            # a measured peak cached under load
+                            self.peak_gflops, peak_source = perf.raise_peak(peak_dtype, achieved), "raised"
+                            self._log(f"peak {peak_dtype} matmul raised to {self.peak_gflops:.1f} GFLOP/s (seen here)")
                         mfu = achieved / self.peak_gflops
                     row = {"step": done, **m, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt, "mfu": mfu}
                     if variant is not None:

@@ -13,6 +13,7 @@ from tests.helpers import ROOT, shipped_config
 CONFIGS = [
     "lm_tiny",
     "lm_small",
+    "lm_gpu",
     "encoder_retrieval_small",
     "listops_small",
     "autoformer_synthetic",
