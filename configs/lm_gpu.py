@@ -7,14 +7,17 @@ memory; set --config.model.remat=dots_saveable for larger batches.
 
 python -m effitrans.main --config=configs/lm_gpu.py --workdir=/tmp/lm_gpu
 python -m effitrans.bench train --config=configs/lm_gpu.py
+
+Argument: `--config=configs/lm_gpu.py:key=value,...` sets dotted config keys (`train.steps=50`,
+`model.attention.impl=xla`) before any --config.x override; effitrans.schema.apply_arg.
 """
 
 from effitrans import defaults
+from effitrans.schema import apply_arg
 
 
 def get_config(arg=None):
-    del arg
-    return defaults.experiment(
+    config = defaults.experiment(
         defaults.model(
             d_model=1024,
             num_layers=24,
@@ -38,3 +41,4 @@ def get_config(arg=None):
         ),
         defaults.mesh(),
     )
+    return apply_arg(config, arg)
