@@ -15,6 +15,10 @@ CONFIGS = [
     "autoformer_synthetic",
     "dlinear_synthetic",
     "moe_lm_tiny",
+    "transformer_forecaster_synthetic",
+    "ckcnn_synthetic",
+    "cnn_synthetic",
+    "ckcnn_listops",
 ]
 
 
