@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effitrans.data.timeseries import build_forecast_dataset
+from effitrans.data.timeseries import build_forecast_dataset, resampled_windows
 from effitrans.models.forecast_baselines import seasonal_naive
 from effitrans.schema import load_config
 from effitrans.train.tasks import forecast_scores
@@ -125,10 +125,24 @@ def run_grid(args) -> dict:
                     if seed == args.seeds[0]:
                         y = model(jnp.asarray(window["inputs"]), training=False)
                         examples[(series, pred_len)][model_name] = np.asarray(y)[0, :, 0].tolist()
+            write_json(args, grid_payload(rows, examples, args))  # after every setting: a partial run keeps its rows
+    return grid_payload(rows, examples, args)
+
+
+def grid_payload(rows, examples, args) -> dict:
     summary = summarise(rows)
     payload = {"rows": rows, "summary": summary, "goals": grid_goals(summary), "args": vars(args)}
     payload["examples"] = {f"{s}/{h}": v for (s, h), v in examples.items()}
     return payload
+
+
+def write_json(args, payload) -> str:
+    """payload + date and devices -> <out>/<study>.json; returns the path."""
+    payload = dict(payload, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices=str(jax.devices()))
+    path = os.path.join(args.out, f"{args.study}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
 
 
 def summarise(rows) -> list[dict]:
@@ -180,16 +194,6 @@ def grid_goals(summary) -> dict:
 # ---- resolution independence ------------------------------------------------------------------------
 
 
-def resampled_windows(values: np.ndarray, starts: np.ndarray, input_len: int, pred_len: int, spacing: float):
-    """values [T, C] at times 0..T-1 -> (inputs [n, L/s, C], targets [n, H/s, C]) by linear interpolation at
-    spacing s; window i's targets begin at time starts[i] (the same times at every spacing)."""
-    n_in, n_out = round(input_len / spacing), round(pred_len / spacing)
-    times = starts[:, None] + spacing * np.arange(-n_in, n_out)[None, :]  # [n, L/s + H/s]
-    grid = np.arange(values.shape[0], dtype=np.float64)
-    full = np.stack([np.interp(times, grid, values[:, c]) for c in range(values.shape[1])], -1).astype(np.float32)
-    return full[:, :n_in], full[:, n_in:]
-
-
 def run_resolution(args) -> dict:
     input_len, (pred_len,) = horizons("synthetic")
     spacings = (1.0, 0.5, 2.0)
@@ -201,7 +205,7 @@ def run_resolution(args) -> dict:
             model, ev, trainer, seconds = train(cfg)
             data = trainer.dataset
             start, end = data.bounds["test"]
-            starts = np.arange(start, end - pred_len + 1, 2)  # every second time: aligned at spacing 2 as well
+            starts = np.arange(start, end - pred_len, 2)  # every second time (aligned at spacing 2), inside the series
             row = dict(model=model_name, seed=seed, trainer_test_mse=ev["eval_mse"], seconds=seconds)
             for s in spacings:
                 x, y = resampled_windows(data.values, starts, input_len, pred_len, s)
@@ -320,11 +324,7 @@ def main(argv=None) -> int:
     else:
         payload = run_resolution(args)
         plot_resolution(payload, os.path.join(args.out, "resolution.png"))
-    payload["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    payload["devices"] = str(jax.devices())
-    path = os.path.join(args.out, f"{args.study}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    path = write_json(args, payload)
     print(f"wrote {path}\ngoals: {json.dumps(payload['goals'])}")
     return 0
 
