@@ -107,7 +107,7 @@ def run_grid(args) -> dict:
                 "targets": window["targets"][0, :, 0].tolist(),
             }
             for model_name in args.models:
-                for seed in args.seeds:
+                for seed in args.seeds[:1] if model_name in args.single_seed_models else args.seeds:
                     cfg = experiment_config(model_name, series, input_len, pred_len, seed, args.steps)
                     model, ev, _, seconds = train(cfg)
                     row = dict(
@@ -308,10 +308,12 @@ def main(argv=None) -> int:
     p.add_argument("--series", default=",".join(SERIES), help="grid: comma-separated, of " + ",".join(SERIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--single_seed_models", default="", help="grid: models trained on the first seed only")
     p.add_argument("--max_horizons", type=int, default=None, help="grid: only the first n horizons of each series")
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     args.models, args.series = args.models.split(","), args.series.split(",")
+    args.single_seed_models = [m for m in args.single_seed_models.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     for name, given, allowed in (("models", args.models, MODELS), ("series", args.series, SERIES)):
         bad = [g for g in given if g not in allowed]
