@@ -130,6 +130,18 @@ def run_grid(args) -> dict:
     return grid_payload(rows, examples, args)
 
 
+def merge_grids(args) -> dict:
+    """The grid.json files of --parts (runs of disjoint series) as one grid payload."""
+    rows, examples = [], {}
+    for path in args.parts.split(","):
+        with open(path) as f:
+            part = json.load(f)
+        rows += part["rows"]
+        examples |= {tuple(k.split("/")): v for k, v in part["examples"].items()}
+    examples = {(s, int(h)): v for (s, h), v in examples.items()}
+    return grid_payload(rows, examples, args)
+
+
 def grid_payload(rows, examples, args) -> dict:
     summary = summarise(rows)
     payload = {"rows": rows, "summary": summary, "goals": grid_goals(summary), "args": vars(args)}
@@ -309,7 +321,8 @@ def plot_resolution(payload, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", choices=("grid", "resolution"), required=True)
+    p.add_argument("--study", choices=("grid", "resolution", "merge"), required=True)
+    p.add_argument("--parts", default="", help="merge: comma-separated grid.json files run apart (e.g. per series)")
     p.add_argument("--models", default=",".join(MODELS), help="grid: comma-separated, of " + ",".join(MODELS))
     p.add_argument("--series", default=",".join(SERIES), help="grid: comma-separated, of " + ",".join(SERIES))
     p.add_argument("--seeds", default="0,1,2")
@@ -328,6 +341,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if args.study == "grid":
         payload = run_grid(args)
+        plot_grid(payload, os.path.join(args.out, "grid.png"), os.path.join(args.out, "forecast.png"))
+    elif args.study == "merge":
+        payload = merge_grids(args)
+        args.study = "grid"
         plot_grid(payload, os.path.join(args.out, "grid.png"), os.path.join(args.out, "forecast.png"))
     else:
         payload = run_resolution(args)
