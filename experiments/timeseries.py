@@ -97,7 +97,7 @@ def run_grid(args) -> dict:
         input_len, pred_lens = horizons(series)
         for pred_len in pred_lens[: args.max_horizons]:
             data = build_forecast_dataset(
-                series=series, input_len=input_len, pred_len=pred_len, eval_split="test", global_batch_size=32
+                series=series, input_len=input_len, pred_len=pred_len, eval_split="test", global_batch_size=32, seed=0
             )
             period = min(PERIODS[series], input_len)
             naive = forecast_scores(lambda x, p=period, h=pred_len: seasonal_naive(x, p, h), data)
