@@ -307,7 +307,7 @@ def plot_resolution(payload, path: str) -> None:
         for j, s in enumerate(spacings):
             axes[0].scatter([j + 0.38 * i] * len(rs), [r[f"mse_at_{s}"] for r in rs], color="k", s=8)
     axes[0].set_xticks(np.arange(3) + 0.19, ["1x (trained)", "2x", "0.5x"])
-    axes[0].set(ylabel="test MSE (normalised)", title="sampling rate at evaluation")
+    axes[0].set(ylabel="test MSE (normalised, log scale)", title="sampling rate at evaluation", yscale="log")
     axes[0].legend()
     curve = payload["curves"]["0.5"]
     t = np.arange(len(curve["targets"])) * 0.5
