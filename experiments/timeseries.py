@@ -131,14 +131,27 @@ def run_grid(args) -> dict:
 
 
 def merge_grids(args) -> dict:
-    """The grid.json files of --parts (runs of disjoint series) as one grid payload."""
+    """One grid payload from --parts: grid.json files, or the logs of grid runs (their JSON row lines; a run
+    stopped early keeps the rows it printed). Seasonal-naive rows are recomputed for settings without them."""
     rows, examples = [], {}
     for path in args.parts.split(","):
         with open(path) as f:
-            part = json.load(f)
-        rows += part["rows"]
-        examples |= {tuple(k.split("/")): v for k, v in part["examples"].items()}
-    examples = {(s, int(h)): v for (s, h), v in examples.items()}
+            text = f.read()
+        if path.endswith(".json"):
+            part = json.loads(text)
+            rows += part["rows"]
+            examples |= {(k.split("/")[0], int(k.split("/")[1])): v for k, v in part["examples"].items()}
+        else:
+            rows += [json.loads(line) for line in text.splitlines() if line.startswith('{"series"')]
+    for series, pred_len in sorted({(r["series"], r["pred_len"]) for r in rows}):
+        if not any(r["model"] == "seasonal_naive" and (r["series"], r["pred_len"]) == (series, pred_len) for r in rows):
+            input_len = horizons(series)[0]
+            data = build_forecast_dataset(
+                series=series, input_len=input_len, pred_len=pred_len, eval_split="test", global_batch_size=32, seed=0
+            )
+            period = min(PERIODS[series], input_len)
+            naive = forecast_scores(lambda x, p=period, h=pred_len: seasonal_naive(x, p, h), data)
+            rows.append(dict(series=series, pred_len=pred_len, model="seasonal_naive", seed=0, **naive))
     return grid_payload(rows, examples, args)
 
 
@@ -276,6 +289,9 @@ def plot_grid(payload, path_mse: str, path_forecast: str) -> None:
         ax.set(title=name, xlabel="horizon", ylabel="test MSE (normalised)")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path_mse)
+    if not payload["examples"]:
+        print("no forecast examples (merged from logs only): forecast.png not written")
+        return
     key = next(iter(payload["examples"]))
     ex = payload["examples"][key]
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -322,7 +338,7 @@ def plot_resolution(payload, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", choices=("grid", "resolution", "merge"), required=True)
-    p.add_argument("--parts", default="", help="merge: comma-separated grid.json files run apart (e.g. per series)")
+    p.add_argument("--parts", default="", help="merge: comma-separated grid.json files or grid-run logs")
     p.add_argument("--models", default=",".join(MODELS), help="grid: comma-separated, of " + ",".join(MODELS))
     p.add_argument("--series", default=",".join(SERIES), help="grid: comma-separated, of " + ",".join(SERIES))
     p.add_argument("--seeds", default="0,1,2")
