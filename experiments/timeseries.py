@@ -275,19 +275,30 @@ def plot_grid(payload, path_mse: str, path_forecast: str) -> None:
 
     summary = payload["summary"]
     series = sorted({s["series"] for s in summary}, key=SERIES.index)
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.6), squeeze=False)
+    models = [m for m in ("seasonal_naive", *MODELS) if any(s["model"] == m for s in summary)]
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.8), squeeze=False)
+    width = 0.8 / len(models)
     for ax, name in zip(axes[0], series):
-        for model in ("seasonal_naive", *MODELS):
-            pts = sorted(
-                (s["pred_len"], s["mse"], s["mse_min"], s["mse_max"])
-                for s in summary
-                if (s["series"], s["model"]) == (name, model)
-            )
-            if pts:
-                h, m, lo, hi = map(np.array, zip(*pts))
-                ax.errorbar(h, m, yerr=[m - lo, hi - m], marker="o", capsize=3, label=model)
-        ax.set(title=name, xlabel="horizon", ylabel="test MSE (normalised)")
-    axes[0][0].legend(fontsize=7)
+        hs = sorted({s["pred_len"] for s in summary if s["series"] == name})
+        for i, model in enumerate(models):
+            for j, h in enumerate(hs):
+                got = [s for s in summary if (s["series"], s["pred_len"], s["model"]) == (name, h, model)]
+                if got:
+                    g = got[0]
+                    err = [[g["mse"] - g["mse_min"]], [g["mse_max"] - g["mse"]]]
+                    ax.bar(
+                        j + i * width,
+                        g["mse"],
+                        width,
+                        yerr=err,
+                        capsize=2,
+                        color=f"C{i}",
+                        label=model if j == 0 else None,
+                    )
+        ax.set_xticks(np.arange(len(hs)) + 0.4 - width / 2, [f"H = {h}" for h in hs])
+        ax.set(title=f"{name}: mean and seeds' range", ylabel="test MSE (normalised)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(models))]
+    axes[0][0].legend(handles, models, fontsize=7)
     save_figure(fig, path_mse)
     if not payload["examples"]:
         print("no forecast examples (merged from logs only): forecast.png not written")
