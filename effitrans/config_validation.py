@@ -104,6 +104,10 @@ def validate_config(config, *, num_devices: int | None = None, num_processes: in
         "funnel_embedding": "retrieval",
         "autoformer": "forecast",
         "dlinear": "forecast",
+        "transformer_forecaster": "forecast",
+        "ckcnn": "forecast",
+        "cnn": "forecast",
+        "ckcnn_classifier": "classification",
     }[config.model.name]
     if t.task != expected_task:
         raise ConfigError(

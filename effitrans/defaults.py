@@ -20,6 +20,7 @@ from effitrans.funnel.config import FUNNEL_KEYS
 from effitrans.layers.moe import MOE_KEYS
 from effitrans.models.autoformer import AUTOFORMER_KEYS
 from effitrans.models.forecast_baselines import DLINEAR_KEYS
+from effitrans.models.forecasters import GROUP_KEYS
 from effitrans.registry import model_keys
 from effitrans.schema import default_config
 from effitrans.train.schema import MESH_KEYS, TRAIN_KEYS
@@ -43,6 +44,13 @@ def autoformer(**overrides) -> ml_collections.ConfigDict:
 def dlinear(**overrides) -> ml_collections.ConfigDict:
     """config.model.dlinear, for model.name = dlinear."""
     return default_config(DLINEAR_KEYS, **overrides)
+
+
+def model_group(name: str, **overrides) -> ml_collections.ConfigDict:
+    """config.model.<name> for model.name = transformer_forecaster | ckcnn | cnn | ckcnn_classifier."""
+    if name not in GROUP_KEYS:
+        raise ValueError(f"name={name!r} is not one of {sorted(GROUP_KEYS)}")
+    return default_config(GROUP_KEYS[name], **overrides)
 
 
 def moe(**overrides) -> ml_collections.ConfigDict:

@@ -10,6 +10,14 @@ from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoderClassifier
 from effitrans.models.autoformer import AUTOFORMER_KEYS, Autoformer, check_autoformer_config
 from effitrans.models.forecast_baselines import DLINEAR_KEYS, DLinear, check_dlinear_config
+from effitrans.models.forecasters import (
+    GROUP_KEYS,
+    CKCNNClassifier,
+    CKCNNForecaster,
+    CNNForecaster,
+    TransformerForecaster,
+    check_forecasters_config,
+)
 from effitrans.models.transformer import MODEL_KEYS, CausalLM, EmbeddingEncoder, EncoderClassifier, check_moe_config
 from effitrans.schema import NOT_SET, ConfigError, Key, is_int, one_of, validate
 
@@ -21,6 +29,10 @@ MODELS = {
     "funnel_embedding": FunnelEmbeddingEncoder,
     "autoformer": Autoformer,  # + model.autoformer group: docs/timeseries.md
     "dlinear": DLinear,  # + model.dlinear group
+    "transformer_forecaster": TransformerForecaster,  # + model.<name> group: effitrans.models.forecasters
+    "ckcnn": CKCNNForecaster,
+    "cnn": CNNForecaster,
+    "ckcnn_classifier": CKCNNClassifier,
 }
 # Keys without a default that a model name needs.
 REQUIRED_KEYS = {
@@ -30,8 +42,16 @@ REQUIRED_KEYS = {
     "funnel_embedding": ("embed_dim",),
     "autoformer": ("autoformer",),
     "dlinear": ("dlinear",),
+    **{name: (name,) for name in GROUP_KEYS},
+    "ckcnn_classifier": ("ckcnn_classifier", "num_classes"),
 }
-FORECASTERS = ("autoformer", "dlinear")  # forecast-task models; each reads the model.<name> group
+FORECASTERS = (
+    "autoformer",
+    "dlinear",
+    "transformer_forecaster",
+    "ckcnn",
+    "cnn",
+)  # forecast-task models; each reads the model.<name> group
 
 
 def model_keys(kind: str = "dense") -> dict:
@@ -43,6 +63,10 @@ def model_keys(kind: str = "dense") -> dict:
         "funnel": Key(NOT_SET, FUNNEL_KEYS, "funnel_* models only (effitrans.funnel.FUNNEL_KEYS)"),
         "autoformer": Key(NOT_SET, AUTOFORMER_KEYS, "autoformer only (effitrans.models.autoformer.AUTOFORMER_KEYS)"),
         "dlinear": Key(NOT_SET, DLINEAR_KEYS, "dlinear only (effitrans.models.forecast_baselines.DLINEAR_KEYS)"),
+        **{
+            name: Key(NOT_SET, keys, f"{name} only (effitrans.models.forecasters.GROUP_KEYS)")
+            for name, keys in GROUP_KEYS.items()
+        },
     }
 
 
@@ -70,6 +94,7 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     check_funnel_config(m, prefix)
     check_autoformer_config(m, prefix)
     check_dlinear_config(m, prefix)
+    check_forecasters_config(m, prefix)
     check_moe_config(m, prefix)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from flax import nnx
 
 from effitrans import schema
+from effitrans.attention import autocorrelation as _ac
 from effitrans.attention import sparse_families as _sf
 from effitrans.attention.cache import KVCache, cache_bytes
 from effitrans.attention.dense import DenseAttention
@@ -26,11 +27,13 @@ from effitrans.schema import Key, block_size, float_at_least, int_at_least, one_
 @dataclasses.dataclass(frozen=True)
 class AttentionFamily:
     """build(model_cfg, attn_cfg, *, causal, rngs, dtype) -> module; options: the family's own attention keys
-    (name -> Key; the Key's default is used when the config leaves the key None)."""
+    (name -> Key; the Key's default is used when the config leaves the key None); supports_causal: False for a
+    family without a causal form (build_attention rejects causal=True)."""
 
     build: Callable[..., nnx.Module]
     options: Mapping[str, Key] = dataclasses.field(default_factory=dict)
     supports_decode: bool = False
+    supports_causal: bool = True
 
 
 def _build_dense(model_cfg, attn_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Module:
@@ -108,6 +111,11 @@ def build_attention(model_cfg, *, causal: bool, rngs: nnx.Rngs, dtype) -> nnx.Mo
     kind = model_cfg.attention.kind
     if kind not in ATTENTION_FAMILIES:
         raise ValueError(f"config.model.attention.kind={kind!r} is not one of {sorted(ATTENTION_FAMILIES)}")
+    if causal and not ATTENTION_FAMILIES[kind].supports_causal:
+        raise ValueError(
+            f"config.model.attention.kind={kind!r} has no causal form; use it in a non-causal model "
+            f"(encoders, forecasters), not a causal LM"
+        )
     return ATTENTION_FAMILIES[kind].build(model_cfg, model_cfg.attention, causal=causal, rngs=rngs, dtype=dtype)
 
 
@@ -122,6 +130,10 @@ register_family("sparse_fixed", AttentionFamily(_sf.build_sparse_fixed, _sf.SPAR
 register_family("lsh", AttentionFamily(_sf.build_lsh, _sf.LSH_KEYS))
 register_family("routing", AttentionFamily(_sf.build_routing, _sf.ROUTING_KEYS))
 register_family("transient_global", AttentionFamily(_sf.build_transient_global, _sf.TRANSIENT_GLOBAL_KEYS))
+register_family(
+    "autocorrelation",
+    AttentionFamily(_ac.build_autocorrelation, _ac.AUTOCORRELATION_KEYS, supports_causal=False),
+)
 
 
 def attention_keys(kind: str = "dense") -> dict:

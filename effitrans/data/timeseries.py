@@ -100,6 +100,32 @@ def load_statsmodels_series(name: str) -> np.ndarray:
     return values.astype(np.float32)[:, None]
 
 
+def resampled_windows(
+    values: np.ndarray, starts: np.ndarray, input_len: int, pred_len: int, spacing: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forecast windows of a series resampled at another rate. values [T, C] sampled at times 0..T-1 -> (inputs
+    [n, L/s, C], targets [n, H/s, C]) by linear interpolation at spacing s (s = 0.5: twice the rate); window i's
+    targets begin at time starts[i], its inputs cover the input_len time units before, so the windows cover the
+    same times at every spacing. input_len / s and pred_len / s must be whole numbers."""
+    if not (isinstance(spacing, (int, float)) and spacing > 0):
+        raise ValueError(f"spacing={spacing!r} must be a number > 0 (time units per sample)")
+    n_in, n_out = input_len / spacing, pred_len / spacing
+    if n_in != int(n_in) or n_out != int(n_out) or n_out < 1:
+        raise ValueError(
+            f"input_len={input_len} and pred_len={pred_len} must be whole multiples of spacing={spacing} (>= 1 sample)"
+        )
+    starts = np.asarray(starts, np.float64)
+    if starts.size and (starts.min() < input_len or starts.max() + pred_len > values.shape[0] - 1):
+        raise ValueError(
+            f"starts must lie in [input_len={input_len}, T - 1 - pred_len={values.shape[0] - 1 - pred_len}] "
+            f"(the windows inside the series); got [{starts.min()}, {starts.max()}]"
+        )
+    times = starts[:, None] + spacing * np.arange(-int(n_in), int(n_out))[None, :]  # [n, L/s + H/s]
+    grid = np.arange(values.shape[0], dtype=np.float64)
+    full = np.stack([np.interp(times, grid, values[:, c]) for c in range(values.shape[1])], -1)  # [n, ., C]
+    return full[:, : int(n_in)].astype(np.float32), full[:, int(n_in) :].astype(np.float32)
+
+
 def split_bounds(length: int, val_fraction: float, test_fraction: float) -> dict[str, tuple[int, int]]:
     """[start, end) of each chronological split of a series of `length` points."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -5,8 +5,10 @@ Shapes: B batch, T length, K kernel taps, I input channels, O output channels, E
 
 - `fft_conv(x [B, T, I], kernel [K, I, O], *, causal)`: causal y[t] = sum_j kernel[j] x[t - j]; non-causal
   (odd K, centred) y[t] = sum_j kernel[j] x[t - j + (K - 1) / 2]; x is zero outside [0, T). O((T + K) log).
-- `kernel_positions(length, causal)`: the relative positions in [-1, 1] where the kernel is sampled: T lags
-  (causal) or 2T - 1 offsets (non-causal), so every output sees the whole input.
+- `kernel_positions(length, causal, spacing, span)`: the relative positions where the kernel is sampled: T lags
+  (causal) or 2T - 1 offsets (non-causal), so every output sees the whole input. By default they fill [-1, 1]
+  (the kernel stretches with the input); with `span` they are offsets in time units (`spacing` per sample)
+  divided by `span`, so the same kernel reads a series sampled at any rate (resolution independence).
 - `siren_kernel(params, positions, omega_0)`: the kernel net, positions [K] -> kernel [K, I, O].
 """
 
@@ -31,14 +33,19 @@ def fft_conv(x: jax.Array, kernel: jax.Array, *, causal: bool) -> jax.Array:
     return full[:, start : start + t]
 
 
-def kernel_positions(length: int, *, causal: bool) -> jax.Array:
-    """Relative positions in [-1, 1]: causal, lag j = 0..T-1 at 1 - 2 j / (T - 1); non-causal, tap j = 0..2T-2
-    (offset j - (T - 1)) at (j - (T - 1)) / (T - 1). Returns float32 [K]."""
+def kernel_positions(length: int, *, causal: bool, spacing: float = 1.0, span: float | None = None) -> jax.Array:
+    """Relative positions, with u = spacing / span (span None: (T - 1) spacing, so they fill [-1, 1]): causal,
+    lag j = 0..T-1 at 1 - 2 j u; non-causal, tap j = 0..2T-2 (offset j - (T - 1)) at (j - (T - 1)) u.
+    Returns float32 [K]."""
     if length < 2:
         raise ValueError(f"length={length} must be >= 2 (the kernel spans the input)")
+    for name, value in (("spacing", spacing), ("span", span)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value!r} must be > 0 (time units)")
+    u = spacing / (span if span is not None else (length - 1) * spacing)
     if causal:
-        return jnp.linspace(1.0, -1.0, length, dtype=jnp.float32)  # [T]
-    return jnp.linspace(-1.0, 1.0, 2 * length - 1, dtype=jnp.float32)  # [2T-1]
+        return (1.0 - 2.0 * u * jnp.arange(length, dtype=jnp.float32)).astype(jnp.float32)  # [T]
+    return (u * jnp.arange(-(length - 1), length, dtype=jnp.float32)).astype(jnp.float32)  # [2T-1]
 
 
 def siren_kernel(params: dict, positions: jax.Array, omega_0: float) -> jax.Array:
@@ -51,15 +58,29 @@ def siren_kernel(params: dict, positions: jax.Array, omega_0: float) -> jax.Arra
 
 class CKConv(nnx.Module):
     """A continuous-kernel convolution layer: x [B, T, I] -> [B, T, O], kernel net of hidden width E with
-    SIREN initialisation (first layer U(-1/fan_in, 1/fan_in), then U(-sqrt(6/fan_in)/omega_0, ...))."""
+    SIREN initialisation (first layer U(-1/fan_in, 1/fan_in), then U(-sqrt(6/fan_in)/omega_0, ...)).
+
+    span None: the kernel stretches over the input, whatever its length. span (time units): positions are
+    time offsets / span and the sum is weighted by the sample spacing (a Riemann sum of the continuous
+    convolution), so the layer gives about the same output for a signal sampled at any spacing."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, hidden: int = 32, *, causal: bool, omega_0: float = 30.0, rngs
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden: int = 32,
+        *,
+        causal: bool,
+        omega_0: float = 30.0,
+        span: float | None = None,
+        rngs,
     ):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("hidden", hidden)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an int >= 1")
-        self.causal, self.omega_0 = causal, omega_0
+        if span is not None and not span > 0:
+            raise ValueError(f"span={span!r} must be > 0 (time units) or None")
+        self.causal, self.omega_0, self.span = causal, omega_0, span
         bound = (6.0 / hidden) ** 0.5 / omega_0
         uniform = lambda shape, b: nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -b, b))
         self.w1, self.b1 = uniform((1, hidden), 1.0), uniform((hidden,), 1.0)
@@ -67,10 +88,15 @@ class CKConv(nnx.Module):
         self.w3 = uniform((hidden, in_channels, out_channels), bound)
         self.b3 = nnx.Param(jnp.zeros((in_channels, out_channels)))
 
-    def kernel(self, length: int) -> jax.Array:
-        """The kernel for inputs of `length`: [T, I, O] (causal) or [2T-1, I, O]."""
+    def kernel(self, length: int, spacing: float = 1.0) -> jax.Array:
+        """The kernel for inputs of `length` samples `spacing` apart: [T, I, O] (causal) or [2T-1, I, O]."""
+        if self.span is None and spacing != 1.0:
+            raise ValueError(f"spacing={spacing!r} needs a CKConv built with span (time units); this one has None")
         params = {k: getattr(self, k)[...] for k in ("w1", "b1", "w2", "b2", "w3", "b3")}
-        return siren_kernel(params, kernel_positions(length, causal=self.causal), self.omega_0)
+        positions = kernel_positions(length, causal=self.causal, spacing=spacing, span=self.span)
+        return siren_kernel(params, positions, self.omega_0)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return fft_conv(x, self.kernel(x.shape[1]), causal=self.causal)
+    def __call__(self, x: jax.Array, spacing: float = 1.0) -> jax.Array:
+        """x [B, T, I] sampled `spacing` time units apart -> [B, T, O]."""
+        y = fft_conv(x, self.kernel(x.shape[1], spacing), causal=self.causal)
+        return y if self.span is None else spacing * y

@@ -21,6 +21,10 @@ CONFIGS = [
     "moe_lm_tiny",
     "moe_lm_small",
     "moe_encoder_retrieval_small",
+    "transformer_forecaster_synthetic",
+    "ckcnn_synthetic",
+    "cnn_synthetic",
+    "ckcnn_listops",
 ]
 
 
