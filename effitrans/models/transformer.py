@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.attention import build_attention
+from effitrans.cascades.exit_heads import EXIT_KEYS, ExitHeads
 from effitrans.layers import Embed, GLUFeedForward, RMSNorm
 from effitrans.layers.glu import ACTIVATIONS
 from effitrans.layers.moe import MOE_KEYS, MoEFeedForward, moe_problems
@@ -52,6 +53,7 @@ MODEL_KEYS = {
     "num_classes": Key(NOT_SET, int_at_least(2), "classifiers: output classes"),
     "embed_dim": Key(NOT_SET, int_at_least(1), "embedding encoders: output width"),
     "moe": Key(NOT_SET, MOE_KEYS, "mixture-of-experts feed-forward in the layers it names (effitrans.layers.moe)"),
+    "exits": Key(NOT_SET, EXIT_KEYS, "early-exit heads on intermediate layers (effitrans.cascades, docs/cascades.md)"),
 }
 
 
@@ -146,6 +148,8 @@ class TransformerStack(nnx.Module):
             [Block(model_cfg, w, causal=causal, rngs=rngs, moe=i in moe) for i, w in enumerate(ffn_widths(model_cfg))]
         )
         self.final_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
+        if "exits" in model_cfg:  # read by effitrans.cascades.early_exit; the plain forward ignores them
+            self.exits = ExitHeads(model_cfg, rngs=rngs)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, caches=None, decode=False):
         """tokens int [B, T] -> (hidden [B, T, D], caches: list per layer or None)."""
