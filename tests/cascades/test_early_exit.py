@@ -251,3 +251,26 @@ def test_exit_losses_train_through_the_trainer_and_the_frozen_backbone_stays_put
     np.testing.assert_array_equal(after["stack"]["blocks"][0]["ffn"]["up"], before["stack"]["blocks"][0]["ffn"]["up"])
     assert not np.array_equal(after["stack"]["exits"]["adapter"], before["stack"]["exits"]["adapter"])
     assert not np.array_equal(after["stack"]["exits"]["confidence_w"], before["stack"]["exits"]["confidence_w"])
+
+
+@pytest.mark.slow  # one compile, still ~60 s on 2 loaded cores
+def test_jitted_never_exit_step_equals_the_model_and_always_exit_takes_the_first_exit():
+    """The eager tests' claims again in one compiled program (exact: the same program computes both)."""
+    model = build_model(lm_with_exits(num_layers=2))
+    tokens = jax.random.randint(jax.random.key(5), (2, 3), 0, 61)
+
+    @nnx.jit
+    def run(model, tokens):
+        caches = model.init_cache(2, 4)
+        _, caches = model(tokens[:, :2], cache=caches, decode=True)
+        ref, ref_caches = model(tokens[:, 2:], cache=caches, decode=True)
+        never = ee.decode_step_with_exits(model, tokens[:, 2:], caches, measure="entropy", threshold=1.0)
+        always = ee.decode_step_with_exits(model, tokens[:, 2:], caches, measure="entropy", threshold=0.0)
+        return ref, ref_caches, never, always, ee.exit_pass(model, tokens).logits[0][:, 2:]
+
+    ref, ref_caches, (logits, caches, index), (first, _, first_index), exit1 = run(model, tokens)
+    np.testing.assert_array_equal(logits, ref)
+    for a, b in zip(jax.tree.leaves(caches), jax.tree.leaves(ref_caches), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert index.tolist() == [1, 1] and first_index.tolist() == [0, 0]
+    np.testing.assert_allclose(first, exit1, atol=1e-5)
