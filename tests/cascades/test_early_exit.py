@@ -274,3 +274,24 @@ def test_jitted_never_exit_step_equals_the_model_and_always_exit_takes_the_first
         np.testing.assert_array_equal(a, b)
     assert index.tolist() == [1, 1] and first_index.tolist() == [0, 0]
     np.testing.assert_allclose(first, exit1, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles a program per segment: ~1 min on 2 loaded cores
+@pytest.mark.parametrize("measure", ["learned", "max_prob"])
+def test_exit_decoder_skips_work_but_equals_the_masked_step(measure):
+    model = build_model(lm_with_exits(num_layers=4, layers=[1, 3]))
+    _randomise_exit_heads(model)
+    tokens = jax.random.randint(jax.random.key(6), (3, 5), 0, 61)
+    conf = ee.pass_confidences(ee.exit_pass(model, tokens), measure)[:, :, 4]  # [X, B]
+    caches = model.init_cache(3, 6)
+    _, caches = model(tokens[:, :4], cache=caches, decode=True)
+    for threshold in (0.0, float(jnp.median(conf)), 1.0):
+        decoder = ee.ExitDecoder(model, measure=measure, threshold=threshold)
+        want, want_caches, want_index = ee.decode_step_with_exits(
+            model, tokens[:, 4:], caches, measure=measure, threshold=threshold
+        )
+        got, got_caches, got_index = decoder.step(tokens[:, 4:], caches)
+        np.testing.assert_array_equal(got_index, want_index)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(want_caches), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
