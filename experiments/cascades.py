@@ -445,6 +445,16 @@ def write(results):
         json.dump(results, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
+def _finish(plt, fig, ax, xlabel, ylabel, title, name):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+
 def plot(results):
     import matplotlib
 
@@ -474,13 +484,8 @@ def plot(results):
             points += [(p["cost"], p["accuracy"]) for p in cv]
         front = pareto(points)
         ax.plot(*zip(*front, strict=True), "k:", lw=2, label="Pareto frontier")
-        ax.set_xlabel("cost: forward FLOPs per example / large model's")
-        ax.set_ylabel("test accuracy")
-        ax.set_title("ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(OUT, "listops.png"), dpi=120)
-        plt.close(fig)
+        title = "ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)"
+        _finish(plt, fig, ax, "cost: forward FLOPs per example / large model's", "test accuracy", title, "listops")
     if "smollm2" in results:
         r = results["smollm2"]
         fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -496,13 +501,16 @@ def plot(results):
         ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label="decode with KV propagation")
         ax.scatter([1.0], [1.0], s=80, label="SmolLM2-135M (all layers)")
         ax.axhline(0.95, color="gray", ls=":", lw=1)
-        ax.set_xlabel("cost: mean layers run per token / 30")
-        ax.set_ylabel("top-1 agreement with the full model")
-        ax.set_title("SmolLM2-135M shared-head early exits on held-out CPython docs")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(OUT, "smollm2.png"), dpi=120)
-        plt.close(fig)
+        title = "SmolLM2-135M shared-head early exits on held-out CPython docs"
+        _finish(
+            plt,
+            fig,
+            ax,
+            f"cost: mean layers run per token / {n}",
+            "top-1 agreement with the full model",
+            title,
+            "smollm2",
+        )
 
 
 def main(argv=None):

@@ -15,6 +15,7 @@ CONFIGS = [
     "autoformer_synthetic",
     "dlinear_synthetic",
     "moe_lm_tiny",
+    "listops_exits",
 ]
 
 
