@@ -20,6 +20,7 @@ Learn-then-Test), `exit_task` (per-exit losses through the Trainer) and `exit_tr
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -56,7 +57,12 @@ def _check_measure(measure: str) -> None:
         raise ValueError(f"measure={measure!r} is not one of {list(MEASURES)}")
 
 
-def _check_threshold(threshold) -> float:
+def _check_threshold(threshold):
+    """A number in [0, 1]; a traced scalar (one compiled step for a whole sweep) passes unchecked."""
+    if isinstance(threshold, jax.core.Tracer):
+        return threshold
+    if isinstance(threshold, jax.Array) and threshold.ndim == 0:
+        threshold = float(threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r} must be a number in [0, 1] (exit when confidence > threshold)")
     return float(threshold)
@@ -302,94 +308,105 @@ def decode_step_with_exits(model, tokens, caches, *, measure: str, threshold: fl
     return out, caches, index
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi"))
+def _segment(graphdef, state, x, done, positions, caches, *, lo, hi):
+    """Blocks lo..hi-1 of one decode step; rows already done keep their state (their caches get propagation)."""
+    m = nnx.merge(graphdef, state)
+    prev, caches = x, list(caches)
+    for n in range(lo, hi):
+        prev = x
+        x_new, caches[n - lo] = m.stack.blocks[n](x, positions=positions, cache=caches[n - lo], decode=True)
+        x = jnp.where(done[:, None, None], x, x_new)
+    return x, prev, caches
+
+
+def _exit_output(m, x, i):
+    """Exit i's logits [B, 1, V] and final-normed state [B, 1, D]."""
+    normed = m.stack.final_norm(exits_of(m).transform(i, x))
+    return m.logits(normed), normed
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "measure", "i"))
+def _exit_check(graphdef, state, x, prev, done, threshold, *, measure, i):
+    """Rows exiting at exit i now, and exit i's logits when the measure read them (else None)."""
+    m = nnx.merge(graphdef, state)
+    heads = exits_of(m)
+    if measure in LOGIT_MEASURES:
+        logits, normed = _exit_output(m, x, i)
+    else:  # no output projection unless a row exits
+        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
+    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
+    return ~done & (conf[:, 0] > threshold), logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "i"))
+def _exit_logits(graphdef, state, x, *, i):
+    return _exit_output(nnx.merge(graphdef, state), x, i)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo"))
+def _propagate(graphdef, state, x, positions, caches, *, lo):
+    """Keys/values of the exited state x in layers lo.. (their attention on norm(x); no feed-forward)."""
+    m = nnx.merge(graphdef, state)
+    caches = list(caches)
+    for n in range(lo, len(m.stack.blocks)):
+        block = m.stack.blocks[n]
+        _, caches[n - lo] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n - lo], decode=True)
+    return caches
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _final_logits(graphdef, state, x):
+    return _readout(nnx.merge(graphdef, state), x, None)[0]
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).stack.embed(tokens)
+
+
 class ExitDecoder:
     """Compiled decode steps with early exit whose exited work is really skipped (decode_step_with_exits's
     math, in pieces): the layers between two exits are one jitted program each; after each exit the host
     reads which rows exited, and once every row has, the remaining layers run only the key/value propagation
     (attention on the exited state, no feed-forward) and the exit's logits are the step's. At batch 1 this is
-    per-token early exit; at batch B the feed-forwards stop only when all B rows exited.
+    per-token early exit; at batch B the feed-forwards stop only when all B rows exited. The compiled pieces
+    are shared by every decoder of the same model and measure (the threshold is an argument).
 
     step(tokens int [B, 1], caches) -> (logits [B, 1, V] float32, caches, exit index int32 [B]).
     """
 
     def __init__(self, model, *, measure: str, threshold: float):
         _check_measure(measure)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = jnp.float32(_check_threshold(threshold))
         self.layers = exits_of(model).layers
         self.num_layers = len(model.stack.blocks)
         self.measure = measure
         self.graphdef, self.state = nnx.split(model)
-        g = self.graphdef
-
-        def run(state, x, done, positions, caches, lo, hi):  # blocks lo..hi-1 on rows not done
-            m = nnx.merge(g, state)
-            prev, caches = x, list(caches)
-            for n in range(lo, hi):
-                prev = x
-                x_new, caches[n - lo] = m.stack.blocks[n](x, positions=positions, cache=caches[n - lo], decode=True)
-                x = jnp.where(done[:, None, None], x, x_new)
-            return x, prev, caches
-
-        def exit_logits(state, x, i):  # exit i's output [B, 1, V] and final-normed state [B, 1, D]
-            m = nnx.merge(g, state)
-            normed = m.stack.final_norm(exits_of(m).transform(i, x))
-            return m.logits(normed), normed
-
-        def check(state, x, prev, done, i):  # exit i: rows exiting now (and the logits, if the measure read them)
-            m = nnx.merge(g, state)
-            heads = exits_of(m)
-            if measure in LOGIT_MEASURES:
-                logits, normed = exit_logits(state, x, i)
-            else:  # no output projection unless a row exits
-                logits, normed = None, m.stack.final_norm(heads.transform(i, x))
-            conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
-            return ~done & (conf[:, 0] > self.threshold), logits
-
-        def propagate(state, x, positions, caches, lo):
-            m = nnx.merge(g, state)
-            caches = list(caches)
-            for n in range(lo, len(m.stack.blocks)):
-                block = m.stack.blocks[n]
-                _, caches[n - lo] = block.attn(
-                    block.attn_norm(x), positions=positions, cache=caches[n - lo], decode=True
-                )
-            return caches
-
-        def final(state, x):
-            return _readout(nnx.merge(g, state), x, None)[0]
-
-        def embed(state, tokens):
-            return nnx.merge(g, state).stack.embed(tokens)
-
-        self._run = jax.jit(run, static_argnames=("lo", "hi"))
-        self._check = jax.jit(check, static_argnames="i")
-        self._exit_logits = jax.jit(lambda state, x, i: exit_logits(state, x, i)[0], static_argnames="i")
-        self._propagate = jax.jit(propagate, static_argnames="lo")
-        self._final = jax.jit(final)
-        self._embed = jax.jit(embed)
 
     def step(self, tokens, caches):
         """One token per row; see the class docstring."""
+        g, state = self.graphdef, self.state
         caches = list(caches)
         positions = caches[0].lengths[:, None]  # [B, 1]
-        x = self._embed(self.state, tokens)  # [B, 1, D]
+        x = _embed(g, state, tokens)  # [B, 1, D]
         batch = tokens.shape[0]
         done = jnp.zeros((batch,), bool)
         index = jnp.full((batch,), len(self.layers), jnp.int32)
         out, lo = None, 0
         for i, hi in enumerate((*self.layers, self.num_layers)):
-            x, prev, caches[lo:hi] = self._run(self.state, x, done, positions, caches[lo:hi], lo=lo, hi=hi)
+            x, prev, caches[lo:hi] = _segment(g, state, x, done, positions, caches[lo:hi], lo=lo, hi=hi)
             if hi == self.num_layers:
-                final = self._final(self.state, x)
+                final = _final_logits(g, state, x)
                 out = final if out is None else jnp.where(done[:, None, None], out, final)
                 break
-            newly, logits = self._check(self.state, x, prev, done, i=i)
+            newly, logits = _exit_check(g, state, x, prev, done, self.threshold, measure=self.measure, i=i)
             if bool(newly.any()):
-                logits = self._exit_logits(self.state, x, i=i) if logits is None else logits
+                logits = _exit_logits(g, state, x, i=i) if logits is None else logits
                 out = logits if out is None else jnp.where(newly[:, None, None], logits, out)
                 index, done = jnp.where(newly, i, index), done | newly
                 if bool(done.all()):
-                    caches[hi:] = self._propagate(self.state, x, positions, caches[hi:], lo=hi)
+                    caches[hi:] = _propagate(g, state, x, positions, caches[hi:], lo=hi)
                     break
             lo = hi
         return out, caches, index
