@@ -142,10 +142,20 @@ def exit_costs(cfg_large, seq_len):
 
 def run_listops(args, results):
     small_cfg = listops_config(args, layers=1, exits=False)
+    small_cfg.model.d_model, small_cfg.model.head_dim = args.small_d_model, args.small_d_model // 4
+    small_cfg.model.ffn_width = 2 * args.small_d_model
     large_cfg = listops_config(args, layers=4, exits=True)
     small, batches = train_encoder(small_cfg, "small (1 layer)")
     large, _ = train_encoder(large_cfg, "large (4 layers, exits 1-3)")
     labels, s_logits, s_emb, lp = listops_outputs(small, large, batches)
+    os.makedirs(OUT, exist_ok=True)  # the raw outputs, to redo the analysis without training
+    np.savez(
+        os.path.join(OUT, "listops_outputs.npz"),
+        labels=labels,
+        small_logits=s_logits,
+        small_embedding=s_emb,
+        **{f"large_{k}_{i}": np.asarray(v) for k in lp._fields for i, v in enumerate(getattr(lp, k))},
+    )
     n = len(labels)
     dev, test = np.arange(n) < n // 2, np.arange(n) >= n // 2
     costs_exit = exit_costs(large_cfg, args.seq_len)
@@ -221,12 +231,13 @@ def run_listops(args, results):
     else:
         lo, hi = rt.random_router_apgr(q_small[test], q_large[test], samples=args.bootstrap)
         part["routing"] = {"random_apgr_interval": [lo, hi]}
+    qs, ql = q_small[test], q_large[test]
     for name, router in routers.items():
         scores = router(s_emb[test])
         c, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
         a = rt.apgr(q_small[test], q_large[test], scores)
         boot = rt.bootstrap_interval(
-            lambda idx, s=scores: rt.apgr(q_small[test][idx], q_large[test][idx], s[idx]),
+            lambda idx, s=scores: rt.apgr(qs[idx], ql[idx], s[idx]) if ql[idx].mean() > qs[idx].mean() else np.nan,
             int(test.sum()),
             samples=args.bootstrap,
         )
@@ -540,6 +551,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq_len", type=int, default=48)
     p.add_argument("--d_model", type=int, default=64)
+    p.add_argument("--small_d_model", type=int, default=32)
     p.add_argument("--max_depth", type=int, default=3)
     p.add_argument("--max_args", type=int, default=4)
     p.add_argument("--eval_examples", type=int, default=2048)

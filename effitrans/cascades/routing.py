@@ -111,10 +111,11 @@ def cpt(weak_quality, strong_quality, scores, target: float) -> float:
 
 def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, *, samples: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:  # fmt: skip
-    """Percentile interval of statistic(indices [n] drawn with replacement) over `samples` resamples."""
+    """Percentile interval of statistic(indices [n] drawn with replacement) over `samples` resamples; resamples
+    where the statistic is undefined (NaN, e.g. no quality gap left) are left out."""
     rng = np.random.default_rng(seed)
     values = [statistic(rng.integers(0, n, n)) for _ in range(samples)]
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -124,7 +125,7 @@ def random_router_apgr(weak_quality, strong_quality, *, samples: int = 1000, see
     rng = np.random.default_rng(seed + 1)
 
     def stat(idx):
-        return apgr(w[idx], s[idx], rng.random(len(idx))) if s[idx].mean() > w[idx].mean() else 0.5
+        return apgr(w[idx], s[idx], rng.random(len(idx))) if s[idx].mean() > w[idx].mean() else np.nan
 
     return bootstrap_interval(stat, len(w), samples=samples, seed=seed, level=level)
 
