@@ -388,13 +388,14 @@ def run_smollm2(args, results):
     # One full pass gives every exit's outputs (no KV error) for calibration and the sweep.
     full_pass = nnx.jit(lambda m, t: ee.exit_pass(m, t))(model, jnp.asarray(text[:, :-1]))
     counts = np.asarray([*layers, n_layers])
-    full_pred = np.asarray(full_pass.logits[-1]).argmax(-1)  # [B, L]
+    preds = jnp.stack([jnp.argmax(lg, -1) for lg in full_pass.logits])  # [X + 1, B, L]
+    full_pred = np.asarray(preds[-1])  # [B, L]
     half = text.shape[0] // 2
     part = {
         "exit_layers": layers,
         "num_layers": n_layers,
         "text": list(text.shape),
-        "exit_agreement": [float((np.asarray(lg).argmax(-1) == full_pred).mean()) for lg in full_pass.logits],
+        "exit_agreement": [float((np.asarray(p) == full_pred).mean()) for p in preds],
     }
     part["sweep"] = {}
     for measure in ("max_prob", "saturation"):
@@ -402,7 +403,7 @@ def run_smollm2(args, results):
         rows = []
         for t in SWEEP[:7] + SWEEP[7::3]:
             idx = np.asarray(ee.simulate_exits(conf, t))
-            pred = np.asarray(ee.select_exit_outputs(jnp.stack(full_pass.logits), jnp.asarray(idx))).argmax(-1)
+            pred = np.take_along_axis(np.asarray(preds), idx[None], 0)[0]
             rows.append(
                 {
                     "threshold": t,
@@ -429,10 +430,11 @@ def run_smollm2(args, results):
     decoded = teacher_forced(model, test, measure="max_prob", thresholds=thresholds, prefill=prefill)
     ref_pred, ref_nll, _ = decoded[1.0]
     rows = []
+    conf_max_prob = ee.pass_confidences(full_pass, "max_prob")
     for t in thresholds:
         pred, nll, idx = decoded[t]
-        all_idx = ee.simulate_exits(ee.pass_confidences(full_pass, "max_prob"), t)  # [B, L]: no KV error
-        sim = np.asarray(ee.select_exit_outputs(jnp.stack(full_pass.logits), all_idx)).argmax(-1)[half:, prefill:]
+        all_idx = ee.simulate_exits(conf_max_prob, t)  # [B, L]: no KV error
+        sim = np.take_along_axis(np.asarray(preds), np.asarray(all_idx)[None], 0)[0][half:, prefill:]
         sim_idx = np.asarray(all_idx)[half:, prefill:]
         rows.append(
             {

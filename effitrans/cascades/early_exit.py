@@ -482,12 +482,11 @@ def inconsistency_losses(out: ExitPass, measure: str, thresholds):
     """losses [J, n] for calibrate_threshold: 1 where the early-exit prediction at threshold j differs from the
     last layer's (n = every example, or every token of an LM pass, in row-major order)."""
     conf = pass_confidences(out, measure)  # [X, B(, T)]
-    stacked = jnp.stack(out.logits)  # [X + 1, B(, T), V]
-    full = jnp.argmax(out.logits[-1], -1)
+    preds = jnp.stack([jnp.argmax(lg, -1) for lg in out.logits])  # [X + 1, B(, T)]
     rows = []
     for t in thresholds:
-        pred = jnp.argmax(select_exit_outputs(stacked, simulate_exits(conf, float(t))), -1)
-        rows.append(np.asarray(pred != full).reshape(-1))
+        pred = jnp.take_along_axis(preds, simulate_exits(conf, float(t))[None], axis=0)[0]
+        rows.append(np.asarray(pred != preds[-1]).reshape(-1))
     return np.stack(rows).astype(np.int32)
 
 
