@@ -82,6 +82,9 @@ def test_pgr_apgr_and_cpt_match_hand_computation():
     assert rt.apgr(weak, strong, worst) < 0.5 < rt.apgr(weak, strong, perfect)
     with pytest.raises(ValueError, match="must exceed the weak one's"):
         rt.pgr_curve(strong, weak, perfect)
+    # Resamples where the statistic is undefined (NaN: no gap left) are left out of the interval.
+    lo, hi = rt.bootstrap_interval(lambda idx: np.nan if idx[0] % 2 else 1.0, 10, samples=50)
+    assert (lo, hi) == (1.0, 1.0)
 
 
 def test_trained_routers_beat_the_random_routers_interval_on_a_learnable_split():
