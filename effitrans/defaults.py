@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from effitrans.cascades.exit_heads import EXIT_KEYS
 from effitrans.data.registry import data_defaults
 from effitrans.funnel.config import FUNNEL_KEYS
 from effitrans.layers.moe import MOE_KEYS
@@ -56,6 +57,11 @@ def model_group(name: str, **overrides) -> ml_collections.ConfigDict:
 def moe(**overrides) -> ml_collections.ConfigDict:
     """config.model.moe: a mixture-of-experts feed-forward in the layers it names (docs/moe.md)."""
     return default_config(MOE_KEYS, **overrides)
+
+
+def exits(**overrides) -> ml_collections.ConfigDict:
+    """config.model.exits: early-exit heads after the layers it names (docs/cascades.md)."""
+    return default_config(EXIT_KEYS, **overrides)
 
 
 def data(name: str, **overrides) -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flax import nnx
 
 from effitrans.attention import attention_keys
+from effitrans.cascades.exit_heads import check_exit_config
 from effitrans.funnel.config import FUNNEL_KEYS, check_funnel_config
 from effitrans.funnel.encoder import FunnelEmbeddingEncoder, FunnelEncoderClassifier
 from effitrans.models.autoformer import AUTOFORMER_KEYS, Autoformer, check_autoformer_config
@@ -96,6 +97,7 @@ def validate_model_config(model_cfg, prefix: str = "config.model") -> None:
     check_dlinear_config(m, prefix)
     check_forecasters_config(m, prefix)
     check_moe_config(m, prefix)
+    check_exit_config(m, prefix)
 
 
 def build_model(model_cfg, *, seed: int = 0) -> nnx.Module:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effitrans.attention import build_attention
+from effitrans.cascades.exit_heads import EXIT_KEYS, ExitHeads
 from effitrans.layers import Embed, GLUFeedForward, RMSNorm
 from effitrans.layers.glu import ACTIVATIONS
 from effitrans.layers.moe import MOE_KEYS, MoEFeedForward, moe_problems
@@ -64,6 +65,7 @@ MODEL_KEYS = {
     "remat": Key(
         "none", one_of(*REMAT_POLICIES), "recompute block activations in the backward: none | full | dots_saveable"
     ),
+    "exits": Key(NOT_SET, EXIT_KEYS, "early-exit heads on intermediate layers (effitrans.cascades, docs/cascades.md)"),
 }
 
 
@@ -190,6 +192,8 @@ class TransformerStack(nnx.Module):
             ]
         )
         self.final_norm = RMSNorm(model_cfg.d_model, eps=model_cfg.norm_eps, rngs=rngs)
+        if "exits" in model_cfg:  # read by effitrans.cascades.early_exit; the plain forward ignores them
+            self.exits = ExitHeads(model_cfg, rngs=rngs)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, caches=None, decode=False):
         """tokens int [B, T] -> (hidden [B, T, D], caches: list per layer or None)."""

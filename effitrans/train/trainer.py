@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from effitrans import perf
+from effitrans.cascades.early_exit import exit_task, exit_trainable
 from effitrans.config_validation import validate_config
 from effitrans.data.registry import build_dataset
 from effitrans.layers.params import StateVariable, commit_updates, pop_reports
@@ -119,6 +120,10 @@ class Trainer:
         self.on_config_change = on_config_change
         train_cfg = config.train
         self.task = task if task is not None else task_from_config(train_cfg)
+        if task is None and "model" in config and "exits" in config.model:  # per-exit losses (docs/cascades.md)
+            self.task = exit_task(self.task, config.model)
+            if trainable is None and config.model.exits.get("frozen_backbone"):
+                trainable = exit_trainable
         self.distillation = distillation
         mesh_cfg = config.mesh if "mesh" in config else _single_device_mesh()
         self.mesh = partitioning.make_mesh(mesh_cfg)

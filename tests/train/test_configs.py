@@ -25,6 +25,7 @@ CONFIGS = [
     "ckcnn_synthetic",
     "cnn_synthetic",
     "ckcnn_listops",
+    "listops_exits",
 ]
 
 

@@ -1,0 +1,546 @@
+"""Early exit (BranchyNet, DeeBERT, CALM) on effitrans stacks with `config.model.exits`.
+
+An exit after layer l reads the residual stream after l blocks through its head (effitrans.cascades.exit_heads)
+and the model's final norm and output head. At inference a row stops at the first exit whose confidence is
+strictly above the threshold (so threshold 1.0 never exits and the output equals the full model's), else at
+the last layer. Confidences are in [0, 1], higher is surer:
+
+  max_prob    largest softmax probability
+  margin      top-1 minus top-2 probability
+  entropy     1 - H(p) / log(V)
+  saturation  (1 + cos(h_l, h_{l-1})) / 2, the cosine of the states entering and leaving the exit's layer
+  learned     sigmoid of the exit's confidence classifier (trained to predict agreement with the last layer)
+
+Entry points: `exit_pass` (every exit's outputs in one full pass: training and offline simulation),
+`simulate_exits` (the exit each row takes), `classify_with_exits` (encoders: exited rows are removed from the
+batch, the rest run on), `decode_step_with_exits` (causal LMs, one token per row: an exited row's hidden state
+is written into the skipped layers' KV caches, CALM's propagation), `calibrate_threshold` (CALM's
+Learn-then-Test), `exit_task` (per-exit losses through the Trainer) and `exit_trainable` (frozen backbone).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from effitrans.cascades.exit_heads import MEASURES
+from effitrans.models.transformer import pool
+from effitrans.train.tasks import Task
+
+LOGIT_MEASURES = ("max_prob", "margin", "entropy")  # measures that need the exit's output distribution
+CALIBRATIONS = ("ltt", "empirical")
+
+
+class ExitPass(NamedTuple):
+    """Every exit's outputs, then the last layer's (X + 1 entries; X = number of exits).
+
+    logits: [B, T, V] (LM) or [B, C] (classifier) float32; states / previous: the residual stream leaving and
+    entering the exit's layer, [B, T, D] (LM) or pooled [B, D]; learned: X confidence-classifier logits [B, T]
+    or [B] float32.
+    """
+
+    logits: tuple
+    states: tuple
+    previous: tuple
+    learned: tuple
+
+
+def _check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r} is not one of {list(MEASURES)}")
+
+
+def _check_threshold(threshold):
+    """A number in [0, 1]; a traced scalar (one compiled step for a whole sweep) passes unchecked."""
+    if isinstance(threshold, jax.core.Tracer):
+        return threshold
+    if isinstance(threshold, jax.Array) and threshold.ndim == 0:
+        threshold = float(threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold!r} must be a number in [0, 1] (exit when confidence > threshold)")
+    return float(threshold)
+
+
+def exits_of(model):
+    """The ExitHeads of a model built with config.model.exits (TypeError naming the model otherwise)."""
+    stack = getattr(model, "stack", None)
+    if stack is None or not hasattr(stack, "exits"):
+        raise TypeError(f"{type(model).__name__} has no exit heads; build it with config.model.exits")
+    return stack.exits
+
+
+def _is_lm(model) -> bool:
+    return hasattr(model, "tie_embeddings")  # CausalLM; the other model with exits is EncoderClassifier
+
+
+# ---- confidence measures: pure functions, each in [0, 1] ----------------------------------------------
+
+
+def max_prob(logits):
+    """[..., V] -> [...]: the largest softmax probability."""
+    return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def margin(logits):
+    """[..., V] -> [...]: top-1 minus top-2 softmax probability."""
+    top2 = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), 2)[0]  # [..., 2]
+    return top2[..., 0] - top2[..., 1]
+
+
+def entropy_confidence(logits):
+    """[..., V] -> [...]: 1 - entropy / log(V) (1 for a one-hot distribution, 0 for the uniform one)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    h = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return 1.0 - h / math.log(logits.shape[-1])
+
+
+def saturation(state, previous):
+    """[..., D] x 2 -> [...]: (1 + cosine) / 2 of the states leaving and entering a layer."""
+    a, b = state.astype(jnp.float32), previous.astype(jnp.float32)
+    cos = jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-12)
+    return (1.0 + cos) / 2.0
+
+
+def confidence(measure: str, *, logits=None, state=None, previous=None, learned=None):
+    """The confidence `measure` of one exit from what it needs: logits [..., V] (max_prob, margin, entropy),
+    state and previous [..., D] (saturation) or the classifier's logit [...] (learned) -> [...] in [0, 1]."""
+    _check_measure(measure)
+    if measure == "max_prob":
+        return max_prob(logits)
+    if measure == "margin":
+        return margin(logits)
+    if measure == "entropy":
+        return entropy_confidence(logits)
+    if measure == "saturation":
+        return saturation(state, previous)
+    return jax.nn.sigmoid(learned.astype(jnp.float32))
+
+
+def pass_confidences(out: ExitPass, measure: str):
+    """Confidence of every exit of an ExitPass: [X, B(, T)]."""
+    x = len(out.learned)
+    return jnp.stack(
+        [
+            confidence(
+                measure, logits=out.logits[i], state=out.states[i], previous=out.previous[i], learned=out.learned[i]
+            )
+            for i in range(x)
+        ]
+    )
+
+
+def simulate_exits(confidences, threshold: float):
+    """The exit each row takes: the first whose confidence > threshold, else X (the last layer).
+    confidences [X, ...] -> int32 [...]."""
+    threshold = _check_threshold(threshold)
+    passed = confidences > threshold  # [X, ...]
+    return jnp.where(passed.any(0), jnp.argmax(passed, axis=0), confidences.shape[0]).astype(jnp.int32)
+
+
+def select_exit_outputs(outputs, exit_index):
+    """outputs [X + 1, B(, T), V] (exits then the last layer), exit_index int [B(, T)] -> [B(, T), V]."""
+    return jnp.take_along_axis(outputs, exit_index[None, ..., None], axis=0)[0]
+
+
+def layers_run(exit_index, layers, num_layers: int):
+    """How many blocks each row ran: exit_index [...] -> int32 [...] (exit i ran layers[i], the last num_layers)."""
+    counts = jnp.asarray([*layers, num_layers], jnp.int32)
+    return counts[exit_index]
+
+
+# ---- forward passes -----------------------------------------------------------------------------------
+
+
+def _readout(model, hidden, mask):
+    """Final norm and output head of `hidden`: (logits [B, T, V] or [B, C] float32, features [B, T, D] or [B, D])."""
+    normed = model.stack.final_norm(hidden)
+    if _is_lm(model):
+        return model.logits(normed), normed
+    pooled = pool(normed, mask, model.pooling)  # [B, D]
+    return jnp.einsum("BD,DC->BC", pooled, model.head[...].astype(pooled.dtype)).astype(jnp.float32), pooled
+
+
+def _state(model, hidden, mask):
+    """What the saturation measure compares: [B, T, D] (LM) or pooled [B, D]."""
+    return hidden if _is_lm(model) else pool(hidden, mask, model.pooling)
+
+
+def _exit_readout(model, i: int, hidden, mask):
+    """Exit i: (logits, learned confidence logit) of the residual stream `hidden`."""
+    heads = exits_of(model)
+    logits, features = _readout(model, heads.transform(i, hidden), mask)
+    return logits, heads.confidence_logit(i, features)
+
+
+def _inputs(model, tokens, mask):
+    """(embedded tokens [B, T, D], positions [B, T], segment_ids or None) of a full (non-cached) pass."""
+    if not _is_lm(model) and mask is None:
+        raise ValueError("mask=None: an encoder needs the token mask [B, T] (1 = token, 0 = padding)")
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    segment_ids = None if _is_lm(model) else mask.astype(jnp.int32)
+    return model.stack.embed(tokens), positions, segment_ids
+
+
+def exit_pass(model, tokens, mask=None) -> ExitPass:
+    """Every exit's and the last layer's outputs of tokens int [B, T] (mask [B, T] for encoders), in one pass."""
+    heads = exits_of(model)
+    x, positions, segment_ids = _inputs(model, tokens, mask)  # [B, T, D]
+    exit_at = {layer: i for i, layer in enumerate(heads.layers)}
+    logits, states, previous, learned = [], [], [], []
+    for n, block in enumerate(model.stack.blocks, start=1):
+        prev = x
+        x, _ = block(x, positions=positions, segment_ids=segment_ids)
+        if n in exit_at or n == len(model.stack.blocks):
+            if n in exit_at:
+                lg, conf = _exit_readout(model, exit_at[n], x, mask)
+                learned.append(conf)
+            else:
+                lg = _readout(model, x, mask)[0]
+            logits.append(lg)
+            states.append(_state(model, x, mask))
+            previous.append(_state(model, prev, mask))
+    return ExitPass(tuple(logits), tuple(states), tuple(previous), tuple(learned))
+
+
+def classify_with_exits(model, tokens, mask, *, measure: str, threshold: float):
+    """Encoder classification with early exit: after each exit the rows that exit leave the batch and only the
+    rest run the next layers (their work is removed). Eager (the batch shrinks on the host).
+
+    tokens, mask [B, T] -> (logits [B, C] float32, exit index int [B] in 0..X, where X is the last layer)."""
+    _check_measure(measure)
+    threshold = _check_threshold(threshold)
+    heads = exits_of(model)
+    if _is_lm(model):
+        raise TypeError(
+            "classify_with_exits needs an encoder classifier; causal LMs decode with decode_step_with_exits"
+        )
+    x, positions, segment_ids = _inputs(model, tokens, mask)
+    batch, blocks = tokens.shape[0], model.stack.blocks
+    out = np.zeros((batch, model.head.shape[1]), np.float32)
+    index = np.full((batch,), len(heads.layers), np.int32)
+    active = np.arange(batch)
+    lo = 0
+    for i, layer in enumerate((*heads.layers, len(blocks))):
+        prev = x
+        for block in blocks[lo:layer]:
+            prev = x
+            x, _ = block(x, positions=positions, segment_ids=segment_ids)
+        m = mask[active]
+        if layer == len(blocks):
+            out[active] = np.asarray(_readout(model, x, m)[0])
+            break
+        logits, learned = _exit_readout(model, i, x, m)
+        conf = confidence(
+            measure, logits=logits, state=_state(model, x, m), previous=_state(model, prev, m), learned=learned
+        )
+        done = np.asarray(conf > threshold)
+        out[active[done]], index[active[done]] = np.asarray(logits)[done], i
+        keep = np.flatnonzero(~done)
+        if keep.size == 0:
+            break
+        active, x, positions, segment_ids = active[keep], x[keep], positions[keep], segment_ids[keep]
+        lo = layer
+    return jnp.asarray(out), jnp.asarray(index)
+
+
+def decode_step_with_exits(model, tokens, caches, *, measure: str, threshold: float, stop_when_done: bool = False):
+    """One decode step of a causal LM with early exit, one new token per row (CALM).
+
+    A row that exits keeps its hidden state h; every later layer still writes keys/values for the token,
+    computed from h (its attention runs on norm(h), the output is dropped), so later tokens find a full cache.
+    Rows decide independently; an exited row costs only that propagation. With `stop_when_done` (eager: the
+    decision is read on the host) the step stops running feed-forwards once every row has exited, and reads
+    out only the exit it took: at batch 1 this is the per-row fast path. Without it the step is jittable.
+
+    tokens int [B, 1], caches (one per layer, as CausalLM.init_cache) -> (logits [B, 1, V] float32, caches,
+    exit index int32 [B] in 0..X, X = the last layer).
+    """
+    _check_measure(measure)
+    threshold = _check_threshold(threshold)
+    heads = exits_of(model)
+    if not _is_lm(model):
+        raise TypeError("decode_step_with_exits needs a causal LM; encoders classify with classify_with_exits")
+    if tokens.ndim != 2 or tokens.shape[1] != 1:
+        raise ValueError(f"tokens has shape {tokens.shape}; decoding with exits takes one token per row: [B, 1]")
+    blocks = model.stack.blocks
+    positions = caches[0].lengths[:, None]  # [B, 1]: the new token's position
+    x = model.stack.embed(tokens)  # [B, 1, D]
+    batch = tokens.shape[0]
+    done = jnp.zeros((batch,), bool)
+    out = None
+    index = jnp.full((batch,), len(heads.layers), jnp.int32)
+    exit_at = {layer: i for i, layer in enumerate(heads.layers)}
+    caches = list(caches)
+    for n, block in enumerate(blocks, start=1):
+        if stop_when_done and bool(done.all()):  # propagation only: keys/values of the exited state
+            _, caches[n - 1] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n - 1], decode=True)
+            continue
+        prev = x
+        x_new, caches[n - 1] = block(x, positions=positions, cache=caches[n - 1], decode=True)
+        x = jnp.where(done[:, None, None], x, x_new)  # exited rows keep their state
+        if n not in exit_at:
+            continue
+        i = exit_at[n]
+        heads_out = heads.transform(i, x)
+        normed = model.stack.final_norm(heads_out)
+        logits = model.logits(normed) if measure in LOGIT_MEASURES else None  # [B, 1, V]
+        conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))[
+            :, 0
+        ]  # [B]
+        newly = ~done & (conf > threshold)
+        if stop_when_done and not bool(newly.any()):
+            continue
+        logits = model.logits(normed) if logits is None else logits
+        out = logits if out is None else out
+        out = jnp.where(newly[:, None, None], logits, out)
+        index = jnp.where(newly, i, index)
+        done = done | newly
+    if not (stop_when_done and bool(done.all())):
+        final = _readout(model, x, None)[0]  # [B, 1, V]
+        out = final if out is None else jnp.where(done[:, None, None], out, final)
+    return out, caches, index
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi"))
+def _segment(graphdef, state, x, done, positions, caches, *, lo, hi):
+    """Blocks lo..hi-1 of one decode step; rows already done keep their state (their caches get propagation)."""
+    m = nnx.merge(graphdef, state)
+    prev, caches = x, list(caches)
+    for n in range(lo, hi):
+        prev = x
+        x_new, caches[n - lo] = m.stack.blocks[n](x, positions=positions, cache=caches[n - lo], decode=True)
+        x = jnp.where(done[:, None, None], x, x_new)
+    return x, prev, caches
+
+
+def _exit_output(m, x, i):
+    """Exit i's logits [B, 1, V] and final-normed state [B, 1, D]."""
+    normed = m.stack.final_norm(exits_of(m).transform(i, x))
+    return m.logits(normed), normed
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "measure", "i"))
+def _exit_check(graphdef, state, x, prev, done, threshold, *, measure, i):
+    """Rows exiting at exit i now, and exit i's logits when the measure read them (else None)."""
+    m = nnx.merge(graphdef, state)
+    heads = exits_of(m)
+    if measure in LOGIT_MEASURES:
+        logits, normed = _exit_output(m, x, i)
+    else:  # no output projection unless a row exits
+        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
+    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
+    return ~done & (conf[:, 0] > threshold), logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "i"))
+def _exit_logits(graphdef, state, x, *, i):
+    return _exit_output(nnx.merge(graphdef, state), x, i)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo"))
+def _propagate(graphdef, state, x, positions, caches, *, lo):
+    """Keys/values of the exited state x in layers lo.. (their attention on norm(x); no feed-forward)."""
+    m = nnx.merge(graphdef, state)
+    caches = list(caches)
+    for n in range(lo, len(m.stack.blocks)):
+        block = m.stack.blocks[n]
+        _, caches[n - lo] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n - lo], decode=True)
+    return caches
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _final_logits(graphdef, state, x):
+    return _readout(nnx.merge(graphdef, state), x, None)[0]
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).stack.embed(tokens)
+
+
+class ExitDecoder:
+    """Compiled decode steps with early exit whose exited work is really skipped (decode_step_with_exits's
+    math, in pieces): the layers between two exits are one jitted program each; after each exit the host
+    reads which rows exited, and once every row has, the remaining layers run only the key/value propagation
+    (attention on the exited state, no feed-forward) and the exit's logits are the step's. At batch 1 this is
+    per-token early exit; at batch B the feed-forwards stop only when all B rows exited. The compiled pieces
+    are shared by every decoder of the same model and measure (the threshold is an argument).
+
+    step(tokens int [B, 1], caches) -> (logits [B, 1, V] float32, caches, exit index int32 [B]).
+    """
+
+    def __init__(self, model, *, measure: str, threshold: float):
+        _check_measure(measure)
+        self.threshold = jnp.float32(_check_threshold(threshold))
+        self.layers = exits_of(model).layers
+        self.num_layers = len(model.stack.blocks)
+        self.measure = measure
+        self.graphdef, self.state = nnx.split(model)
+
+    def step(self, tokens, caches):
+        """One token per row; see the class docstring."""
+        g, state = self.graphdef, self.state
+        caches = list(caches)
+        positions = caches[0].lengths[:, None]  # [B, 1]
+        x = _embed(g, state, tokens)  # [B, 1, D]
+        batch = tokens.shape[0]
+        done = jnp.zeros((batch,), bool)
+        index = jnp.full((batch,), len(self.layers), jnp.int32)
+        out, lo = None, 0
+        for i, hi in enumerate((*self.layers, self.num_layers)):
+            x, prev, caches[lo:hi] = _segment(g, state, x, done, positions, caches[lo:hi], lo=lo, hi=hi)
+            if hi == self.num_layers:
+                final = _final_logits(g, state, x)
+                out = final if out is None else jnp.where(done[:, None, None], out, final)
+                break
+            newly, logits = _exit_check(g, state, x, prev, done, self.threshold, measure=self.measure, i=i)
+            if bool(newly.any()):
+                logits = _exit_logits(g, state, x, i=i) if logits is None else logits
+                out = logits if out is None else jnp.where(newly[:, None, None], logits, out)
+                index, done = jnp.where(newly, i, index), done | newly
+                if bool(done.all()):
+                    caches[hi:] = _propagate(g, state, x, positions, caches[hi:], lo=hi)
+                    break
+            lo = hi
+        return out, caches, index
+
+
+# ---- threshold calibration ----------------------------------------------------------------------------
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space (exact for the n of a calibration split)."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq for j in range(k + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def calibrate_threshold(thresholds, losses, *, delta: float, epsilon: float = 0.05, method: str = "ltt") -> dict:
+    """Picks the lowest exit threshold whose inconsistency with the full model stays within `delta`.
+
+    thresholds [J], strictly decreasing (from the safest); losses [J, n] in {0, 1}: example k's output at
+    threshold j differs from the full model's. Both methods test the thresholds in that fixed order and stop
+    at the first failure, returning the last one that passed (1.0 = never exit when none passed):
+      ltt        CALM's Learn-then-Test: passes when the binomial p-value P(Binom(n, delta) <= n * risk_j)
+                 <= epsilon. Guarantee: with probability >= 1 - epsilon over the draw of the calibration
+                 split, the chosen threshold's expected inconsistency on new i.i.d. examples is <= delta
+                 (fixed-sequence testing controls the family-wise error without a union bound).
+      empirical  passes when the calibration split's own risk_j <= delta (no guarantee beyond that split).
+    Returns {"threshold", "index" (-1: none passed), "risks" [J], "p_values" [J] (ltt; else None)}.
+    """
+    if method not in CALIBRATIONS:
+        raise ValueError(f"method={method!r} is not one of {list(CALIBRATIONS)}")
+    for name, v in (("delta", delta), ("epsilon", epsilon)):
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"{name}={v!r} must be in (0, 1)")
+    thresholds = np.asarray(thresholds, np.float64)
+    losses = np.asarray(losses)
+    if losses.ndim != 2 or losses.shape[0] != thresholds.shape[0]:
+        raise ValueError(f"losses has shape {losses.shape}; expected [len(thresholds)={thresholds.shape[0]}, n]")
+    if np.any(np.diff(thresholds) >= 0):
+        raise ValueError(f"thresholds={thresholds.tolist()} must be strictly decreasing (safest first)")
+    for t in thresholds:
+        _check_threshold(float(t))
+    if not np.isin(losses, (0, 1)).all():
+        raise ValueError("losses must be 0/1 (1: the exit's output differs from the full model's)")
+    n = losses.shape[1]
+    risks = losses.mean(1)
+    p_values = [binomial_cdf(int(round(r * n)), n, delta) for r in risks] if method == "ltt" else None
+    index = -1
+    for j in range(len(thresholds)):
+        ok = p_values[j] <= epsilon if method == "ltt" else risks[j] <= delta
+        if not ok:
+            break
+        index = j
+    return {
+        "threshold": 1.0 if index < 0 else float(thresholds[index]),
+        "index": index,
+        "risks": risks.tolist(),
+        "p_values": p_values,
+    }
+
+
+def inconsistency_losses(out: ExitPass, measure: str, thresholds):
+    """losses [J, n] for calibrate_threshold: 1 where the early-exit prediction at threshold j differs from the
+    last layer's (n = every example, or every token of an LM pass, in row-major order)."""
+    conf = pass_confidences(out, measure)  # [X, B(, T)]
+    preds = jnp.stack([jnp.argmax(lg, -1) for lg in out.logits])  # [X + 1, B(, T)]
+    rows = []
+    for t in thresholds:
+        pred = jnp.take_along_axis(preds, simulate_exits(conf, float(t))[None], axis=0)[0]
+        rows.append(np.asarray(pred != preds[-1]).reshape(-1))
+    return np.stack(rows).astype(np.int32)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+
+def _example_weights(task_name: str, batch):
+    return batch["weights"] if task_name == "lm" else batch["example_weights"]
+
+
+def exit_task(task: Task, model_cfg) -> Task:
+    """`task` with per-exit losses: training runs every exit (exit_pass) and minimises
+    last-layer loss + sum_i w_i exit_i loss + distill_weight sum_i KL(last || exit_i) (last layer stopped)
+    + confidence_weight sum_i BCE(learned_i, [exit_i's top-1 == last layer's top-1]).
+    Evaluation scores the last layer as before. Metrics exit<l>_loss / exit<l>_accuracy per exit after layer l."""
+    if task.name not in ("lm", "classification"):
+        raise ValueError(f"exits train with task 'lm' or 'classification', not {task.name!r}")
+    e = model_cfg.exits
+    layers = [int(x) for x in e.layers]
+    weights = list(e.get("loss_weights") or [1.0] * len(layers))
+    distill, conf_w = float(e.get("distill_weight", 0.0)), float(e.get("confidence_weight", 1.0))
+    lm = task.name == "lm"
+
+    def train_forward(model, batch):
+        return exit_pass(model, batch["inputs"], None if lm else batch["mask"])
+
+    def loss(out, batch):
+        if not isinstance(out, ExitPass):
+            return task.loss(out, batch)
+        total, w, metrics = task.loss(out.logits[-1], batch)
+        ew = _example_weights(task.name, batch).astype(jnp.float32)  # [B(, T)]
+        last = jax.lax.stop_gradient(out.logits[-1])
+        last_logp = jax.nn.log_softmax(last, -1)
+        for i, layer in enumerate(layers):
+            s, _, m = task.loss(out.logits[i], batch)
+            total = total + weights[i] * s
+            metrics = {**metrics, f"exit{layer}_loss": s, f"exit{layer}_accuracy": m["accuracy"]}
+            if distill:
+                logp = jax.nn.log_softmax(out.logits[i], -1)
+                kl = jnp.sum(jnp.sum(jnp.exp(last_logp) * (last_logp - logp), -1) * ew)
+                total = total + distill * kl
+                metrics[f"exit{layer}_kl"] = kl
+            if conf_w:
+                agree = (jnp.argmax(out.logits[i], -1) == jnp.argmax(last, -1)).astype(jnp.float32)
+                bce = jnp.sum(optax.sigmoid_binary_cross_entropy(out.learned[i], jax.lax.stop_gradient(agree)) * ew)
+                total = total + conf_w * bce
+                metrics[f"exit{layer}_confidence_bce"] = bce
+        return total, w, metrics
+
+    return Task(task.name, task.batch_keys, task.forward, loss, task.token_keys, train_forward=train_forward)
+
+
+def exit_trainable(params) -> dict:
+    """Frozen backbone: True for the exit heads' parameters (a path through `exits`), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) == "exits" for k in path), params
+    )

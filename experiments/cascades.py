@@ -1,0 +1,586 @@
+"""Model cascades measured on two tasks: early exit, a sequential cascade (FrugalGPT) and routers (RouteLLM).
+
+    python experiments/cascades.py                      # both parts (CPU-sized)
+    python experiments/cascades.py --parts=listops      # one part: listops | smollm2
+
+listops: a small (1-layer) and a large (4-layer, exits after layers 1, 2, 3 with own heads, trained jointly)
+encoder classifier trained through the Trainer on short ListOps; the held-out examples are split in half,
+a dev half (threshold calibration, cascade thresholds, router training) and a test half (every reported
+figure). Cost is forward FLOPs per example (perf.forward_flops; an exit pays for the layers it ran and its
+head) relative to the large model. Early exit per confidence measure: a threshold sweep and the LTT-calibrated
+threshold (delta, epsilon below). Sequential: small -> large, scored by the small model's max probability.
+Routing: routers on the small model's pooled embedding (its cost counted), trained on which model was right
+on the dev half, APGR / CPT against a random router's 95% bootstrap interval.
+
+smollm2: SmolLM2-135M with shared-head exits (final norm + LM head, no training: CALM's shared head) after
+layers --smollm2_exits; held-out CPython docs text decoded token by token (teacher forcing) with
+decode_step_with_exits, so an exited token's state fills the skipped layers' KV caches and later tokens see
+that error; top-1 agreement with the full model, held-out NLL, and decode tokens/s at batch 1 and 8
+(exited rows: batch 1 stops, batch 8 only skips where every row exited).
+
+Writes experiments/results/cascades/{results.json, listops.png, smollm2.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from effitrans import defaults, perf
+from effitrans.cascades import early_exit as ee
+from effitrans.cascades import routing as rt
+from effitrans.cascades import sequential as sq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+OUT = os.path.join(ROOT, "experiments", "results", "cascades")
+T0 = time.perf_counter()
+MEASURES = ("max_prob", "margin", "entropy", "saturation", "learned")
+# Thresholds, safest first; dense near 1, where saturation (cosines of consecutive residual states) lives.
+SWEEP = [1.0, 0.99995, 0.9999, 0.9995, 0.999, 0.998, 0.995, *np.round(np.linspace(0.99, 0.0, 34), 4).tolist()]
+
+
+def log(msg: str) -> None:
+    print(f"[cascades {time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def pareto(points):
+    """The (cost, quality) points no other point beats on both, by cost."""
+    front, best = [], -np.inf
+    for c, q in sorted(points, key=lambda p: (p[0], -p[1])):
+        if q > best:
+            front.append((c, q))
+            best = q
+    return front
+
+
+# ---- listops -------------------------------------------------------------------------------------------
+
+
+def listops_config(args, *, layers: int, exits: bool):
+    data = defaults.data(
+        "listops",
+        seq_len=args.seq_len,
+        min_len=8,
+        max_len=args.seq_len - 2,
+        max_depth=args.max_depth,
+        max_args=args.max_args,
+        num_eval_examples=args.eval_examples,
+    )
+    model = defaults.model(
+        name="encoder_classifier",
+        num_layers=layers,
+        d_model=args.d_model,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=args.d_model // 4,
+        ffn_width=2 * args.d_model,
+        pooling="cls",
+        num_classes=10,
+    )
+    if exits:
+        model.exits = defaults.exits(layers=list(range(1, layers)), head="own", distill_weight=0.5)
+    train = defaults.train(
+        task="classification",
+        steps=args.steps,
+        batch_size=32,
+        learning_rate=2e-3,
+        warmup_steps=args.steps // 10,
+        checkpoint_every=args.steps,
+        eval_every=args.steps,
+        log_every=max(1, args.steps // 5),
+    )
+    return defaults.experiment(model, data, train, defaults.mesh())
+
+
+def train_encoder(cfg, name):
+    from effitrans.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(cfg, workdir, verbose=False)
+        t = time.perf_counter()
+        result = trainer.train()
+        log(f"{name}: trained {cfg.train.steps} steps in {time.perf_counter() - t:.0f}s, eval {result['eval']}")
+        model = trainer.model_from(result["state"]["params"], result["state"]["model_state"])
+        batches = list(trainer.dataset.eval_batches())
+    return model, batches
+
+
+def listops_outputs(small, large, batches):
+    """Per held-out example: labels [n], small logits [n, C], small pooled embedding [n, D], large ExitPass."""
+    run_small = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
+    run_large = nnx.jit(lambda m, t, k: ee.exit_pass(m, t, k))
+    labels, s_logits, s_emb, passes = [], [], [], []
+    for b in batches:
+        keep = np.asarray(b["example_weights"]) > 0
+        t, k = jnp.asarray(b["inputs"]), jnp.asarray(b["mask"])
+        lg, emb = run_small(small, t, k)
+        out = run_large(large, t, k)
+        labels.append(np.asarray(b["labels"])[keep])
+        s_logits.append(np.asarray(lg)[keep])
+        s_emb.append(np.asarray(emb)[keep])
+        passes.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
+    cat = lambda xs: np.concatenate(xs)
+    large_pass = jax.tree.map(lambda *xs: cat(xs), *passes)
+    return cat(labels), cat(s_logits), cat(s_emb), large_pass
+
+
+def exit_costs(cfg_large, seq_len):
+    """FLOPs per example after each exit and of the whole large model (a head is d x C: negligible)."""
+    per_layer = perf.forward_flops(cfg_large.model, 1, seq_len) / cfg_large.model.num_layers
+    return [per_layer * n for n in (*cfg_large.model.exits.layers, cfg_large.model.num_layers)]
+
+
+def run_listops(args, results):
+    small_cfg = listops_config(args, layers=1, exits=False)
+    small_cfg.model.d_model, small_cfg.model.head_dim = args.small_d_model, args.small_d_model // 4
+    small_cfg.model.ffn_width = 2 * args.small_d_model
+    large_cfg = listops_config(args, layers=4, exits=True)
+    small, batches = train_encoder(small_cfg, "small (1 layer)")
+    large, _ = train_encoder(large_cfg, "large (4 layers, exits 1-3)")
+    labels, s_logits, s_emb, lp = listops_outputs(small, large, batches)
+    os.makedirs(OUT, exist_ok=True)  # the raw outputs, to redo the analysis without training
+    np.savez(
+        os.path.join(OUT, "listops_outputs.npz"),
+        labels=labels,
+        small_logits=s_logits,
+        small_embedding=s_emb,
+        **{f"large_{k}_{i}": np.asarray(v) for k in lp._fields for i, v in enumerate(getattr(lp, k))},
+    )
+    n = len(labels)
+    dev, test = np.arange(n) < n // 2, np.arange(n) >= n // 2
+    costs_exit = exit_costs(large_cfg, args.seq_len)
+    c_large = costs_exit[-1]
+    c_small = perf.forward_flops(small_cfg.model, 1, args.seq_len)
+    q_small = (s_logits.argmax(-1) == labels).astype(float)
+    q_large = (lp.logits[-1].argmax(-1) == labels).astype(float)
+    acc = lambda q, m: float(q[m].mean())
+    log(
+        f"n={n} (dev {dev.sum()}, test {test.sum()}): small acc {acc(q_small, test):.4f}, "
+        f"large {acc(q_large, test):.4f}"
+    )
+    part = {
+        "config": {
+            k: getattr(args, k) for k in ("steps", "seq_len", "d_model", "max_depth", "max_args", "eval_examples")
+        },
+        "examples": {"dev": int(dev.sum()), "test": int(test.sum())},
+        "small": {"accuracy": acc(q_small, test), "cost": c_small / c_large, "flops": c_small},
+        "large": {"accuracy": acc(q_large, test), "cost": 1.0, "flops": c_large},
+        "exit_accuracy": [acc((lg.argmax(-1) == labels).astype(float), test) for lg in lp.logits],
+        "exit_layers": list(large_cfg.model.exits.layers) + [4],
+    }
+    stacked = np.stack(lp.logits)
+    layer_counts = np.asarray(part["exit_layers"])
+    part["early_exit"] = {}
+    for measure in MEASURES:
+        conf = np.asarray(ee.pass_confidences(ee.ExitPass(*jax.tree.map(jnp.asarray, tuple(lp))), measure))
+        curve = []
+        for t in SWEEP:
+            idx = np.asarray(ee.simulate_exits(jnp.asarray(conf), t))
+            pred = np.take_along_axis(stacked, idx[None, :, None], 0)[0].argmax(-1)
+            curve.append(
+                {
+                    "threshold": t,
+                    "accuracy": acc((pred == labels).astype(float), test),
+                    "layers": float(layer_counts[idx][test].mean()),
+                    "cost": float(np.asarray(costs_exit)[idx][test].mean() / c_large),
+                }
+            )
+        dev_pass = ee.ExitPass(*jax.tree.map(lambda x: jnp.asarray(x[dev]), tuple(lp)))
+        losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=args.delta, epsilon=args.epsilon)
+        chosen = curve[SWEEP.index(cal["threshold"])] if cal["threshold"] in SWEEP else curve[0]
+        part["early_exit"][measure] = {
+            "curve": curve,
+            "calibrated": {**chosen, "dev_risk": cal["risks"][max(cal["index"], 0)]},
+        }
+        log(
+            f"exit {measure}: LTT threshold {chosen['threshold']} -> acc {chosen['accuracy']:.4f}, "
+            f"layers {chosen['layers']:.2f} / 4"
+        )
+
+    # Sequential: small -> large, scored by the small model's max probability.
+    score = np.asarray(ee.max_prob(jnp.asarray(s_logits)))[None]  # [1, n]
+    quality = np.stack([q_small, q_large])
+    costs = [c_small / c_large, 1.0 + c_small / c_large]  # the large model runs after the small one
+    seq_curve = [{"threshold": t, **sq.cascade_point(quality[:, test], score[:, test], costs, [t])} for t in SWEEP]
+    target = acc(q_large, dev) - 0.005
+    chosen = sq.choose_thresholds(quality[:, dev], score[:, dev], costs, target=target)
+    test_point = sq.cascade_point(quality[:, test], score[:, test], costs, chosen["thresholds"]) if chosen else None
+    part["sequential"] = {"curve": seq_curve, "dev_choice": chosen, "test_at_dev_choice": test_point}
+    log(f"sequential: dev choice {chosen and chosen['thresholds']} -> test {test_point}")
+
+    # Routing: routers on the small model's embedding; route to the large model when score > threshold.
+    labels_route = rt.needs_strong(q_small, q_large)
+    routers = {
+        "embedding_classifier": rt.fit_embedding_classifier(s_emb[dev], labels_route[dev]),
+        "knn": rt.knn_router(s_emb[dev], labels_route[dev], k=32),
+    }
+    if q_large[test].mean() <= q_small[test].mean():
+        part["routing"] = {"skipped": "the large model is not better than the small one on the test half"}
+        routers = {}
+    else:
+        lo, hi = rt.random_router_apgr(q_small[test], q_large[test], samples=args.bootstrap)
+        part["routing"] = {"random_apgr_interval": [lo, hi]}
+    qs, ql = q_small[test], q_large[test]
+    for name, router in routers.items():
+        scores = router(s_emb[test])
+        c, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
+        a = rt.apgr(q_small[test], q_large[test], scores)
+        boot = rt.bootstrap_interval(
+            lambda idx, s=scores: rt.apgr(qs[idx], ql[idx], s[idx]) if ql[idx].mean() > qs[idx].mean() else np.nan,
+            int(test.sum()),
+            samples=args.bootstrap,
+        )
+        part["routing"][name] = {
+            "apgr": a,
+            "apgr_interval": boot,
+            "beats_random": bool(a > hi),
+            "cpt50": rt.cpt(q_small[test], q_large[test], scores, 0.5),
+            "cpt80": rt.cpt(q_small[test], q_large[test], scores, 0.8),
+            "curve": [
+                {
+                    "strong_share": float(ci),
+                    "pgr": float(p),
+                    "accuracy": float(acc(q_small, test) + p * (acc(q_large, test) - acc(q_small, test))),
+                    "cost": float(c_small / c_large + ci),
+                }
+                for ci, p in zip(c[::4], pgr[::4])
+            ],
+        }
+        log(
+            f"router {name}: APGR {a:.3f} {boot} vs random [{lo:.3f}, {hi:.3f}]; CPT50 "
+            f"{part['routing'][name]['cpt50']:.3f} CPT80 {part['routing'][name]['cpt80']:.3f}"
+        )
+    results["listops"] = part
+
+
+# ---- SmolLM2 -------------------------------------------------------------------------------------------
+
+
+def smollm2_with_exits(layers):
+    """SmolLM2-135M (import_gguf) with shared-head exits after `layers`; exit heads at their zero init."""
+    from effitrans.models import import_gguf
+    from effitrans.registry import build_model
+
+    model, tok, cfg = import_gguf.load_with_config()
+    cfg.exits = defaults.exits(layers=list(layers), head="shared")
+    abstract = nnx.eval_shape(lambda: build_model(cfg))
+    graphdef, state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(state)
+    loaded = nnx.to_pure_dict(nnx.state(model))
+    pure = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), pure)
+    pure = {**pure, "stack": {**pure["stack"], **{k: v for k, v in loaded["stack"].items()}}} | {
+        k: v for k, v in loaded.items() if k != "stack"
+    }
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state), tok, cfg
+
+
+def smollm2_text(tok, length, rows, seed):
+    from effitrans.data import load_corpus, split_documents
+
+    corpus = load_corpus()
+    _, val_idx = split_documents(corpus, 0.05)
+    stream = np.concatenate([np.asarray(tok.encode(corpus.documents[i]).ids + [0], np.int32) for i in val_idx])
+    starts = np.random.default_rng(seed).integers(0, stream.size - length - 1, rows)
+    return np.stack([stream[s : s + length + 1] for s in starts])  # [rows, length + 1]
+
+
+def teacher_forced(model, text, *, measure, thresholds, prefill):
+    """Decode text [B, L + 1] token by token after a prefill, with exits, once per threshold (one compiled
+    step: the threshold is an argument): {threshold: (argmax, NLL of the next token, exit index)}, each
+    [B, L - prefill]."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill_fn(state, toks):
+        m = nnx.merge(graphdef, state)
+        caches = m.init_cache(toks.shape[0], text.shape[1])
+        return m(toks, cache=caches, decode=True)[1]
+
+    @jax.jit
+    def step(state, tok, caches, target, threshold):
+        m = nnx.merge(graphdef, state)
+        logits, caches, idx = ee.decode_step_with_exits(m, tok, caches, measure=measure, threshold=threshold)
+        logp = jax.nn.log_softmax(logits[:, 0], -1)
+        return jnp.argmax(logits[:, 0], -1), -jnp.take_along_axis(logp, target[:, None], 1)[:, 0], idx, caches
+
+    toks = jnp.asarray(text)
+    out = {}
+    for threshold in thresholds:
+        caches = prefill_fn(state, toks[:, :prefill])
+        preds, nll, idx = [], [], []
+        for t in range(prefill, text.shape[1] - 1):
+            p, n, i, caches = step(state, toks[:, t : t + 1], caches, toks[:, t + 1], jnp.float32(threshold))
+            preds.append(p), nll.append(n), idx.append(i)  # noqa: B018
+        out[threshold] = (np.stack(preds, 1), np.stack(nll, 1), np.stack(idx, 1))
+    return out
+
+
+def decode_speed(model, text, *, measure, threshold, prefill, repeats):
+    """Tokens/s of teacher-forced decoding of text [B, L + 1] after a prefill: the full model's jitted step and
+    ExitDecoder's, interleaved per round (medians), plus the mean layers the exit decoder ran per token."""
+    graphdef, state = nnx.split(model)
+    full_step = jax.jit(lambda state, tok, caches: nnx.merge(graphdef, state)(tok, cache=caches, decode=True))
+    prefill_fn = jax.jit(
+        lambda state, toks: nnx.merge(graphdef, state)(
+            toks, cache=nnx.merge(graphdef, state).init_cache(toks.shape[0], text.shape[1]), decode=True
+        )[1]
+    )
+    decoder = ee.ExitDecoder(model, measure=measure, threshold=threshold)
+    toks = jnp.asarray(text)
+    counts = np.asarray([*decoder.layers, decoder.num_layers])
+    steps = range(prefill, text.shape[1] - 1)
+
+    def run_full():
+        caches = prefill_fn(state, toks[:, :prefill])
+        for t in steps:
+            logits, caches = full_step(state, toks[:, t : t + 1], caches)
+        return jax.block_until_ready(logits)
+
+    def run_exit():
+        caches, used = prefill_fn(state, toks[:, :prefill]), []
+        for t in steps:
+            logits, caches, idx = decoder.step(toks[:, t : t + 1], caches)
+            used.append(counts[np.asarray(idx)])
+        jax.block_until_ready(logits)
+        return float(np.mean(used))
+
+    run_full(), run_exit()  # compile
+    times = ([], [])
+    layers = None
+    for _ in range(repeats):
+        for i, fn in enumerate((run_full, run_exit)):
+            t0 = time.perf_counter()
+            r = fn()
+            times[i].append(time.perf_counter() - t0)
+            layers = r if i == 1 else layers
+    tokens = text.shape[0] * len(steps)
+    full_s, exit_s = float(np.median(times[0])), float(np.median(times[1]))
+    return {
+        "batch": int(text.shape[0]),
+        "measure": measure,
+        "threshold": threshold,
+        "full_tokens_per_s": tokens / full_s,
+        "exit_tokens_per_s": tokens / exit_s,
+        "speedup": full_s / exit_s,
+        "layers": layers,
+        "rounds": repeats,
+    }
+
+
+def run_smollm2(args, results):
+    layers = [int(x) for x in args.smollm2_exits.split(",")]
+    model, tok, cfg = smollm2_with_exits(layers)
+    n_layers = cfg.num_layers
+    text = smollm2_text(tok, args.smollm2_len, args.smollm2_rows, args.seed)
+    log(f"SmolLM2: {n_layers} layers, exits after {layers}; text {text.shape}")
+    # One full pass gives every exit's outputs (no KV error) for calibration and the sweep.
+    full_pass = nnx.jit(lambda m, t: ee.exit_pass(m, t))(model, jnp.asarray(text[:, :-1]))
+    counts = np.asarray([*layers, n_layers])
+    preds = jnp.stack([jnp.argmax(lg, -1) for lg in full_pass.logits])  # [X + 1, B, L]
+    full_pred = np.asarray(preds[-1])  # [B, L]
+    half = text.shape[0] // 2
+    part = {
+        "exit_layers": layers,
+        "num_layers": n_layers,
+        "text": list(text.shape),
+        "exit_agreement": [float((np.asarray(p) == full_pred).mean()) for p in preds],
+    }
+    part["sweep"] = {}
+    for measure in ("max_prob", "saturation"):
+        conf = ee.pass_confidences(full_pass, measure)
+        rows = []
+        for t in SWEEP[:7] + SWEEP[7::3]:
+            idx = np.asarray(ee.simulate_exits(conf, t))
+            pred = np.take_along_axis(np.asarray(preds), idx[None], 0)[0]
+            rows.append(
+                {
+                    "threshold": t,
+                    "agreement": float((pred == full_pred)[half:].mean()),
+                    "layers": float(counts[idx][half:].mean()),
+                }
+            )
+        dev_pass = jax.tree.map(lambda x: x[:half], full_pass)
+        losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=0.05, epsilon=args.epsilon)
+        emp = ee.calibrate_threshold(SWEEP, losses, delta=0.05, method="empirical")
+        part["sweep"][measure] = {
+            "curve": rows,
+            "ltt_threshold": cal["threshold"],
+            "empirical_threshold": emp["threshold"],
+        }
+        log(f"SmolLM2 {measure}: delta 0.05 thresholds LTT {cal['threshold']}, empirical {emp['threshold']}; {rows}")
+    # Real decoding with KV propagation at the calibrated max_prob thresholds (test half of the rows); speed at
+    # each measure's empirically calibrated threshold.
+    picks = {part["sweep"]["max_prob"][k] for k in ("ltt_threshold", "empirical_threshold")}
+    test = text[half:]
+    prefill = args.smollm2_len // 2
+    thresholds = sorted(picks | set(args.smollm2_thresholds) | {1.0}, reverse=True)
+    decoded = teacher_forced(model, test, measure="max_prob", thresholds=thresholds, prefill=prefill)
+    ref_pred, ref_nll, _ = decoded[1.0]
+    rows = []
+    conf_max_prob = ee.pass_confidences(full_pass, "max_prob")
+    for t in thresholds:
+        pred, nll, idx = decoded[t]
+        all_idx = ee.simulate_exits(conf_max_prob, t)  # [B, L]: no KV error
+        sim = np.take_along_axis(np.asarray(preds), np.asarray(all_idx)[None], 0)[0][half:, prefill:]
+        sim_idx = np.asarray(all_idx)[half:, prefill:]
+        rows.append(
+            {
+                "threshold": t,
+                "agreement": float((pred == ref_pred).mean()),
+                "agreement_without_kv_error": float((sim == full_pred[half:, prefill:]).mean()),
+                "nll": float(nll.mean()),
+                "full_nll": float(ref_nll.mean()),
+                "layers": float(counts[idx].mean()),
+                "layers_without_kv_error": float(counts[sim_idx].mean()),
+            }
+        )
+        log(f"SmolLM2 decode max_prob > {t}: {rows[-1]}")
+    part["decode"] = rows
+    results["smollm2"] = part
+    write(results)  # the quality figures survive a failure of the timing below
+    speed = []
+    for measure in ("max_prob", "saturation"):
+        t = part["sweep"][measure]["empirical_threshold"]
+        for batch in (1, 8):
+            speed.append(
+                decode_speed(model, test[:batch], measure=measure, threshold=t, prefill=prefill, repeats=args.repeats)
+            )
+            log(f"SmolLM2 decode speed: {speed[-1]}")
+    part["speed"] = speed
+    results["smollm2"] = part
+
+
+# ---- output --------------------------------------------------------------------------------------------
+
+
+def write(results):
+    """results.json, keeping the part(s) another run of this script wrote since this one started."""
+    os.makedirs(OUT, exist_ok=True)
+    results["elapsed_s"] = time.perf_counter() - T0
+    path = os.path.join(OUT, "results.json")
+    if os.path.exists(path):
+        done = set(results.get("parts_run", ()))
+        old = json.load(open(path))
+        results.update({k: v for k, v in old.items() if k in ("listops", "smollm2") and k not in done})
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _finish(plt, fig, ax, xlabel, ylabel, title, name):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, f"{name}.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "listops" in results:
+        r = results["listops"]
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        points = []
+        for name, key in (("small", "small"), ("large", "large")):
+            ax.scatter(r[key]["cost"], r[key]["accuracy"], s=80, zorder=3, label=f"{name} encoder")
+            points.append((r[key]["cost"], r[key]["accuracy"]))
+        for measure, e in r["early_exit"].items():
+            xs, ys = [p["cost"] for p in e["curve"]], [p["accuracy"] for p in e["curve"]]
+            ax.plot(xs, ys, ".-", lw=1, ms=3, label=f"early exit ({measure})")
+            ax.scatter(e["calibrated"]["cost"], e["calibrated"]["accuracy"], marker="*", s=90, zorder=4)
+            points += list(zip(xs, ys, strict=True))
+        sc = r["sequential"]["curve"]
+        ax.plot([p["cost"] for p in sc], [p["quality"] for p in sc], "s-", ms=3, lw=1, label="sequential small->large")
+        points += [(p["cost"], p["quality"]) for p in sc]
+        for name in ("embedding_classifier", "knn"):
+            if name not in r["routing"]:
+                continue
+            cv = r["routing"][name]["curve"]
+            ax.plot([p["cost"] for p in cv], [p["accuracy"] for p in cv], "--", lw=1, label=f"router: {name}")
+            points += [(p["cost"], p["accuracy"]) for p in cv]
+        front = pareto(points)
+        ax.plot(*zip(*front, strict=True), "k:", lw=2, label="Pareto frontier")
+        title = "ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)"
+        _finish(plt, fig, ax, "cost: forward FLOPs per example / large model's", "test accuracy", title, "listops")
+    if "smollm2" in results:
+        r = results["smollm2"]
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        n = r["num_layers"]
+        for measure, s in r["sweep"].items():
+            ax.plot(
+                [p["layers"] / n for p in s["curve"]],
+                [p["agreement"] for p in s["curve"]],
+                ".-",
+                label=f"exits, {measure} (no KV error)",
+            )
+        d = r["decode"]
+        ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label="decode with KV propagation")
+        ax.scatter([1.0], [1.0], s=80, label="SmolLM2-135M (all layers)")
+        ax.axhline(0.95, color="gray", ls=":", lw=1)
+        title = "SmolLM2-135M shared-head early exits on held-out CPython docs"
+        _finish(
+            plt,
+            fig,
+            ax,
+            f"cost: mean layers run per token / {n}",
+            "top-1 agreement with the full model",
+            title,
+            "smollm2",
+        )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="listops,smollm2")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seq_len", type=int, default=48)
+    p.add_argument("--d_model", type=int, default=64)
+    p.add_argument("--small_d_model", type=int, default=32)
+    p.add_argument("--max_depth", type=int, default=3)
+    p.add_argument("--max_args", type=int, default=4)
+    p.add_argument("--eval_examples", type=int, default=2048)
+    p.add_argument("--delta", type=float, default=0.02, help="LTT: allowed inconsistency with the full model")
+    p.add_argument("--epsilon", type=float, default=0.1, help="LTT: allowed probability that the bound fails")
+    p.add_argument("--bootstrap", type=int, default=500)
+    p.add_argument("--smollm2_exits", default="15,20,24,27")
+    p.add_argument("--smollm2_len", type=int, default=64)
+    p.add_argument("--smollm2_rows", type=int, default=16)
+    p.add_argument("--smollm2_thresholds", type=float, nargs="*", default=[0.9])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from effitrans.perf import machine_description
+
+    results = {
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "machine": machine_description(),
+        "args": vars(args),
+    }
+    results["parts_run"] = args.parts.split(",")
+    for part in args.parts.split(","):
+        {"listops": run_listops, "smollm2": run_smollm2}[part](args, results)
+        write(results)
+        plot(results)
+    log(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

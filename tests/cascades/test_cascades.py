@@ -1,0 +1,104 @@
+"""Sequential (FrugalGPT) and routing (RouteLLM) cascades: they route exactly as their thresholds say (counted
+calls), refuse a cascade of one model and thresholds outside [0, 1], and the routing metrics match hand
+computations."""
+
+import numpy as np
+import pytest
+
+from effitrans.cascades import routing as rt
+from effitrans.cascades import sequential as sq
+
+
+class CountingModel:
+    """A stand-in model: returns `value` per row and remembers which rows it saw."""
+
+    def __init__(self, value):
+        self.value, self.seen = value, []
+
+    def __call__(self, rows):
+        self.seen.extend(np.asarray(rows).tolist())
+        return np.full((len(rows),), self.value, np.float32)
+
+
+def test_sequential_cascade_calls_each_stage_only_on_the_rows_that_reach_it():
+    inputs = np.arange(6)
+    scores = {0: np.array([0.9, 0.1, 0.6, 0.2, 0.8, 0.4]), 1: np.array([0.7, 0.2, 0.9, 0.6, 0.3, 0.55])}
+    models = [CountingModel(10.0), CountingModel(20.0), CountingModel(30.0)]
+    scorers = [lambda y, x, s=s: scores[s][x] for s in (0, 1)]
+    cascade = sq.SequentialCascade(models, scorers, thresholds=[0.5, 0.5])
+    out, stage = cascade(inputs)
+    np.testing.assert_array_equal(stage, [0, 2, 0, 1, 0, 1])  # stage 1 scores 0.2, 0.6, 0.4 -> 0.55
+    np.testing.assert_array_equal(out, [10, 30, 10, 20, 10, 20])
+    assert cascade.calls == [6, 3, 1]
+    assert models[1].seen == [1, 3, 5] and models[2].seen == [1]
+    pure = sq.cascade_stages(np.stack([scores[0], scores[1]]), [0.5, 0.5])
+    np.testing.assert_array_equal(pure, stage)
+    assert sq.cascade_stages(np.stack([scores[0], scores[1]]), [1.0, 1.0]).tolist() == [2] * 6  # 1.0: never accept
+    assert sq.cascade_stages(np.stack([scores[0], scores[1]]), [0.0, 0.0]).tolist() == [0] * 6
+
+
+def test_sequential_cascade_refuses_one_model_and_bad_thresholds():
+    with pytest.raises(ValueError, match=r"models has 1 model\(s\); a cascade needs at least 2"):
+        sq.SequentialCascade([CountingModel(1.0)], [], thresholds=[])
+    with pytest.raises(ValueError, match=r"threshold 1\.5 in thresholds=\[1\.5\] must be in \[0, 1\]"):
+        sq.SequentialCascade([CountingModel(1.0), CountingModel(2.0)], [lambda y, x: y], thresholds=[1.5])
+    with pytest.raises(ValueError, match=r"thresholds=\[0\.5, 0\.5\] has 2 entries; expected one per stage"):
+        sq.cascade_stages(np.zeros((1, 3)), [0.5, 0.5])
+
+
+def test_cascade_point_and_threshold_choice_trade_cost_for_quality():
+    quality = np.array([[1, 0, 1, 0], [1, 1, 1, 1]], np.float64)  # cheap right on 0 and 2
+    scores = np.array([[0.9, 0.2, 0.8, 0.6]])
+    costs = [1.0, 10.0]
+    p = sq.cascade_point(quality, scores, costs, [0.5])  # accepts 0, 2, 3 -> query 3 wrong
+    assert p == {"quality": 0.75, "cost": (1 * 4 + 10 * 1) / 4, "calls": [4, 1]}
+    best = sq.choose_thresholds(quality, scores, costs, target=1.0, grid=[0.0, 0.5, 0.7, 1.0])
+    assert best["thresholds"] == [0.7] and best["cost"] == (4 + 20) / 4 and best["quality"] == 1.0
+    assert sq.choose_thresholds(quality, scores, costs, target=1.1) is None
+
+
+def test_routing_cascade_runs_only_the_routed_model_per_row():
+    weak, strong = CountingModel(1.0), CountingModel(2.0)
+    feats = np.array([[0.1], [0.9], [0.5], [0.7]])
+    cascade = rt.RoutingCascade(weak, strong, router=lambda f: f[:, 0], threshold=0.6)
+    out, to_strong = cascade(np.arange(4), feats)
+    np.testing.assert_array_equal(to_strong, [False, True, False, True])
+    np.testing.assert_array_equal(out, [1, 2, 1, 2])
+    assert cascade.calls == [2, 2] and weak.seen == [0, 2] and strong.seen == [1, 3]
+    with pytest.raises(ValueError, match=r"threshold=-0\.1 must be in \[0, 1\]"):
+        rt.RoutingCascade(weak, strong, router=lambda f: f, threshold=-0.1)
+
+
+def test_pgr_apgr_and_cpt_match_hand_computation():
+    weak = np.array([0, 0, 1, 0], np.float64)  # mean 0.25
+    strong = np.array([1, 1, 1, 0], np.float64)  # mean 0.75: gap 0.5, gains on queries 0 and 1
+    perfect = np.array([0.9, 0.8, 0.1, 0.2])
+    c, pgr = rt.pgr_curve(weak, strong, perfect)
+    np.testing.assert_allclose(c, [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(pgr, [0, 0.5, 1.0, 1.0, 1.0])
+    assert rt.apgr(weak, strong, perfect) == pytest.approx((0.25 + 0.75 + 1 + 1) / 4)
+    assert rt.cpt(weak, strong, perfect, 0.5) == 0.25 and rt.cpt(weak, strong, perfect, 0.8) == 0.5
+    worst = -perfect
+    assert rt.apgr(weak, strong, worst) < 0.5 < rt.apgr(weak, strong, perfect)
+    with pytest.raises(ValueError, match="must exceed the weak one's"):
+        rt.pgr_curve(strong, weak, perfect)
+    # Resamples where the statistic is undefined (NaN: no gap left) are left out of the interval.
+    lo, hi = rt.bootstrap_interval(lambda idx: np.nan if idx[0] % 2 else 1.0, 10, samples=50)
+    assert (lo, hi) == (1.0, 1.0)
+
+
+def test_trained_routers_beat_the_random_routers_interval_on_a_learnable_split():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(400, 8))
+    hard = emb[:, 0] > 0.3  # the weak model fails on "hard" queries, the strong one mostly not
+    weak = (~hard).astype(np.float64)
+    strong = np.where(rng.random(400) < 0.9, 1.0, weak)
+    labels = rt.needs_strong(weak, strong)
+    train, test = slice(0, 300), slice(300, 400)
+    lo, hi = rt.random_router_apgr(weak[test], strong[test], samples=200)
+    assert lo < 0.5 < hi
+    for router in (rt.fit_embedding_classifier(emb[train], labels[train]), rt.knn_router(emb[train], labels[train])):
+        scores = router(emb[test])
+        assert scores.shape == (100,) and ((scores >= 0) & (scores <= 1)).all()
+        assert rt.apgr(weak[test], strong[test], scores) > hi
+        assert rt.cpt(weak[test], strong[test], scores, 0.5) < 0.5
