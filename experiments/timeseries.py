@@ -95,7 +95,7 @@ def run_grid(args) -> dict:
     rows, examples = [], {}
     for series in args.series:
         input_len, pred_lens = horizons(series)
-        for pred_len in pred_lens[: args.max_horizons]:
+        for pred_len in pred_lens[args.first_horizon : args.max_horizons]:
             data = build_forecast_dataset(
                 series=series, input_len=input_len, pred_len=pred_len, eval_split="test", global_batch_size=32, seed=0
             )
@@ -356,6 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--single_seed_models", default="", help="grid: models trained on the first seed only")
     p.add_argument("--max_horizons", type=int, default=None, help="grid: only the first n horizons of each series")
+    p.add_argument("--first_horizon", type=int, default=0, help="grid: skip the first n horizons of each series")
     p.add_argument("--out", default=OUT)
     args = p.parse_args(argv)
     args.models, args.series = args.models.split(","), args.series.split(",")

@@ -58,7 +58,7 @@ def test_bad_values_name_key_and_allowed_set():
     with pytest.raises(
         ConfigError,
         match=r"config\.model\.attention\.impl='cuda' is not allowed: expected one of "
-        r"\['reference', 'xla', 'pallas', 'auto'\]",
+        r"\['reference', 'xla', 'pallas', 'cudnn', 'auto'\]",
     ):
         validate_config(cfg)
     cfg = tiny_lm_experiment()
