@@ -36,6 +36,7 @@ def test_cached_decode_reproduces_full_forward_logits(num_kv_heads, impl):
     np.testing.assert_array_equal(cache[0].lengths, [11, 11])
 
 
+@pytest.mark.slow  # ~10 s; tests/serve/test_generate.py keeps greedy decoding == full forward in the default run
 def test_generate_matches_full_forward_token_by_token():
     cfg = tiny_model_config(num_kv_heads=1)
     model = build_model(cfg, seed=2)

@@ -29,7 +29,8 @@ def _moe_lm(gating="softmax"):
     return build_model(cfg, seed=0), cfg
 
 
-@pytest.mark.parametrize("gating", ["softmax", "sigmoid"])
+# softmax (with the save/load round trip, ~50 s of orbax and compiles) runs in CI; sigmoid in the default run
+@pytest.mark.parametrize("gating", [pytest.param("softmax", marks=pytest.mark.slow), "sigmoid"])
 def test_dropping_experts_equals_the_full_model_that_never_selects_them(gating, tmp_path):
     model, cfg = _moe_lm(gating)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
@@ -61,9 +62,10 @@ def test_dropping_experts_equals_the_full_model_that_never_selects_them(gating, 
     rebuilt = build_model(small_cfg, seed=3)  # the config rebuilds the sliced shapes
     shapes = lambda m: [x.shape for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))]
     assert shapes(rebuilt) == shapes(small)
-    loaded, loaded_cfg = load_pruned(save_pruned(str(tmp_path / "p"), small, small_cfg))
-    assert list(loaded_cfg.moe.num_experts) == [4, 5]
-    np.testing.assert_allclose(loaded(tokens)[0], small(tokens)[0], rtol=1e-6, atol=1e-6)
+    if gating == "softmax":  # the sliced model round-trips through save_pruned / load_pruned
+        loaded, loaded_cfg = load_pruned(save_pruned(str(tmp_path / "p"), small, small_cfg))
+        assert list(loaded_cfg.moe.num_experts) == [4, 5]
+        np.testing.assert_allclose(loaded(tokens)[0], small(tokens)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_expert_pruning_errors_name_the_value_and_what_is_allowed():
