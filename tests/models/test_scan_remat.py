@@ -43,7 +43,7 @@ def _unrolled(tokens_seed: int):
     [
         pytest.param(True, "none", marks=pytest.mark.slow),
         pytest.param(False, "full", marks=pytest.mark.slow),
-        (True, "dots_saveable"),
+        pytest.param(True, "dots_saveable", marks=pytest.mark.slow),  # ~9 s: CI (the default run is at its budget)
     ],
     ids=["scan", "remat", "both"],
 )
