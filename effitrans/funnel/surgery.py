@@ -86,5 +86,7 @@ def funnel_config(model_cfg, *, at_layer: int, stride: int, decoder_layers: int 
     f.strides = ml_collections.FieldReference(list(spec.strides), field_type=object)
     f.pooling, f.separate_cls, f.truncate_seq = spec.pooling, spec.separate_cls, spec.truncate_seq
     f.pool_q_only, f.position_pooling, f.decoder_layers = spec.pool_q_only, spec.position_pooling, decoder_layers
-    cfg.funnel = f
+    # Configs from config_flags arrive locked; the funnel block is a new key of the copy only.
+    with cfg.unlocked():
+        cfg.funnel = f
     return cfg

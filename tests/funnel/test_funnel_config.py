@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from effitrans import funnel
 from effitrans.config_validation import validate_config
 from effitrans.train.trainer import Trainer
 from tests.helpers import shipped_config
@@ -14,6 +15,20 @@ def test_funnel_config_validates_as_shipped():
     cfg = shipped_config("funnel_retrieval_small")
     validate_config(cfg)
     assert list(cfg.model.funnel.block_layers) == [2, 4] and sum(cfg.model.funnel.block_layers) == cfg.model.num_layers
+
+
+def test_funnel_config_of_a_locked_config():
+    # config_flags hands out locked configs (bench serve, sweeps); the funnel copy adds its key anyway and
+    # leaves the dense config as it was.
+    cfg = shipped_config("encoder_retrieval_small")
+    cfg.lock()
+    fcfg = funnel.funnel_config(cfg.model, at_layer=2, stride=2)
+    assert (
+        fcfg.name == "funnel_embedding"
+        and list(fcfg.funnel.strides) == [2]
+        and list(fcfg.funnel.block_layers) == [2, 4]
+    )
+    assert "funnel" not in cfg.model and cfg.model.name == "encoder_embedding"
 
 
 @pytest.mark.slow
