@@ -110,7 +110,12 @@ def load_sweep(spec: str) -> list[Point]:
     module = _load_module(path)
     if not hasattr(module, "get_sweep"):
         raise ConfigError(f"--sweep={spec}: the file defines no get_sweep(arg=None)")
-    items = module.get_sweep() if arg is None else module.get_sweep(arg)
+    try:
+        items = module.get_sweep() if arg is None else module.get_sweep(arg)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a sweep file refusing its argument
+        raise ConfigError(f"--sweep={spec}: {e}") from e
     if not isinstance(items, (list, tuple)) or not items:
         raise ConfigError(f"--sweep={spec}: get_sweep returned {items!r}; allowed: a non-empty list of points")
     dicts = [i for i in items if isinstance(i, dict)]

@@ -86,6 +86,26 @@ def test_bad_sweep_files_are_refused_before_any_run(tmp_path):
         sweep.load_sweep(str(tmp_path / "missing.py"))
 
 
+@pytest.mark.parametrize(
+    "config, sweep_spec, names",
+    [
+        ("configs/lm_tiny.py", "configs/sweeps/seeds_long.py", ["seed=0", "seed=1"]),
+        ("configs/moe_lm_tiny.py:model.moe.top_k=3", "configs/sweeps/seeds_long.py:steps=80,seeds=3", ["seed=3"]),
+        ("configs/funnel_retrieval_small.py", "configs/sweeps/funnel_layer_stride.py:k=2,s=4", None),
+        ("configs/listops_small.py", "configs/sweeps/lra_listops.py", None),
+    ],
+)
+def test_shipped_sweep_files_fit_their_configs(config, sweep_spec, names):
+    points = sweep.load_sweep(os.path.join(ROOT, sweep_spec))
+    sweep.check_points(os.path.join(ROOT, config), points)
+    assert names is None or [p.name for p in points] == names
+
+
+def test_seeds_long_refuses_unknown_arguments():
+    with pytest.raises(ConfigError, match=r"unknown sweep argument keys \['step'\]"):
+        sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/seeds_long.py:step=10"))
+
+
 @pytest.mark.slow  # a subprocess importing JAX (the same refusals run in-process above)
 def test_the_command_line_refuses_a_bad_sweep_with_exit_2_and_runs_nothing(tmp_path):
     bad = _sweep_file(tmp_path, "def get_sweep(arg=None):\n    return [{'train.stepz': 3}, {'train.stepz': 4}]")
