@@ -21,6 +21,7 @@ the MoE encoder more. Intervals cover query sampling given the trained models, n
 per-seed rows show that.
 
 Writes --out/{results.json, tradeoff.png} (results.partial.json after every model, removed at the end).
+--combine=A.json,B.json analyses runs made apart (e.g. one process per seed) together; --replot redraws.
 """
 
 from __future__ import annotations
@@ -141,13 +142,15 @@ def markdown(comparison: list) -> str:
     """The results page's table: pooled over seeds."""
     out = [
         "| method | k | dense loss (pts) [95%] | MoE loss (pts) [95%] | MoE - dense (pts) [95%] "
-        "| p50 cut % dense / MoE | FLOPs x dense / MoE |",
-        "|---|---|---|---|---|---|---|",
+        "| MoE - dense per seed (pts) [95%] | p50 cut % dense / MoE | FLOPs x dense / MoE |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparison:
+        seeds = "; ".join(f"s{p['seed']}: {fmt(p['moe_minus_dense'])}" for p in c["per_seed"])
         out.append(
             f"| {c['method']} | {c['at_layer']} | {fmt(c['dense_loss'])} | {fmt(c['moe_loss'])} "
-            f"| {fmt(c['moe_minus_dense'])} | {c['dense_latency_cut_pct']:.1f} / {c['moe_latency_cut_pct']:.1f} "
+            f"| {fmt(c['moe_minus_dense'])} | {seeds} "
+            f"| {c['dense_latency_cut_pct']:.1f} / {c['moe_latency_cut_pct']:.1f} "
             f"| {c['dense_flops_ratio']:.2f} / {c['moe_flops_ratio']:.2f} |"
         )
     return "\n".join(out)
@@ -203,6 +206,32 @@ def plot(runs: list, comparison: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def combine(paths: list, args, argv) -> int:
+    """The runs of several result files (first occurrence of each (model, seed)) analysed together."""
+    runs, sources = [], []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        sources.append({"file": path, "command": saved["command"], "date": saved["date"], "wall_s": saved["wall_s"]})
+        have = {(r["model"], r["seed"]) for r in runs}
+        runs += [r for r in saved["runs"] if (r["model"], r["seed"]) not in have]
+    runs.sort(key=lambda r: (r["seed"], r["model"]))
+    result = {
+        "command": "python experiments/moe_funnel.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sources": sources,
+        "machine": perf.machine_description(),
+        "runs": runs,
+        "comparison": compare(runs, args.bootstrap),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(runs, result["comparison"], os.path.join(args.out, "tradeoff.png"))
+    print(markdown(result["comparison"]))
+    return 0
+
+
 def main(argv=None) -> int:
     p = funnel_sweep.parser()
     p.description = __doc__
@@ -210,6 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--dense", default="encoder_retrieval_small", help="the dense config (configs/)")
     p.add_argument("--moe", default="moe_encoder_retrieval_small", help="the MoE config of equal active params")
     p.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples per interval")
+    p.add_argument(
+        "--combine",
+        default="",
+        help="comma-separated results(.partial).json of runs made apart (e.g. one process per seed): "
+        "write their runs' joint results.json and tradeoff.png to --out, training nothing",
+    )
     p.set_defaults(
         steps=120,
         train_batch=32,
@@ -231,6 +266,8 @@ def main(argv=None) -> int:
         plot(saved["runs"], saved["comparison"], os.path.join(args.out, "tradeoff.png"))
         print(markdown(saved["comparison"]))
         return 0
+    if args.combine:
+        return combine(args.combine.split(","), args, argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     layer_list = [int(k) for k in args.layers.split(",")] if args.layers else list(range(1, args.depth))
     command = "python experiments/moe_funnel.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -35,19 +35,23 @@ def _embed(model, tokens, mask):
     return np.asarray(model(tokens, mask))  # eager: quicker than compiling a tiny model
 
 
-def test_stride1_surgery_on_an_moe_encoder_equals_the_unfunnelled_model():
-    model = build_model(_moe_embedding_cfg(), seed=0)
+@pytest.fixture(scope="module")
+def capacity_model():
+    """Capacity dispatch at factor 0.5 drops assignments: a routed padding token would take slots from real
+    ones, so the real tokens' outputs would depend on what the padding holds. One build for the module."""
+    return build_model(_moe_embedding_cfg(dispatch="capacity", capacity_factor=0.5), seed=0)
+
+
+def test_stride1_surgery_on_an_moe_encoder_equals_the_unfunnelled_model(capacity_model):
+    model = capacity_model
     tokens, mask = _batch()
     want = _embed(model, tokens, mask)
     got = _embed(funnel.insert(model, at_layer=1, stride=1), tokens, mask)  # MoE layers 1, 2 in the funnel
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_pooled_padding_reaches_no_expert_and_takes_no_capacity_slot():
-    # Capacity dispatch at factor 0.5 drops assignments: a routed padding token would take slots from real
-    # ones, so the real tokens' outputs would depend on what the padding holds.
-    model = build_model(_moe_embedding_cfg(dispatch="capacity", capacity_factor=0.5), seed=0)
-    fmodel = funnel.insert(model, at_layer=1, stride=2)  # both MoE layers (1, 2) run pooled
+def test_pooled_padding_reaches_no_expert_and_takes_no_capacity_slot(capacity_model):
+    fmodel = funnel.insert(capacity_model, at_layer=1, stride=2)  # both MoE layers (1, 2) run pooled
     tokens, mask = _batch()
     other = jnp.where(mask > 0, tokens, (tokens * 7 + 3) % 60 + 1)  # same real tokens, other padding
     assert not np.array_equal(np.asarray(other), np.asarray(tokens))

@@ -1,6 +1,8 @@
 """experiments/moe_funnel.py's analysis: the MoE-minus-dense recall@1 loss is the difference of the two
 models' paired losses on the same queries, pooled over seeds with a stratified paired bootstrap."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,7 +32,7 @@ def test_compare_is_the_difference_of_paired_losses_pooled_over_seeds(tmp_path):
     for seed in (0, 1):
         for model, p in (("dense", 0.5), ("moe", 0.45)):
             runs.append(_run(model, seed, hits(0.55), hits(p), hits(p + 0.02)))
-    comparison = moe_funnel.compare(runs, samples=500)
+    comparison = moe_funnel.compare(runs, samples=300)
     assert [(c["method"], c["at_layer"]) for c in comparison] == [("surgery", 1), ("surgery+distill", 1)]
     for c in comparison:
         per_seed_diffs = []
@@ -57,6 +59,15 @@ def test_compare_is_the_difference_of_paired_losses_pooled_over_seeds(tmp_path):
     assert (tmp_path / "tradeoff.png").stat().st_size > 0
     # A seed with only one of the two models is left out of the comparison.
     assert moe_funnel.compare(runs[:1]) == []
+    # Runs made apart (one process per seed) combine into the same analysis.
+    for seed in (0, 1):
+        part = {"command": f"seed {seed}", "date": "d", "wall_s": 1.0, "runs": [r for r in runs if r["seed"] == seed]}
+        (tmp_path / f"s{seed}.json").write_text(json.dumps(part))
+    files = ",".join(str(tmp_path / f"s{seed}.json") for seed in (1, 0))
+    assert moe_funnel.main([f"--combine={files}", f"--out={tmp_path / 'joint'}", "--bootstrap=300"]) == 0
+    joint = json.loads((tmp_path / "joint" / "results.json").read_text())
+    assert [s["command"] for s in joint["sources"]] == ["seed 1", "seed 0"]
+    assert joint["comparison"] == json.loads(json.dumps(comparison))
 
 
 def test_paired_bootstrap_one_stratum_is_paired_recall_loss_and_strata_weigh_equally():
