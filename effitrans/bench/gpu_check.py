@@ -12,6 +12,9 @@ Writes DIR/gpu_check.json ({"machine", "dry", "sections": {name: {"rows": [...],
   sparse       S=16384 block-sparse rows (window, global|window, chunked, strided, fixed) on impl "auto"
                and "pallas", against cuDNN dense causal.
   lm           configs/lm_gpu.py: first step (compile) and median step time, MFU against the bf16 peak.
+  moe          the dropless MoE experts (effitrans.layers.moe.experts_dropless) in bf16, forward and fwd+bwd
+               with `ragged_dot` and with the tiled grouped matmul, beside the dense GLU of equal active width
+               (which `grouped_matmul="auto"` should pick on a GPU), and the tiles' error against ragged_dot.
 
 --dry: tiny shapes, GPU-only rows skipped with the reason; runs on a CPU (a test does). Every row that
 fails records its error and the run goes on. scripts/gpu_check.sh is the wrapper the GPU machine runs.
@@ -30,7 +33,7 @@ import numpy as np
 
 from effitrans import perf
 
-SECTIONS = ("correctness", "timing", "sparse", "lm")
+SECTIONS = ("correctness", "timing", "sparse", "lm", "moe")
 MASK_SPECS = {
     "full": "Full()",
     "causal": "Causal()",
@@ -340,6 +343,57 @@ def lm(dry: bool) -> dict:
     return {"rows": [row], "notes": []}
 
 
+def moe(dry: bool) -> dict:
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from effitrans.layers.glu import glu_feed_forward  # pylint: disable=import-outside-toplevel
+    from effitrans.layers.moe import experts_dropless, route, tile_rows  # pylint: disable=import-outside-toplevel
+
+    # moe_lm_small's layer (16 experts x 384, top-3) at a GPU batch; --dry: a few hundred tokens.
+    t, d, e, f, k, repeats = (256, 64, 8, 32, 2, 2) if dry else (65536, 512, 16, 384, 3, 10)
+    ks = jax.random.split(jax.random.key(0), 8)
+    bf = jnp.bfloat16
+    x = jax.random.normal(ks[0], (t, d), bf)
+    r = route(x.astype(jnp.float32) @ jax.random.normal(ks[1], (d, e)), top_k=k)
+    w = [
+        (jax.random.normal(kk, shape) / shape[1] ** 0.5).astype(bf)
+        for kk, shape in zip(ks[2:5], [(e, d, f)] * 2 + [(e, f, d)])
+    ]
+    dw = [
+        (jax.random.normal(kk, shape) / shape[0] ** 0.5).astype(bf)
+        for kk, shape in zip(ks[5:8], [(d, k * f)] * 2 + [(k * f, d)])
+    ]
+    ct = jax.random.normal(ks[0], (t, d), bf)
+    rows, outs = [], {}
+    paths = {
+        "dense_glu_same_active_width": lambda x, w: glu_feed_forward(x[None], *w)[0],
+        "dropless_ragged_dot": lambda x, w: experts_dropless(x, r.experts, r.weights, *w, grouped="ragged_dot"),
+        "dropless_tiles": lambda x, w: experts_dropless(x, r.experts, r.weights, *w, grouped="tiles"),
+    }
+    for name, fn in paths.items():
+        weights = dw if name.startswith("dense") else w
+        fwd = jax.jit(fn)
+        grad = jax.jit(lambda x, w, ct, fn=fn: jax.vjp(fn, x, w)[1](ct))
+        row = {"path": name, "tokens": t, "experts": e, "top_k": k, "expert_width": f}
+        try:
+            row |= _timed(fwd, grad, (x, weights), ct, repeats)
+            outs[name] = np.asarray(fwd(x, weights), np.float32)
+        except Exception as err:  # pylint: disable=broad-except
+            row["error"] = _error(err)
+        rows.append(row)
+    base = rows[0]
+    for row in rows[1:]:
+        for key in ("fwd_ms", "fwdbwd_ms"):
+            if key in row and key in base:
+                row[f"{key}_x_dense"] = row[key] / base[key]
+    notes = [f"tile rows {tile_rows(t * k, e)}"]
+    if "dropless_ragged_dot" in outs and "dropless_tiles" in outs:
+        err = np.max(np.abs(outs["dropless_tiles"] - outs["dropless_ragged_dot"]))
+        notes.append(f"max |tiles - ragged_dot| {err:.3g} (bf16)")
+    return {"rows": rows, "notes": notes}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m effitrans.bench gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json")
@@ -368,6 +422,7 @@ def main(argv=None) -> int:
         "timing": lambda: timing(args.dry),
         "sparse": lambda: sparse(args.dry, [m for m in SPARSE_MASKS if m in masks]),
         "lm": lambda: lm(args.dry),
+        "moe": lambda: moe(args.dry),
     }
     for name in sections:
         t0 = time.perf_counter()

@@ -133,14 +133,15 @@ def _time_trainer(config, peak: float, steps: int, warmup: int):
 
 def moe_breakdown(config, num_tokens: int, repeats: int = 5) -> dict:
     """Forward time of one MoE layer of `config` on [num_tokens, D] split into its parts, beside the dense GLU
-    of the same active width: route (router matmul, top-k), expert matmuls (ragged_dot on tokens already sorted
-    by expert), and the rest of the dropless layer (sort, gather, scatter back, combine). Seconds, medians."""
+    of the same active width: route (router matmul, top-k), the expert matmuls on tokens already sorted by
+    expert (`ragged_dot`, and the tiled grouped matmul with its padding), and the whole dropless layer with
+    each (sort, gather, scatter back and combine by difference). Seconds, medians."""
     import jax
     import jax.numpy as jnp
 
     from effitrans import perf
     from effitrans.layers.glu import glu_feed_forward
-    from effitrans.layers.moe import ACTIVATIONS, experts_dropless, route
+    from effitrans.layers.moe import ACTIVATIONS, experts_dropless, route, tile_rows
     from effitrans.models.transformer import moe_options
 
     o, d, act = moe_options(config.model), config.model.d_model, config.model.ffn_activation
@@ -156,29 +157,37 @@ def moe_breakdown(config, num_tokens: int, repeats: int = 5) -> dict:
     r = route(x @ router, top_k=k, gating=o["gating"])
     sizes = jnp.bincount(r.experts.reshape(-1), length=e).astype(jnp.int32)
     xs = x[jnp.argsort(r.experts.reshape(-1)) // k]  # [T*K, D] sorted by expert
+    tile = tile_rows(num_tokens * k, e)
 
-    def grouped(xs):
+    def ragged(xs):
         h = ACTIVATIONS[act](jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
         return jax.lax.ragged_dot(h, wd, sizes)
+
+    def layer(grouped):
+        return jax.jit(
+            lambda x: experts_dropless(
+                x, *route(x @ router, top_k=k, gating=o["gating"])[:2], wg, wu, wd, act, grouped=grouped
+            )
+        )
 
     fns = {
         "dense_glu_same_active_width": jax.jit(lambda x: glu_feed_forward(x[None], dg, du, dd, act)),
         "route": jax.jit(lambda x: route(x @ router, top_k=k, gating=o["gating"]).weights),
-        "expert_matmuls": jax.jit(grouped),
-        "dropless_layer": jax.jit(
-            lambda x: experts_dropless(x, *route(x @ router, top_k=k, gating=o["gating"])[:2], wg, wu, wd, act)
-        ),
+        "expert_matmuls_ragged_dot": jax.jit(ragged),
+        "dropless_layer_ragged_dot": layer("ragged_dot"),
+        "dropless_layer_tiles": layer("tiles"),
     }
-    args = {"expert_matmuls": xs}
+    args = {"expert_matmuls_ragged_dot": xs}
     t = {
         name: perf.time_fn(lambda fn=fn, a=args.get(name, x): fn(a), repeats=repeats)["median_s"]
         for name, fn in fns.items()
     }
-    shared = t["dense_glu_same_active_width"] * o["num_shared_experts"] / (k + o["num_shared_experts"])
-    # The rest of the dropless layer, by difference: near zero it can come out negative (timing noise).
-    t["sort_gather_scatter_combine"] = t["dropless_layer"] - t["route"] - t["expert_matmuls"]
-    t["shared_experts_estimate"] = shared
-    return {"num_tokens": num_tokens, "seconds": t}
+    # The rest of the ragged_dot layer, by difference: near zero it can come out negative (timing noise).
+    t["sort_gather_scatter_combine"] = t["dropless_layer_ragged_dot"] - t["route"] - t["expert_matmuls_ragged_dot"]
+    t["shared_experts_estimate"] = (
+        t["dense_glu_same_active_width"] * o["num_shared_experts"] / (k + o["num_shared_experts"])
+    )
+    return {"num_tokens": num_tokens, "tile_rows": tile, "seconds": t}
 
 
 def run(config, *, steps: int = 10, warmup: int = 3, json_path=None) -> dict:

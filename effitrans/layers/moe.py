@@ -7,7 +7,10 @@ combine weights are the chosen scores, optionally normalised to sum to one, time
 
 Three ways to run the chosen experts, one result (`tests/layers/test_moe.py`):
 - `experts_reference`: every expert on every token, weighted by its combine weight (the loop reference);
-- `experts_dropless`: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot` (no drops);
+- `experts_dropless`: assignments sorted by expert, grouped matmuls (no drops), either `jax.lax.ragged_dot`
+  or `grouped="tiles"`: each expert's rows padded to whole tiles, one batched matmul over the tiles with each
+  tile's expert weights. XLA:CPU (and CUDA XLA at JAX 0.10) lowers `ragged_dot` to one dense matmul over all
+  experts, E times the routed work; the tiles pay only the padding (`grouped_matmul_for` picks per backend);
 - `experts_capacity`: GShard dispatch/combine einsums into C slots per expert; assignments past an expert's
   capacity are dropped (first choices of every token are served before any second choice), and counted.
 
@@ -31,6 +34,7 @@ from effitrans.schema import Key, boolean, float_at_least, int_at_least, int_or_
 
 GATINGS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity", "dense")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiles")
 
 
 def layer_indices(v):
@@ -52,7 +56,14 @@ MOE_KEYS = {
     "route_scale": Key(1.0, float_at_least(0.0, strict=True), "combine weights x this (DeepSeek-V3: 2.5)"),
     "num_groups": Key(1, int_at_least(1), "expert groups for group-limited routing (must divide num_experts)"),
     "top_groups": Key(1, int_at_least(1), "groups a token may route into (<= num_groups)"),
-    "dispatch": Key("dropless", one_of(*DISPATCHES), "dropless (ragged_dot) | capacity (GShard) | dense (reference)"),
+    "dispatch": Key(
+        "dropless", one_of(*DISPATCHES), "dropless (grouped matmuls) | capacity (GShard) | dense (reference)"
+    ),
+    "grouped_matmul": Key(
+        "auto",
+        one_of(*GROUPED_MATMULS),
+        "dropless matmuls: auto (ragged_dot on TPU, tiles elsewhere) | ragged_dot | tiles",
+    ),
     "capacity_factor": Key(1.25, float_at_least(0.0, strict=True), "capacity: slots per expert = cf x T x K / E"),
     "aux_loss_weight": Key(0.01, float_at_least(0.0), "weight of the Switch load-balancing loss; 0 = off"),
     "bias_update_rate": Key(0.0, float_at_least(0.0), "aux-loss-free selection-bias step per train step; 0 = off"),
@@ -185,18 +196,85 @@ def experts_reference(x, experts, weights, w_gate, w_up, w_down, activation: str
     return y
 
 
-def experts_dropless(x, experts, weights, w_gate, w_up, w_down, activation: str = "silu", *, per_assignment=False):
-    """The T x K assignments sorted by expert, each expert's rows one group of `jax.lax.ragged_dot`. Same
-    arguments and result as experts_reference; the work is T x K rows, not T x E. per_assignment: also return
-    each assignment's weighted expert output [T, K, D] (what expert experts[t, k] adds to token t)."""
+def grouped_matmul_for(grouped: str, backend: str | None = None) -> str:
+    """ "auto" -> "ragged_dot" on TPU (a native grouped matmul), "tiles" on CPU and GPU, where XLA lowers
+    ragged_dot to a dense matmul over every expert; other values pass through."""
+    if grouped not in GROUPED_MATMULS:
+        raise ValueError(f"grouped_matmul={grouped!r} is not one of {list(GROUPED_MATMULS)}")
+    if grouped != "auto":
+        return grouped
+    return "ragged_dot" if (backend or jax.default_backend()) == "tpu" else "tiles"
+
+
+def tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile of the tiled grouped matmul: half an expert's mean rows as a power of two in [8, 256]
+    (larger tiles run faster matmuls but pad each expert by up to tile - 1 rows: 256 measured best on the CPU
+    at 768 rows per expert, bench moe)."""
+    half_mean = max(num_assignments / (2 * num_experts), 1.0)
+    return int(min(256, max(8, 2 ** math.floor(math.log2(half_mean)))))
+
+
+def _glu_ragged(x, token_of, order, sizes, w_gate, w_up, w_down, activation):
+    """ragged_dot groups over the sorted assignments -> [N, D] in sorted order."""
+    xs = x[token_of[order]]  # [N, D]
+    h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    return jax.lax.ragged_dot(h, w_down, sizes)  # [N, D]
+
+
+def _glu_tiles(x, token_of, order, flat, sizes, w_gate, w_up, w_down, activation, tile):
+    """Each expert's sorted assignments padded to whole tiles of `tile` rows (static bound: N + E (tile - 1)
+    rows); one batched matmul over the tiles, each with its expert's weights -> [N, D] in sorted order.
+    Padding rows read a zero row and are never read back; unused tiles at the end get expert E - 1."""
+    num_assignments, num_experts, dim = flat.shape[0], w_gate.shape[0], x.shape[-1]
+    padded = (sizes + tile - 1) // tile * tile  # [E] rows of each expert's tiles
+    pad_end = jnp.cumsum(padded)
+    start = jnp.cumsum(sizes) - sizes  # [E] first sorted row of each expert
+    rows = -(-(num_assignments + num_experts * (tile - 1)) // tile) * tile
+    expert = flat[order]  # [N] expert of each sorted assignment
+    row = pad_end[expert] - padded[expert] + jnp.arange(num_assignments) - start[expert]  # [N] padded row
+    src = jnp.full((rows,), x.shape[0], jnp.int32).at[row].set(token_of[order])  # [R] token; T = padding
+    xp = jnp.concatenate([x, jnp.zeros((1, dim), x.dtype)])[src].reshape(rows // tile, tile, dim)  # [n, b, D]
+    tile_starts = jnp.arange(rows // tile) * tile
+    tile_expert = jnp.minimum(jnp.searchsorted(pad_end, tile_starts, side="right"), num_experts - 1)  # [n]
+    gate, up = (jnp.einsum("nbD,nDF->nbF", xp, w[tile_expert]) for w in (w_gate, w_up))
+    yp = jnp.einsum("nbF,nFD->nbD", ACTIVATIONS[activation](gate) * up, w_down[tile_expert])  # [n, b, D]
+    return yp.reshape(rows, dim)[row]  # [N, D]
+
+
+def experts_dropless(
+    x,
+    experts,
+    weights,
+    w_gate,
+    w_up,
+    w_down,
+    activation: str = "silu",
+    *,
+    grouped: str = "auto",
+    tile: int | None = None,
+    per_assignment=False,
+):
+    """The T x K assignments sorted by expert, each expert's rows one group of a grouped matmul. Same
+    arguments and result as experts_reference; the work is T x K rows (plus tile padding), not T x E.
+    grouped: "ragged_dot" | "tiles" | "auto" (grouped_matmul_for); tile: rows per tile (None: tile_rows).
+    per_assignment: also return each assignment's weighted expert output [T, K, D] (what expert
+    experts[t, k] adds to token t)."""
     num_tokens, top_k = experts.shape
+    num_experts = w_gate.shape[0]
     flat = experts.reshape(-1)  # [T*K]
     order = jnp.argsort(flat, stable=True)  # [T*K] assignment index, grouped by expert
-    sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)  # [E]
-    xs = x[order // top_k]  # [T*K, D]
-    h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    ys = jax.lax.ragged_dot(h, w_down, sizes)  # [T*K, D]
-    ys = ys[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # [T, K, D] back in assignment order
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+    token_of = jnp.arange(flat.shape[0], dtype=jnp.int32) // top_k  # [T*K]
+    w = (w_gate, w_up, w_down)
+    if grouped_matmul_for(grouped) == "tiles":
+        tile = tile_rows(flat.shape[0], num_experts) if tile is None else tile
+        if not (isinstance(tile, int) and tile >= 1):
+            raise ValueError(f"tile={tile!r} is not allowed: expected an int >= 1 (rows per tile)")
+        ys = _glu_tiles(x, token_of, order, flat, sizes, *w, activation, tile)
+    else:
+        ys = _glu_ragged(x, token_of, order, sizes, *w, activation)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    ys = ys[inverse].reshape(num_tokens, top_k, -1)  # [T, K, D] back in assignment order
     y = jnp.einsum("TKD,TK->TD", ys, weights.astype(x.dtype))
     return (y, ys * weights[..., None].astype(x.dtype)) if per_assignment else y
 
@@ -279,6 +357,7 @@ class MoEFeedForward(nnx.Module):
         num_groups: int = 1,
         top_groups: int = 1,
         dispatch: str = "dropless",
+        grouped_matmul: str = "auto",
         capacity_factor: float = 1.25,
         aux_loss_weight: float = 0.0,
         bias_update_rate: float = 0.0,
@@ -288,7 +367,8 @@ class MoEFeedForward(nnx.Module):
     ):
         for _, msg in moe_problems(num_experts, top_k, num_groups, top_groups, capacity_factor):
             raise ValueError(msg)
-        for name, v, allowed in (("gating", gating, GATINGS), ("dispatch", dispatch, DISPATCHES)):
+        choices = (("gating", gating, GATINGS), ("dispatch", dispatch, DISPATCHES))
+        for name, v, allowed in (*choices, ("grouped_matmul", grouped_matmul, GROUPED_MATMULS)):
             if v not in allowed:
                 raise ValueError(f"{name}={v!r} is not one of {list(allowed)}")
         if activation not in ACTIVATIONS:
@@ -299,6 +379,7 @@ class MoEFeedForward(nnx.Module):
         self.route_scale, self.num_groups, self.top_groups = route_scale, num_groups, top_groups
         self.dispatch, self.capacity_factor, self.activation, self.dtype = dispatch, capacity_factor, activation, dtype
         self.aux_loss_weight, self.bias_update_rate = aux_loss_weight, bias_update_rate
+        self.grouped_matmul = grouped_matmul
         shape = (num_experts, dim, expert_width)
         init = fan_in_normal((1,), batch_axes=(0,))
         self.router = init_param(rngs, (dim, num_experts), ("embed", None), fan_in_normal())
@@ -341,7 +422,7 @@ class MoEFeedForward(nnx.Module):
         if self.dispatch == "dense":
             y = experts_reference(xt, r.experts, weights, *w, self.activation)
         elif self.dispatch == "dropless":
-            y = experts_dropless(xt, r.experts, weights, *w, self.activation)
+            y = experts_dropless(xt, r.experts, weights, *w, self.activation, grouped=self.grouped_matmul)
         else:
             capacity = expert_capacity(xt.shape[0], self.top_k, self.num_experts, self.capacity_factor)
             y, dropped = experts_capacity(xt, r.experts, weights, *w, self.activation, capacity=capacity, valid=v)

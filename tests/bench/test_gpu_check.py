@@ -53,3 +53,6 @@ def test_dry_script_writes_every_section(tmp_path):
     assert {r.get("mask_name") for r in sparse} == {None, "window", "strided"}
     (lm,) = report["sections"]["lm"]["rows"]
     assert lm["mfu"] > 0 and lm["first_step_s"] > 0 and lm["peak_source"] in ("measured", "cached")
+    moe = {r["path"]: r for r in report["sections"]["moe"]["rows"]}
+    assert set(moe) == {"dense_glu_same_active_width", "dropless_ragged_dot", "dropless_tiles"}
+    assert all(r["fwdbwd_ms"] > 0 for r in moe.values()) and moe["dropless_tiles"]["fwd_ms_x_dense"] > 0

@@ -1,6 +1,9 @@
-"""Mixture-of-experts feed-forward: the dropless (ragged_dot) and capacity (GShard einsum) paths equal the
-loop reference in value and gradients (ties and dropped assignments included), routing rules, the load
-balancing terms, the module's reports and state proposals, and the argument errors."""
+"""Mixture-of-experts feed-forward: the dropless (ragged_dot or tiled grouped matmuls) and capacity (GShard
+einsum) paths equal the loop reference in value and gradients (ties, empty experts and dropped assignments
+included), routing rules, the load balancing terms, the module's reports and state proposals, and the
+argument errors."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +23,11 @@ from effitrans.layers.moe import (
     experts_capacity,
     experts_dropless,
     experts_reference,
+    grouped_matmul_for,
     load_balancing_loss,
     route,
     router_entropy,
+    tile_rows,
 )
 from effitrans.layers.params import StateVariable, commit_updates, pop_reports
 from effitrans.train import partitioning
@@ -67,8 +72,12 @@ def test_dispatch_paths_equal_the_reference_forward_and_gradients_with_top_k_tie
     router = router.at[:, 1:3].set(router[:, :1])  # experts 0-2 get equal scores for every token
     tied = np.asarray(route(x @ router, top_k=K).weights)
     assert np.isclose(tied[:, 0], tied[:, 1]).sum() > T // 4  # tokens really chose between tied experts
+    counts = np.bincount(np.asarray(route(x @ router, top_k=K).experts).ravel(), minlength=E)
+    assert counts.min() == 0 < counts.max()  # an empty group, and groups of other sizes
     ref = _loss(experts_reference)(x, router, w)
-    _assert_same(_loss(experts_dropless)(x, router, w), ref)
+    # Tiles of 3 rows (groups end mid-tile) and of 64 (one tile holds a whole group, mostly padding).
+    for grouped, tile in (("ragged_dot", None), ("tiles", 3), ("tiles", 64)):
+        _assert_same(_loss(functools.partial(experts_dropless, grouped=grouped, tile=tile))(x, router, w), ref)
     # Capacity T: no assignment can be dropped.
     _assert_same(_loss(lambda *a: experts_capacity(*a, capacity=T))(x, router, w), ref)
 
@@ -209,6 +218,16 @@ def test_padding_tokens_take_no_slot_and_are_left_out_of_loads_and_metrics():
         np.testing.assert_allclose(padded[k], alone[k], rtol=1e-5, err_msg=k)
 
 
+def test_grouped_matmul_choice_and_tile_rows():
+    assert grouped_matmul_for("auto", "tpu") == "ragged_dot"
+    assert grouped_matmul_for("auto", "cpu") == grouped_matmul_for("auto", "gpu") == "tiles"
+    assert grouped_matmul_for("ragged_dot", "cpu") == "ragged_dot"
+    with pytest.raises(ValueError, match=r"grouped_matmul='blocks' is not one of \['auto', 'ragged_dot', 'tiles'\]"):
+        grouped_matmul_for("blocks")
+    # Half the mean group as a power of two, within [8, 256]: decode steps get small tiles.
+    assert [tile_rows(n, 16) for n in (24, 1024, 12288, 10**6)] == [8, 32, 256, 256]
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
@@ -217,6 +236,7 @@ def test_padding_tokens_take_no_slot_and_are_left_out_of_loads_and_metrics():
         ({"num_experts": 4, "top_k": 2, "capacity_factor": 0.0}, r"capacity_factor=0.0 is not allowed"),
         ({"num_experts": 6, "top_k": 2, "num_groups": 4}, r"num_groups=4 must divide num_experts=6 \(\[1, 2, 3, 6\]"),
         ({"num_experts": 4, "top_k": 2, "dispatch": "sorted"}, r"dispatch='sorted' is not one of"),
+        ({"num_experts": 4, "top_k": 2, "grouped_matmul": "gmm"}, r"grouped_matmul='gmm' is not one of"),
     ],
 )
 def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(kw, match):
@@ -227,11 +247,13 @@ def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(kw, match
 # The `experts` logical axis on the fsdp mesh axis: each device holds one expert's weights. Slow: two
 # compiles on 8 fake devices (capacity ~18 s, dropless ~25 s on 2 loaded cores).
 @pytest.mark.slow
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_experts_sharded_over_8_devices_equal_one_device(dispatch):
+@pytest.mark.parametrize("dispatch, grouped", [("dropless", "tiles"), ("dropless", "ragged_dot"), ("capacity", "auto")])
+def test_experts_sharded_over_8_devices_equal_one_device(dispatch, grouped):
     mesh = partitioning.make_mesh(defaults.mesh(data=1, fsdp=8, tensor=1))
     rules = (("experts", "fsdp"), ("batch", "fsdp"))
-    ffn = MoEFeedForward(D, num_experts=8, expert_width=F, top_k=K, dispatch=dispatch, rngs=nnx.Rngs(1))
+    ffn = MoEFeedForward(
+        D, num_experts=8, expert_width=F, top_k=K, dispatch=dispatch, grouped_matmul=grouped, rngs=nnx.Rngs(1)
+    )
     graphdef, params, state = nnx.split(ffn, nnx.Param, StateVariable)
     specs = partitioning.param_specs(params, rules, mesh)
     assert specs["gate"] == P("fsdp", None, None) and specs["down"] == P("fsdp", None, None)
