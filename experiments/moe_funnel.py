@@ -204,6 +204,7 @@ def plot(runs: list, comparison: list, path: str) -> None:
     fig.suptitle("Funnel on the dense vs the MoE retrieval encoder (equal active parameters); labels: k")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def combine(paths: list, args, argv) -> int:

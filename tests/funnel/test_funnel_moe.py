@@ -13,10 +13,13 @@ from effitrans.registry import build_model
 from tests.helpers import tiny_model_config
 
 
+def _embedding_cfg(**kw):
+    kw = {"name": "encoder_embedding", "pooling": "mean", "embed_dim": 16, "num_layers": 3, **kw}
+    return tiny_model_config(attention={"impl": "reference"}, **kw)
+
+
 def _moe_embedding_cfg(**moe):
-    cfg = tiny_model_config(
-        name="encoder_embedding", pooling="mean", embed_dim=16, num_layers=3, attention={"impl": "reference"}
-    )
+    cfg = _embedding_cfg()
     cfg.moe = defaults.moe(
         **{"layers": [1, 2], "num_experts": 4, "expert_width": 8, "top_k": 2, "num_shared_experts": 1, **moe}
     )
@@ -35,6 +38,39 @@ def _embed(model, tokens, mask):
     return np.asarray(model(tokens, mask))  # eager: quicker than compiling a tiny model
 
 
+class _Recorder:
+    """A block that returns its input and records the token_mask it was given."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __call__(self, x, *, token_mask, **kw):
+        self.seen.append(np.asarray(token_mask))
+        return x, None
+
+
+class _Stack:
+    def __init__(self, n):
+        self.seen = []
+        self.blocks = [_Recorder(self.seen) for _ in range(n)]
+
+    def embed(self, tokens):
+        return jnp.zeros((*tokens.shape, 4))  # [B, T, D]
+
+
+def test_every_block_gets_the_pooled_sequences_token_mask():
+    # What an MoE layer routes: real tokens at full length, then pooled tokens covering any real token.
+    stack = _Stack(3)
+    tokens, mask = _batch()
+    funnel.funnel_forward(stack, funnel.surgery_spec(3, at_layer=1, stride=2), tokens, mask)
+    full, pooled1, pooled2 = stack.seen
+    np.testing.assert_array_equal(full, np.asarray(mask) > 0)
+    # CLS kept apart, then windows of 2: rows of 13, 9 and 3 real tokens cover 7, 5 and 2 pooled tokens.
+    assert pooled1.shape == (3, 7) and pooled1.sum(1).tolist() == [7, 5, 2]
+    np.testing.assert_array_equal(pooled1[:, :2], True)
+    np.testing.assert_array_equal(pooled2, pooled1)
+
+
 @pytest.fixture(scope="module")
 def capacity_model():
     """Capacity dispatch at factor 0.5 drops assignments: a routed padding token would take slots from real
@@ -42,6 +78,7 @@ def capacity_model():
     return build_model(_moe_embedding_cfg(dispatch="capacity", capacity_factor=0.5), seed=0)
 
 
+@pytest.mark.slow  # a tiny MoE built and run eagerly (~1 min on 2 shared cores): CI runs it
 def test_stride1_surgery_on_an_moe_encoder_equals_the_unfunnelled_model(capacity_model):
     model = capacity_model
     tokens, mask = _batch()
@@ -50,6 +87,7 @@ def test_stride1_surgery_on_an_moe_encoder_equals_the_unfunnelled_model(capacity
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # ~1 min on 2 shared cores (test_every_block_gets_... is the fast representative)
 def test_pooled_padding_reaches_no_expert_and_takes_no_capacity_slot(capacity_model):
     fmodel = funnel.insert(capacity_model, at_layer=1, stride=2)  # both MoE layers (1, 2) run pooled
     tokens, mask = _batch()
@@ -68,14 +106,7 @@ def test_pooled_padding_reaches_no_expert_and_takes_no_capacity_slot(capacity_mo
 def test_flop_model_counts_active_experts_at_the_pooled_lengths():
     moe = _moe_embedding_cfg(expert_width=8, top_k=2, num_shared_experts=1)  # 3 x 8 = 24 active neurons
     moe.ffn_width = 24
-    dense = tiny_model_config(
-        name="encoder_embedding",
-        pooling="mean",
-        embed_dim=16,
-        num_layers=3,
-        ffn_width=24,
-        attention={"impl": "reference"},
-    )
+    dense = _embedding_cfg(ffn_width=24)
     fm, fd = (funnel.funnel_config(c, at_layer=1, stride=2) for c in (moe, dense))
     spec = funnel.spec_from_config(fm)
     pooled = spec.pooled_lengths(16)[1]  # layers 1 and 2 run pooled
@@ -85,7 +116,7 @@ def test_flop_model_counts_active_experts_at_the_pooled_lengths():
     assert perf.forward_flops(fm, 4, 16, spec) < perf.forward_flops(moe, 4, 16)
 
 
-@pytest.mark.slow  # two tiny Trainers compiled (~40 s on 2 cores): CI runs it
+@pytest.mark.slow  # two tiny MoE Trainers compiled (~1-4 min on 2 shared cores): CI runs it
 def test_recovery_carries_and_updates_the_moe_selection_bias(tmp_path):
     from effitrans.funnel import recovery
     from effitrans.train.trainer import Trainer
