@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1", help="training seeds, each run for both models")
     p.add_argument("--dense", default="encoder_retrieval_small", help="the dense config (configs/)")
     p.add_argument("--moe", default="moe_encoder_retrieval_small", help="the MoE config of equal active params")
+    p.add_argument("--models", default="dense,moe", help="which of the two to run (e.g. moe in a second process)")
     p.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples per interval")
     p.add_argument(
         "--combine",
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
     try:
         for seed in seeds:
             for model, config in (("dense", args.dense), ("moe", args.moe)):
+                if model not in args.models.split(","):
+                    continue
                 sweep_args = copy.copy(args)
                 sweep_args.config, sweep_args.seed, sweep_args.layer_list = config, seed, layer_list
                 sweep_args.out = os.path.join(args.out, "partial", f"{model}_seed{seed}")
