@@ -176,7 +176,8 @@ def plot(runs: list, comparison: list, path: str) -> None:
             style = (
                 {"c": c} if markers[r["method"]] == "x" else {"facecolors": "none" if hollow else c, "edgecolors": c}
             )
-            ax.scatter(r["latency_cut_pct"], r["recall_loss_pts"], marker=markers[r["method"]], s=36, **style)
+            marker = "+" if hollow and markers[r["method"]] == "x" else markers[r["method"]]
+            ax.scatter(r["latency_cut_pct"], r["recall_loss_pts"], marker=marker, s=36, **style)
             ax.annotate(str(r["at_layer"]), (r["latency_cut_pct"], r["recall_loss_pts"]), fontsize=6, xytext=(2, 2),
                         textcoords="offset points")  # fmt: skip
     ax.axhline(0, c="gray", lw=0.8)
@@ -184,7 +185,9 @@ def plot(runs: list, comparison: list, path: str) -> None:
     ax.set_ylabel("recall@1 loss vs its own unfunnelled model (points)")
     handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=m) for m, c in colors.items()]
     handles += [plt.Line2D([], [], ls="", marker=mk, c="k", label=m) for m, mk in markers.items()]
-    handles += [plt.Line2D([], [], ls="", marker="D", mfc="none", c="k", label=f"seed {s}") for s in seed_list[1::2]]
+    handles += [
+        plt.Line2D([], [], ls="", marker="D", mfc="none", c="k", label=f"seed {s} (+, hollow)") for s in seed_list[1::2]
+    ]
     ax.legend(handles=handles, fontsize=7)
     ax.grid(alpha=0.3)
     ax = axes[1]
