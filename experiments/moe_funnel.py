@@ -1,7 +1,9 @@
 """Dense vs MoE funnel: does a funnel cost a mixture-of-experts encoder more (or less) than a dense one?
 
-    # the recorded run (experiments/results/moe_funnel/; scaled down to fit a shared 2-core CPU)
-    python experiments/moe_funnel.py --seeds=0,1 --steps=120 --max_eval=1024 --recovery_steps=30 --repeats=5
+    # the recorded run (the defaults; experiments/results/moe_funnel/, scaled down to fit a shared 2-core
+    # CPU: docs/results/moe_funnel.md; ~70 min there as one process per model and seed)
+    python experiments/moe_funnel.py --seeds=0,1 --steps=60 --train_batch=16 --max_eval=512 \
+        --recovery_steps=15 --recover=2,4 --repeats=3
     python experiments/moe_funnel.py --seeds=0 --steps=4 --recovery_steps=2 --max_eval=64 --layers=2 \
         --repeats=1 --out=/tmp/mf  # smoke
 
@@ -251,12 +253,12 @@ def main(argv=None) -> int:
         "write their runs' joint results.json and tradeoff.png to --out, training nothing",
     )
     p.set_defaults(
-        steps=120,
-        train_batch=32,
-        max_eval=1024,
-        recovery_steps=30,
-        repeats=5,
-        recover="stride2",
+        steps=60,
+        train_batch=16,
+        max_eval=512,
+        recovery_steps=15,
+        repeats=3,
+        recover="2,4",
         strides="2",
         scratch="none",
         depth2_layers=0,
