@@ -1,4 +1,4 @@
-"""Funnel sweep: latency / FLOPs vs retrieval quality of funnels on encoder_retrieval_small.
+"""Funnel sweep: latency / FLOPs vs retrieval quality of funnels on encoder_retrieval_small (or --config).
 
     # the recorded run (76 min on a quiet 2-core CPU; experiments/results/funnel_sweep/)
     python experiments/funnel_sweep.py --steps=200 --train_batch=32 --recovery_steps=40 --recover=stride2 \
@@ -8,16 +8,20 @@
 Defaults are scaled down further (40 steps at batch 16, 256 held-out pairs, 10 recovery steps, recovery
 and from-scratch training at k = round(L/3) only; --recover=all / --scratch=all for every layer).
 
-1. Train the dense encoder_retrieval_small (`--steps`, shortened from its 600; --pairing, default the
-   config's "crops") and rank --max_eval held-out pairs spread over the split. Every later row's recall@1
+1. Train the unfunnelled encoder (--config, default encoder_retrieval_small; e.g.
+   moe_encoder_retrieval_small, whose non-trainable state, the experts' selection bias, travels with its
+   weights; `--steps`, shortened from its 600; --seed; --pairing, default the config's "crops") and rank
+   --max_eval held-out pairs spread over the split. Every later row's recall@1
    loss is paired against these ranks on the same queries, with a 95% bootstrap interval
    (effitrans.data.retrieval.paired_recall_loss).
-   Control: the dense model continued for --recovery_steps at --recovery_lr ("dense+recovery"), the
-   yardstick for recovered funnels (a recovery's effect includes that of the extra training itself).
+   Control (--control, default on): the dense model continued for --recovery_steps at --recovery_lr
+   ("dense+recovery"), the yardstick for recovered funnels (a recovery's effect includes that of the extra
+   training itself).
 2. For every funnel layer k in 1..L-1 and stride in --strides: surgery (effitrans.funnel.insert, no
    retraining), surgery + recovery (--recovery_steps of the normal contrastive training from the dense
-   weights), surgery + distillation (the same plus --distill_weight x KL to the dense model's in-batch
-   scores, effitrans.funnel.recovery), and (--scratch) the same funnel trained from scratch for --steps.
+   weights; --no-plain_recovery skips it), surgery + distillation (the same plus --distill_weight x KL to
+   the dense model's in-batch scores, effitrans.funnel.recovery), and (--scratch) the same funnel trained
+   from scratch for --steps.
 3. Latency: median of the jitted embedding forward on one [--batch, 64] batch, funnel and dense
    alternated call by call in the same process (the machine is shared, so load hits both alike);
    forward FLOPs from effitrans.perf.forward_flops.
@@ -58,8 +62,11 @@ def log(msg: str) -> None:
 
 
 def base_config(args, num_layers: int):
-    cfg = load_config(os.path.join(ROOT, "configs", "encoder_retrieval_small.py"))
+    cfg = load_config(os.path.join(ROOT, "configs", f"{args.config}.py"))
+    if num_layers != cfg.model.num_layers and "moe" in cfg.model and cfg.model.moe.layers is not None:
+        cfg.model.moe.layers = [i for i in cfg.model.moe.layers if i < num_layers]
     cfg.model.num_layers = num_layers
+    cfg.train.seed = args.seed
     cfg.model.attention.impl = args.impl
     cfg.train.batch_size = args.train_batch
     cfg.data.eval_batch_size = args.batch  # eval and latency share one compiled shape
@@ -87,10 +94,10 @@ def with_model(cfg, model_cfg, *, steps=None, lr=None):
     return out
 
 
-def quality(trainer, params, base_ranks=None) -> tuple:
+def quality(trainer, params, base_ranks=None, model_state=None) -> tuple:
     """({recall_at_1, mrr} in %, plus the paired recall@1 loss vs base_ranks with its 95% bootstrap CI
     when given, effitrans.data.retrieval.paired_recall_loss), ranks of the held-out queries."""
-    ranks = retrieval_ranks(*trainer.eval_embeddings(params))
+    ranks = retrieval_ranks(*trainer.eval_embeddings(params, model_state))
     m = metrics_from_ranks(ranks, ks=(1,))
     out = {"recall_at_1": 100.0 * m["recall_at_1"], "mrr": 100.0 * m["mrr"]}
     if base_ranks is not None:
@@ -133,21 +140,38 @@ def save_partial(args, rows) -> None:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 
 
-def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows=()) -> list:
-    """Dense training, then surgery (and surgery + recovery) rows for every (layer, stride)."""
+def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows=(), ranks_out=None) -> tuple:
+    """Dense training, then surgery (and surgery + recovery) rows for every (layer, stride). Returns (rows,
+    the dense model's held-out ranks); `ranks_out`, a dict, also receives every row's ranks [n] keyed by
+    (method, at_layer, stride)."""
     cfg = base_config(args, num_layers)
-    log(f"depth {num_layers}: training the dense model for {args.steps} steps")
+    log(f"depth {num_layers}: training the {args.config} model for {args.steps} steps (seed {args.seed})")
     dense_trainer = Trainer(cfg, os.path.join(workroot, f"dense{num_layers}"), peak_gflops=1.0, verbose=False)
     out = dense_trainer.train()
-    dense_params = out["state"]["params"]
-    base, base_ranks = quality(dense_trainer, dense_params)
+    dense_params, dense_state = out["state"]["params"], out["state"]["model_state"]
+    base, base_ranks = quality(dense_trainer, dense_params, model_state=dense_state)
     log(f"depth {num_layers} dense: recall@1 {base['recall_at_1']:.2f} MRR {base['mrr']:.2f}")
+    ranks_out = {} if ranks_out is None else ranks_out
+    ranks_out[("dense", None, 1)] = base_ranks
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(4, 256, size=(args.batch, cfg.data.query_len)), jnp.int32)
     mask = jnp.ones_like(tokens)
-    dense_fn = lambda: dense_trainer._embed_step(dense_params, tokens, mask)
-    teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m)  # the unmodified encoder
+    teacher = lambda toks, m: dense_trainer._embed_step(dense_params, toks, m, dense_state)  # the unmodified encoder
+    dense_fn = lambda: teacher(tokens, mask)
     dense_flops = perf.forward_flops(cfg.model, args.batch, cfg.data.query_len)
+    # Recovery carries the non-trainable state (an MoE's selection bias) when the model has any.
+    state_kw = {"model_state": dense_state} if dense_state else {}
+
+    def recovered(trainer, **kw):
+        """(params, model_state) after --recovery_steps of funnel_recovery.recover from the dense weights."""
+        out = funnel_recovery.recover(trainer, dense_params, args.recovery_steps, **state_kw, **kw)
+        return (out[0], out[1]) if state_kw else (out[0], None)
+
+    def measured(trainer, method, at_layer, stride, params, model_state=None) -> dict:
+        q, ranks = quality(trainer, params, base_ranks, model_state=model_state)
+        ranks_out[(method, at_layer, stride)] = ranks
+        return {"depth": num_layers, "method": method, "at_layer": at_layer, "stride": stride, **q}
+
     rows = [
         {
             "depth": num_layers,
@@ -159,7 +183,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
             "latency_cut_pct": 0.0,
         }
     ]
-    if args.recovery_steps > 0:
+    if args.recovery_steps > 0 and args.control:
         # Control: the dense model given the same extra steps as a recovery, so a recovered funnel's gain
         # from training longer is not mistaken for the funnel's quality.
         ctrl = Trainer(
@@ -168,20 +192,9 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
             peak_gflops=1.0,
             verbose=False,
         )
-        params, _ = funnel_recovery.recover(ctrl, dense_params, args.recovery_steps)
-        q, _ = quality(ctrl, params, base_ranks)
-        rows.append(
-            {
-                "depth": num_layers,
-                "method": "dense+recovery",
-                "at_layer": None,
-                "stride": 1,
-                **q,
-                "flops_ratio": 1.0,
-                "latency_cut_pct": 0.0,
-            }
-        )
-        log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): {describe(q)}")
+        row = measured(ctrl, "dense+recovery", None, 1, *recovered(ctrl))
+        rows.append({**row, "flops_ratio": 1.0, "latency_cut_pct": 0.0})
+        log(f"depth {num_layers} dense + {args.recovery_steps} recovery steps (control): {describe(row)}")
     for stride in strides:
         for k in layers:
             fmodel = funnel.funnel_config(cfg.model, at_layer=k, stride=stride)
@@ -193,7 +206,7 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
                 peak_gflops=1.0,
                 verbose=False,
             )
-            funnel_fn = lambda rtrainer=rtrainer: rtrainer._embed_step(dense_params, tokens, mask)
+            funnel_fn = lambda rtrainer=rtrainer: rtrainer._embed_step(dense_params, tokens, mask, dense_state)
             t_dense, t_funnel = paired_latency(dense_fn, funnel_fn, args.repeats)
             lat = {
                 "latency_ms": 1e3 * t_funnel,
@@ -201,29 +214,25 @@ def sweep_depth(args, num_layers: int, layers, strides, workroot: str, done_rows
                 "latency_cut_pct": 100.0 * (1 - t_funnel / t_dense),
                 "flops_ratio": flops,
             }
-            common = {"depth": num_layers, "at_layer": k, "stride": stride, **lat}
-            rows.append({**common, "method": "surgery", **quality(rtrainer, dense_params, base_ranks)[0]})
-            do_recover = args.recovery_steps > 0 and (
-                args.recover == "all"
-                or k == round(num_layers / 3)
-                or (args.recover == "stride2" and stride == 2)
-                or num_layers != args.depth
-            )
+            rows.append({**measured(rtrainer, "surgery", k, stride, dense_params, dense_state), **lat})
+            if args.recover[:1].isdigit():  # a list of layers: recover there only
+                in_rule = k in [int(x) for x in args.recover.split(",")]
+            else:
+                in_rule = (
+                    args.recover == "all"
+                    or k == round(num_layers / 3)
+                    or (args.recover == "stride2" and stride == 2)
+                    or num_layers != args.depth
+                )
+            do_recover = args.recovery_steps > 0 and in_rule
             n_new = 1
-            if do_recover:
-                params, _ = funnel_recovery.recover(rtrainer, dense_params, args.recovery_steps)
-                rows.append({**common, "method": "surgery+recovery", **quality(rtrainer, params, base_ranks)[0]})
+            if do_recover and args.plain_recovery:
+                rows.append({**measured(rtrainer, "surgery+recovery", k, stride, *recovered(rtrainer)), **lat})
                 n_new += 1
-                if args.distill_weight > 0:
-                    params, _ = funnel_recovery.recover(
-                        rtrainer,
-                        dense_params,
-                        args.recovery_steps,
-                        teacher_embed=teacher,
-                        distill_weight=args.distill_weight,
-                    )
-                    rows.append({**common, "method": "surgery+distill", **quality(rtrainer, params, base_ranks)[0]})
-                    n_new += 1
+            if do_recover and args.distill_weight > 0:
+                params = recovered(rtrainer, teacher_embed=teacher, distill_weight=args.distill_weight)
+                rows.append({**measured(rtrainer, "surgery+distill", k, stride, *params), **lat})
+                n_new += 1
             for r in rows[-n_new:]:
                 log(
                     f"depth {num_layers} k={k} s={stride} {r['method']:>16}: {describe(r)} "
@@ -331,11 +340,30 @@ def markdown_rows(rows) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The sweep's flags (experiments/moe_funnel.py starts from their defaults)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--config",
+        default="encoder_retrieval_small",
+        help="the unfunnelled encoder, a name under configs/ (e.g. moe_encoder_retrieval_small)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="config.train.seed: initialisation and data order")
     p.add_argument("--steps", type=int, default=40, help="dense (and from-scratch) training steps")
     p.add_argument("--recovery_steps", type=int, default=10)
     p.add_argument("--recovery_lr", type=float, default=3e-4)
+    p.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the dense model given --recovery_steps more steps (the dense+recovery row)",
+    )
+    p.add_argument(
+        "--plain_recovery",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the surgery+recovery rows (contrastive recovery without distillation)",
+    )
     p.add_argument(
         "--distill_weight",
         type=float,
@@ -347,7 +375,7 @@ def main(argv=None) -> int:
         "--recover",
         default="l3",
         help="all | stride2 (every layer at stride 2) | l3 (k = round(L/3) "
-        "only); the second depth recovers at every point",
+        "only) | a list of layers, e.g. 2,4 (there only); the second depth recovers at every point",
     )
     p.add_argument("--max_eval", type=int, default=256, help="held-out pairs scored (config: 512)")
     p.add_argument("--train_batch", type=int, default=16, help="training batch (config: 32)")
@@ -371,7 +399,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="only redraw tradeoff.png from --out/results.json and print its markdown table",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.replot:
         with open(os.path.join(args.out, "results.json")) as f:
             rows = json.load(f)["rows"]
@@ -396,7 +428,8 @@ def main(argv=None) -> int:
                         peak_gflops=1.0,
                         verbose=False,
                     )
-                    q, _ = quality(t, t.train()["state"]["params"], base_ranks)
+                    trained = t.train()["state"]
+                    q, _ = quality(t, trained["params"], base_ranks, model_state=trained["model_state"])
                     ref = next(r for r in rows if r["at_layer"] == k and r["stride"] == stride)
                     row = {
                         **{

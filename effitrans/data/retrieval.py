@@ -258,6 +258,32 @@ def metrics_from_ranks(ranks, ks: Sequence[int] = (1, 5, 10)) -> dict:
     return out
 
 
+def paired_bootstrap(diffs, *, samples: int = 4000, seed: int = 0, level: float = 0.95) -> tuple:
+    """Mean of per-stratum means of paired differences, with a bootstrap interval that resamples each stratum.
+
+    diffs: a list of 1-D arrays [n_s], one per stratum (e.g. one per training seed, each over its own
+    held-out queries); each resample draws n_s entries with replacement within every stratum, so pairs stay
+    together and strata are weighted equally. Returns (mean, low, high): the central `level` interval.
+    """
+    diffs = [np.asarray(d, np.float64) for d in diffs]
+    if not diffs or any(d.ndim != 1 or d.size == 0 for d in diffs):
+        raise ValueError(
+            f"diffs must be a non-empty list of non-empty 1-D arrays, got shapes {[d.shape for d in diffs]}"
+        )
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} is not allowed: expected a fraction in (0, 1)")
+    rng = np.random.default_rng(seed)
+    boots = np.zeros(samples)
+    for s in range(0, samples, 500):  # 500 resamples per block
+        block = min(500, samples - s)
+        for d in diffs:
+            idx = rng.integers(0, d.size, size=(block, d.size))
+            boots[s : s + block] += d[idx].mean(axis=1) / len(diffs)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(boots, [tail, 100.0 - tail])
+    return float(np.mean([d.mean() for d in diffs])), float(lo), float(hi)
+
+
 def paired_recall_loss(
     base_ranks, ranks, *, k: int = 1, samples: int = 4000, seed: int = 0, level: float = 0.95
 ) -> dict:
@@ -275,15 +301,9 @@ def paired_recall_loss(
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"base_ranks and ranks must be equal-length 1-D arrays, got {a.shape} and {b.shape}")
     diff = (a <= k).astype(np.float64) - (b <= k).astype(np.float64)  # [n] in {-1, 0, 1}
-    rng = np.random.default_rng(seed)
-    boots = np.empty(samples)
-    for s in range(0, samples, 500):  # 500 resamples per block
-        idx = rng.integers(0, diff.size, size=(min(500, samples - s), diff.size))
-        boots[s : s + idx.shape[0]] = diff[idx].mean(axis=1)
-    tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.percentile(boots, [tail, 100.0 - tail])
+    mean, lo, hi = paired_bootstrap([diff], samples=samples, seed=seed, level=level)
     return {
-        "loss_pts": 100.0 * float(diff.mean()),
+        "loss_pts": 100.0 * mean,
         "ci_low_pts": 100.0 * float(lo),
         "ci_high_pts": 100.0 * float(hi),
         "base_only": int((diff > 0).sum()),

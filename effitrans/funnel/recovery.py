@@ -37,12 +37,15 @@ def recover(
     teacher_embed: Callable | None = None,
     distill_weight: float = 0.0,
     workdir: str | None = None,
+    model_state: dict | None = None,
 ):
     """`steps` recovery updates of the funnel model of `trainer` (an effitrans Trainer on a funnel config,
     task "retrieval") starting from `params` (the dense weights, which the funnel shares), on the trainer's
     batches and optimizer schedule (steps <= config.train.steps). teacher_embed(tokens, mask) -> [B, E] is
     the unmodified dense encoder; required when distill_weight > 0. `workdir` keeps checkpoints (a rerun
-    resumes; default: a temporary directory). Returns (params, metrics of the last step)."""
+    resumes; default: a temporary directory). Returns (params, metrics of the last step); with
+    `model_state` (the dense model's non-trainable state, e.g. an MoE's selection bias, which training
+    updates) (params, model_state, metrics)."""
     if distill_weight < 0:
         raise ValueError(f"distill_weight={distill_weight} must be >= 0")
     if distill_weight > 0 and teacher_embed is None:
@@ -57,10 +60,12 @@ def recover(
             trainer.config,
             workdir or tmp,
             task=trainer.task,
-            model=trainer.model_from(params),
+            model=trainer.model_from(params, model_state),
             distillation=distillation,
             peak_gflops=trainer.peak_gflops,
             verbose=trainer.verbose,
         )
         out = run.train(until=steps)
+        if model_state is not None:
+            return out["state"]["params"], out["state"]["model_state"], out["history"][-1]
         return out["state"]["params"], out["history"][-1]
