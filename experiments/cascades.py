@@ -267,18 +267,21 @@ def run_listops(args, results):
 # ---- SmolLM2 -------------------------------------------------------------------------------------------
 
 
-def smollm2_with_exits(layers):
-    """SmolLM2-135M (import_gguf) with shared-head exits after `layers`; exit heads at their zero init."""
+def smollm2_with_exits(layers, head="shared"):
+    """SmolLM2-135M (import_gguf) with exits after `layers` (`head`: shared | own); exit heads at their zero
+    init (an untrained own head equals the shared one)."""
     from effitrans.models import import_gguf
     from effitrans.registry import build_model
 
     model, tok, cfg = import_gguf.load_with_config()
-    cfg.exits = defaults.exits(layers=list(layers), head="shared")
+    cfg.exits = defaults.exits(layers=list(layers), head=head)
     abstract = nnx.eval_shape(lambda: build_model(cfg))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     loaded = nnx.to_pure_dict(nnx.state(model))
     pure = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), pure)
+    if head == "own":  # the adapters' norms start at SmolLM2's RMSNorm init (scale 1)
+        pure["stack"]["exits"]["norms"] = jax.tree.map(jnp.ones_like, pure["stack"]["exits"]["norms"])
     pure = {**pure, "stack": {**pure["stack"], **{k: v for k, v in loaded["stack"].items()}}} | {
         k: v for k, v in loaded.items() if k != "stack"
     }
@@ -286,14 +289,90 @@ def smollm2_with_exits(layers):
     return nnx.merge(graphdef, state), tok, cfg
 
 
-def smollm2_text(tok, length, rows, seed):
+def smollm2_streams(tok):
+    """(training stream, held-out stream): the CPython docs' training and validation documents, tokenized."""
     from effitrans.data import load_corpus, split_documents
 
     corpus = load_corpus()
-    _, val_idx = split_documents(corpus, 0.05)
-    stream = np.concatenate([np.asarray(tok.encode(corpus.documents[i]).ids + [0], np.int32) for i in val_idx])
+    train_idx, val_idx = split_documents(corpus, 0.05)
+    enc = lambda idx: np.concatenate([np.asarray(tok.encode(corpus.documents[i]).ids + [0], np.int32) for i in idx])
+    return enc(train_idx), enc(val_idx)
+
+
+def smollm2_text(stream, length, rows, seed):
     starts = np.random.default_rng(seed).integers(0, stream.size - length - 1, rows)
     return np.stack([stream[s : s + length + 1] for s in starts])  # [rows, length + 1]
+
+
+def train_exits(model, cfg, stream, args):
+    """Own-head adapters + confidence classifiers of SmolLM2's exits, trained through the Trainer with the
+    backbone frozen (exits.frozen_backbone: only the exit heads move, the backbone's backward is skipped) on
+    random windows of the training documents: KL(last layer || exit) per exit and the classifiers' BCE."""
+    import ml_collections
+
+    from effitrans.pruning.recovery import StepBatches, token_batches
+    from effitrans.train.trainer import Trainer
+
+    steps = args.smollm2_train_steps
+    cfg.exits.update(
+        frozen_backbone=True, loss_weights=[0.0] * len(cfg.exits.layers), distill_weight=1.0, confidence_weight=1.0
+    )
+    train = defaults.train(
+        task="lm",
+        steps=steps,
+        batch_size=args.smollm2_train_batch,
+        learning_rate=args.smollm2_train_lr,
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        checkpoint_every=10**9,
+        eval_every=10**9,
+        log_every=max(1, steps // 10),
+    )
+    get_batch = token_batches(stream, batch_size=args.smollm2_train_batch, seq_len=args.smollm2_train_len, seed=1)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(
+            ml_collections.ConfigDict({"train": train, "model": cfg}),
+            workdir,
+            model=model,
+            dataset=StepBatches(get_batch),
+            verbose=False,
+        )
+        out = trainer.train()
+        model = trainer.model_from(out["state"]["params"], out["state"]["model_state"])
+    seconds = time.perf_counter() - t
+    history = out["history"]
+    log(f"SmolLM2 exits trained: {steps} steps in {seconds:.0f}s; last {history[-1]}")
+    heads = nnx.to_pure_dict(nnx.state(model.stack.exits))
+    os.makedirs(OUT, exist_ok=True)
+    np.savez(os.path.join(OUT, "smollm2_exit_heads.npz"), **{k: np.asarray(v) for k, v in _flat(heads).items()})
+    tokens = int(train.batch_size * args.smollm2_train_len)
+    return model, {"steps": steps, "seconds": seconds, "tokens_per_step": tokens, "history": history}
+
+
+def load_exit_heads(model, path):
+    """Sets model's exit heads to those train_exits saved in `path`."""
+    saved = np.load(path)
+    state = nnx.state(model.stack.exits)
+    pure = nnx.to_pure_dict(state)
+    flat = _flat(pure)
+    if set(flat) != set(saved.files):
+        raise ValueError(f"{path} holds {sorted(saved.files)}; this model's exit heads are {sorted(flat)}")
+    nnx.replace_by_pure_dict(state, _unflat({k: jnp.asarray(saved[k]) for k in saved.files}, pure))
+    nnx.update(model.stack.exits, state)
+
+
+def _unflat(flat, like, prefix=""):
+    return {
+        k: _unflat(flat, v, f"{prefix}{k}.") if isinstance(v, dict) else flat[f"{prefix}{k}"] for k, v in like.items()
+    }
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def teacher_forced(model, text, *, measure, thresholds, prefill):
@@ -329,7 +408,9 @@ def teacher_forced(model, text, *, measure, thresholds, prefill):
 
 def decode_speed(model, text, *, measure, threshold, prefill, repeats):
     """Tokens/s of teacher-forced decoding of text [B, L + 1] after a prefill: the full model's jitted step and
-    ExitDecoder's, interleaved per round (medians), plus the mean layers the exit decoder ran per token."""
+    ExitDecoder's (exited rows compacted out of the batch), interleaved per round (medians), plus the mean layers
+    the exit decoder ran per token and its block share (rows x blocks its segments ran, bucket padding
+    included, over batch x layers)."""
     graphdef, state = nnx.split(model)
     full_step = jax.jit(lambda state, tok, caches: nnx.merge(graphdef, state)(tok, cache=caches, decode=True))
     prefill_fn = jax.jit(
@@ -349,22 +430,23 @@ def decode_speed(model, text, *, measure, threshold, prefill, repeats):
         return jax.block_until_ready(logits)
 
     def run_exit():
-        caches, used = prefill_fn(state, toks[:, :prefill]), []
+        caches, used, rows = prefill_fn(state, toks[:, :prefill]), [], []
         for t in steps:
             logits, caches, idx = decoder.step(toks[:, t : t + 1], caches)
             used.append(counts[np.asarray(idx)])
+            rows.append(decoder.block_rows)
         jax.block_until_ready(logits)
-        return float(np.mean(used))
+        return float(np.mean(used)), float(np.mean(rows)) / (text.shape[0] * decoder.num_layers)
 
     run_full(), run_exit()  # compile
     times = ([], [])
-    layers = None
+    layers = block_share = None
     for _ in range(repeats):
         for i, fn in enumerate((run_full, run_exit)):
             t0 = time.perf_counter()
             r = fn()
             times[i].append(time.perf_counter() - t0)
-            layers = r if i == 1 else layers
+            layers, block_share = r if i == 1 else (layers, block_share)
     tokens = text.shape[0] * len(steps)
     full_s, exit_s = float(np.median(times[0])), float(np.median(times[1]))
     return {
@@ -375,16 +457,27 @@ def decode_speed(model, text, *, measure, threshold, prefill, repeats):
         "exit_tokens_per_s": tokens / exit_s,
         "speedup": full_s / exit_s,
         "layers": layers,
+        "block_share": block_share,
         "rounds": repeats,
     }
 
 
-def run_smollm2(args, results):
+def run_smollm2(args, results, *, trained=False):
+    """Part smollm2 (shared-head exits, untrained) or smollm2_trained (own heads + confidence classifiers
+    trained with the backbone frozen; decisions by the learned classifier)."""
+    key = "smollm2_trained" if trained else "smollm2"
     layers = [int(x) for x in args.smollm2_exits.split(",")]
-    model, tok, cfg = smollm2_with_exits(layers)
+    model, tok, cfg = smollm2_with_exits(layers, head="own" if trained else "shared")
     n_layers = cfg.num_layers
-    text = smollm2_text(tok, args.smollm2_len, args.smollm2_rows, args.seed)
+    train_stream, val_stream = smollm2_streams(tok)
+    text = smollm2_text(val_stream, args.smollm2_len, args.smollm2_rows, args.seed)
     log(f"SmolLM2: {n_layers} layers, exits after {layers}; text {text.shape}")
+    training = None
+    if trained and args.smollm2_heads:  # heads of an earlier run (smollm2_exit_heads.npz)
+        load_exit_heads(model, args.smollm2_heads)
+        training = {"loaded_from": args.smollm2_heads}
+    elif trained:
+        model, training = train_exits(model, cfg, train_stream, args)
     # One full pass gives every exit's outputs (no KV error) for calibration and the sweep.
     full_pass = nnx.jit(lambda m, t: ee.exit_pass(m, t))(model, jnp.asarray(text[:, :-1]))
     counts = np.asarray([*layers, n_layers])
@@ -396,9 +489,11 @@ def run_smollm2(args, results):
         "num_layers": n_layers,
         "text": list(text.shape),
         "exit_agreement": [float((np.asarray(p) == full_pred).mean()) for p in preds],
+        "training": training,
     }
+    decode_measure = "learned" if trained else "max_prob"
     part["sweep"] = {}
-    for measure in ("max_prob", "saturation"):
+    for measure in ("max_prob", "saturation", "learned") if trained else ("max_prob", "saturation"):
         conf = ee.pass_confidences(full_pass, measure)
         rows = []
         for t in SWEEP[:7] + SWEEP[7::3]:
@@ -421,19 +516,19 @@ def run_smollm2(args, results):
             "empirical_threshold": emp["threshold"],
         }
         log(f"SmolLM2 {measure}: delta 0.05 thresholds LTT {cal['threshold']}, empirical {emp['threshold']}; {rows}")
-    # Real decoding with KV propagation at the calibrated max_prob thresholds (test half of the rows); speed at
-    # each measure's empirically calibrated threshold.
-    picks = {part["sweep"]["max_prob"][k] for k in ("ltt_threshold", "empirical_threshold")}
+    # Real decoding with KV propagation at the decode measure's calibrated thresholds (test half of the rows);
+    # speed at each measure's empirically calibrated threshold.
+    picks = {part["sweep"][decode_measure][k] for k in ("ltt_threshold", "empirical_threshold")}
     test = text[half:]
     prefill = args.smollm2_len // 2
     thresholds = sorted(picks | set(args.smollm2_thresholds) | {1.0}, reverse=True)
-    decoded = teacher_forced(model, test, measure="max_prob", thresholds=thresholds, prefill=prefill)
+    decoded = teacher_forced(model, test, measure=decode_measure, thresholds=thresholds, prefill=prefill)
     ref_pred, ref_nll, _ = decoded[1.0]
     rows = []
-    conf_max_prob = ee.pass_confidences(full_pass, "max_prob")
+    conf_decode = ee.pass_confidences(full_pass, decode_measure)
     for t in thresholds:
         pred, nll, idx = decoded[t]
-        all_idx = ee.simulate_exits(conf_max_prob, t)  # [B, L]: no KV error
+        all_idx = ee.simulate_exits(conf_decode, t)  # [B, L]: no KV error
         sim = np.take_along_axis(np.asarray(preds), np.asarray(all_idx)[None], 0)[0][half:, prefill:]
         sim_idx = np.asarray(all_idx)[half:, prefill:]
         rows.append(
@@ -447,20 +542,21 @@ def run_smollm2(args, results):
                 "layers_without_kv_error": float(counts[sim_idx].mean()),
             }
         )
-        log(f"SmolLM2 decode max_prob > {t}: {rows[-1]}")
+        log(f"SmolLM2 decode {decode_measure} > {t}: {rows[-1]}")
+    part["decode_measure"] = decode_measure
     part["decode"] = rows
-    results["smollm2"] = part
+    results[key] = part
     write(results)  # the quality figures survive a failure of the timing below
     speed = []
-    for measure in ("max_prob", "saturation"):
+    for measure in (decode_measure, "max_prob") if trained else ("max_prob", "saturation"):
         t = part["sweep"][measure]["empirical_threshold"]
         for batch in (1, 8):
             speed.append(
                 decode_speed(model, test[:batch], measure=measure, threshold=t, prefill=prefill, repeats=args.repeats)
             )
             log(f"SmolLM2 decode speed: {speed[-1]}")
-    part["speed"] = speed
-    results["smollm2"] = part
+        part["speed"] = speed
+        write(results)
 
 
 # ---- output --------------------------------------------------------------------------------------------
@@ -474,7 +570,7 @@ def write(results):
     if os.path.exists(path):
         done = set(results.get("parts_run", ()))
         old = json.load(open(path))
-        results.update({k: v for k, v in old.items() if k in ("listops", "smollm2") and k not in done})
+        results.update({k: v for k, v in old.items() if k in PARTS and k not in done})
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
@@ -520,8 +616,10 @@ def plot(results):
         ax.plot(*zip(*front, strict=True), "k:", lw=2, label="Pareto frontier")
         title = "ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)"
         _finish(plt, fig, ax, "cost: forward FLOPs per example / large model's", "test accuracy", title, "listops")
-    if "smollm2" in results:
-        r = results["smollm2"]
+    for key in ("smollm2", "smollm2_trained"):
+        if key not in results:
+            continue
+        r = results[key]
         fig, ax = plt.subplots(figsize=(8, 5.5))
         n = r["num_layers"]
         for measure, s in r["sweep"].items():
@@ -532,10 +630,12 @@ def plot(results):
                 label=f"exits, {measure} (no KV error)",
             )
         d = r["decode"]
-        ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label="decode with KV propagation")
+        label = f"decode with KV propagation ({r.get('decode_measure', 'max_prob')})"
+        ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label=label)
         ax.scatter([1.0], [1.0], s=80, label="SmolLM2-135M (all layers)")
         ax.axhline(0.95, color="gray", ls=":", lw=1)
-        title = "SmolLM2-135M shared-head early exits on held-out CPython docs"
+        heads = "trained own-head" if key == "smollm2_trained" else "shared-head"
+        title = f"SmolLM2-135M {heads} early exits on held-out CPython docs"
         _finish(
             plt,
             fig,
@@ -543,8 +643,15 @@ def plot(results):
             f"cost: mean layers run per token / {n}",
             "top-1 agreement with the full model",
             title,
-            "smollm2",
+            key,
         )
+
+
+PARTS = {
+    "listops": run_listops,
+    "smollm2": run_smollm2,
+    "smollm2_trained": lambda args, results: run_smollm2(args, results, trained=True),
+}
 
 
 def main(argv=None):
@@ -564,9 +671,17 @@ def main(argv=None):
     p.add_argument("--smollm2_len", type=int, default=64)
     p.add_argument("--smollm2_rows", type=int, default=16)
     p.add_argument("--smollm2_thresholds", type=float, nargs="*", default=[0.9])
+    p.add_argument("--smollm2_train_steps", type=int, default=200, help="smollm2_trained: exit-head training steps")
+    p.add_argument("--smollm2_train_batch", type=int, default=8)
+    p.add_argument("--smollm2_train_len", type=int, default=32)
+    p.add_argument("--smollm2_train_lr", type=float, default=2e-3)
+    p.add_argument("--smollm2_heads", default="", help="smollm2_trained: load these trained heads (npz), no training")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=OUT, help="results folder")
     args = p.parse_args(argv)
+    global OUT
+    OUT = args.out
     from effitrans.perf import machine_description
 
     results = {
@@ -576,7 +691,7 @@ def main(argv=None):
     }
     results["parts_run"] = args.parts.split(",")
     for part in args.parts.split(","):
-        {"listops": run_listops, "smollm2": run_smollm2}[part](args, results)
+        PARTS[part](args, results)
         write(results)
         plot(results)
     log(f"wrote {OUT}")

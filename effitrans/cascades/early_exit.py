@@ -188,8 +188,10 @@ def _inputs(model, tokens, mask):
     return model.stack.embed(tokens), positions, segment_ids
 
 
-def exit_pass(model, tokens, mask=None) -> ExitPass:
-    """Every exit's and the last layer's outputs of tokens int [B, T] (mask [B, T] for encoders), in one pass."""
+def exit_pass(model, tokens, mask=None, *, frozen_backbone: bool = False) -> ExitPass:
+    """Every exit's and the last layer's outputs of tokens int [B, T] (mask [B, T] for encoders), in one pass.
+    `frozen_backbone` stops gradients at the residual stream after every block, so a backward pass runs only
+    through the exit heads and the readouts (the backbone's backward is never computed)."""
     heads = exits_of(model)
     x, positions, segment_ids = _inputs(model, tokens, mask)  # [B, T, D]
     exit_at = {layer: i for i, layer in enumerate(heads.layers)}
@@ -197,6 +199,7 @@ def exit_pass(model, tokens, mask=None) -> ExitPass:
     for n, block in enumerate(model.stack.blocks, start=1):
         prev = x
         x, _ = block(x, positions=positions, segment_ids=segment_ids)
+        x = jax.lax.stop_gradient(x) if frozen_backbone else x
         if n in exit_at or n == len(model.stack.blocks):
             if n in exit_at:
                 lg, conf = _exit_readout(model, exit_at[n], x, mask)
@@ -557,7 +560,8 @@ def exit_task(task: Task, model_cfg) -> Task:
     """`task` with per-exit losses: training runs every exit (exit_pass) and minimises
     last-layer loss + sum_i w_i exit_i loss + distill_weight sum_i KL(last || exit_i) (last layer stopped)
     + confidence_weight sum_i BCE(learned_i, [exit_i's top-1 == last layer's top-1]).
-    Evaluation scores the last layer as before. Metrics exit<l>_loss / exit<l>_accuracy per exit after layer l."""
+    Evaluation scores the last layer as before. Metrics exit<l>_loss / exit<l>_accuracy per exit after layer l.
+    With exits.frozen_backbone the backbone's backward pass is skipped (exit_pass(frozen_backbone=True))."""
     if task.name not in ("lm", "classification"):
         raise ValueError(f"exits train with task 'lm' or 'classification', not {task.name!r}")
     e = model_cfg.exits
@@ -565,9 +569,10 @@ def exit_task(task: Task, model_cfg) -> Task:
     weights = list(e.get("loss_weights") or [1.0] * len(layers))
     distill, conf_w = float(e.get("distill_weight", 0.0)), float(e.get("confidence_weight", 1.0))
     lm = task.name == "lm"
+    frozen = bool(e.get("frozen_backbone", False))
 
     def train_forward(model, batch):
-        return exit_pass(model, batch["inputs"], None if lm else batch["mask"])
+        return exit_pass(model, batch["inputs"], None if lm else batch["mask"], frozen_backbone=frozen)
 
     def loss(out, batch):
         if not isinstance(out, ExitPass):
