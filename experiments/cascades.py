@@ -1,24 +1,30 @@
 """Model cascades measured on two tasks: early exit, a sequential cascade (FrugalGPT) and routers (RouteLLM).
 
-    python experiments/cascades.py                      # both parts (CPU-sized)
-    python experiments/cascades.py --parts=listops      # one part: listops | smollm2
+    python experiments/cascades.py                      # listops and smollm2 (CPU-sized)
+    python experiments/cascades.py --parts=listops      # one part: listops | smollm2 | smollm2_trained
+    python experiments/cascades.py --parts=listops --config=configs/cascades_listops.py --config.cascade.knn_k=16
 
-listops: a small (1-layer) and a large (4-layer, exits after layers 1, 2, 3 with own heads, trained jointly)
-encoder classifier trained through the Trainer on short ListOps; the held-out examples are split in half,
-a dev half (threshold calibration, cascade thresholds, router training) and a test half (every reported
-figure). Cost is forward FLOPs per example (perf.forward_flops; an exit pays for the layers it ran and its
-head) relative to the large model. Early exit per confidence measure: a threshold sweep and the LTT-calibrated
-threshold (delta, epsilon below). Sequential: small -> large, scored by the small model's max probability.
-Routing: routers on the small model's pooled embedding (its cost counted), trained on which model was right
-on the dev half, APGR / CPT against a random router's 95% bootstrap interval.
+listops: the stages of config.cascade (effitrans.cascades.config; default configs/cascades_listops.py: a
+1-layer d=32 and a 4-layer d=64 encoder classifier, the last with exits after layers 1, 2, 3 with own heads,
+trained jointly) trained through the Trainer on short ListOps; the held-out examples are split in half, a dev
+half (threshold calibration, cascade thresholds, router training) and a test half (every reported figure).
+Cost is forward FLOPs per example (perf.forward_flops; an exit pays for the layers it ran and its head)
+relative to the last stage. Early exit per confidence measure (cascade.exit_measures): a threshold sweep and
+the calibrated threshold (cascade.calibration, delta, epsilon). Sequential: the stages in order, each scored
+by cascade.scorer on its own logits, thresholds fixed (cascade.thresholds) or chosen on dev for the last
+stage's accuracy - cascade.quality_gap. Routing (cascade.routers): routers on the first stage's pooled
+embedding (its cost counted), trained on which of the first and last stage was right on the dev half,
+APGR / CPT against a random router's 95% bootstrap interval.
 
 smollm2: SmolLM2-135M with shared-head exits (final norm + LM head, no training: CALM's shared head) after
 layers --smollm2_exits; held-out CPython docs text decoded token by token (teacher forcing) with
 decode_step_with_exits, so an exited token's state fills the skipped layers' KV caches and later tokens see
-that error; top-1 agreement with the full model, held-out NLL, and decode tokens/s at batch 1 and 8
-(exited rows: batch 1 stops, batch 8 only skips where every row exited).
+that error; top-1 agreement with the full model, held-out NLL, and decode tokens/s at batch 1 and 8 with
+ExitDecoder (exited rows leave the batch: the running rows are compacted into power-of-two buckets).
+smollm2_trained: the same with own-head adapters and learned confidence classifiers trained first with the
+backbone frozen (--smollm2_train_*; or loaded with --smollm2_heads), exits decided by the classifier.
 
-Writes experiments/results/cascades/{results.json, listops.png, smollm2.png}.
+Writes experiments/results/cascades/{results.json, listops.png, smollm2.png, smollm2_trained.png}.
 """
 
 from __future__ import annotations
@@ -36,13 +42,17 @@ import numpy as np
 from flax import nnx
 
 from effitrans import defaults, perf
+from effitrans.bench.common import config_from_args
 from effitrans.cascades import early_exit as ee
 from effitrans.cascades import routing as rt
 from effitrans.cascades import sequential as sq
+from effitrans.cascades.config import check_cascade_config, exit_layers_of
+from effitrans.schema import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OUT = os.path.join(ROOT, "experiments", "results", "cascades")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cascades_listops.py")
 T0 = time.perf_counter()
 MEASURES = ("max_prob", "margin", "entropy", "saturation", "learned")
 # Thresholds, safest first; dense near 1, where saturation (cosines of consecutive residual states) lives.
@@ -66,7 +76,7 @@ def pareto(points):
 # ---- listops -------------------------------------------------------------------------------------------
 
 
-def listops_config(args, *, layers: int, exits: bool):
+def listops_config(args, *, layers: int, d_model: int, exit_layers=None):
     data = defaults.data(
         "listops",
         seq_len=args.seq_len,
@@ -79,16 +89,16 @@ def listops_config(args, *, layers: int, exits: bool):
     model = defaults.model(
         name="encoder_classifier",
         num_layers=layers,
-        d_model=args.d_model,
+        d_model=d_model,
         num_heads=4,
         num_kv_heads=4,
-        head_dim=args.d_model // 4,
-        ffn_width=2 * args.d_model,
+        head_dim=d_model // 4,
+        ffn_width=2 * d_model,
         pooling="cls",
         num_classes=10,
     )
-    if exits:
-        model.exits = defaults.exits(layers=list(range(1, layers)), head="own", distill_weight=0.5)
+    if exit_layers:
+        model.exits = defaults.exits(layers=list(exit_layers), head="own", distill_weight=0.5)
     train = defaults.train(
         task="classification",
         steps=args.steps,
@@ -115,23 +125,25 @@ def train_encoder(cfg, name):
     return model, batches
 
 
-def listops_outputs(small, large, batches):
-    """Per held-out example: labels [n], small logits [n, C], small pooled embedding [n, D], large ExitPass."""
-    run_small = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
+def listops_outputs(cheap, large, batches):
+    """Per held-out example: labels [n], each cheap stage's logits [n, C], the first stage's pooled embedding
+    [n, D], the large stage's ExitPass."""
+    run_cheap = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
     run_large = nnx.jit(lambda m, t, k: ee.exit_pass(m, t, k))
-    labels, s_logits, s_emb, passes = [], [], [], []
+    labels, logits, emb, passes = [], [[] for _ in cheap], [], []
     for b in batches:
         keep = np.asarray(b["example_weights"]) > 0
         t, k = jnp.asarray(b["inputs"]), jnp.asarray(b["mask"])
-        lg, emb = run_small(small, t, k)
+        for s, model in enumerate(cheap):
+            lg, e = run_cheap(model, t, k)
+            logits[s].append(np.asarray(lg)[keep])
+            emb.append(np.asarray(e)[keep]) if s == 0 else None
         out = run_large(large, t, k)
         labels.append(np.asarray(b["labels"])[keep])
-        s_logits.append(np.asarray(lg)[keep])
-        s_emb.append(np.asarray(emb)[keep])
         passes.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
     cat = lambda xs: np.concatenate(xs)
     large_pass = jax.tree.map(lambda *xs: cat(xs), *passes)
-    return cat(labels), cat(s_logits), cat(s_emb), large_pass
+    return cat(labels), [cat(lg) for lg in logits], cat(emb), large_pass
 
 
 def exit_costs(cfg_large, seq_len):
@@ -141,47 +153,57 @@ def exit_costs(cfg_large, seq_len):
 
 
 def run_listops(args, results):
-    small_cfg = listops_config(args, layers=1, exits=False)
-    small_cfg.model.d_model, small_cfg.model.head_dim = args.small_d_model, args.small_d_model // 4
-    small_cfg.model.ffn_width = 2 * args.small_d_model
-    large_cfg = listops_config(args, layers=4, exits=True)
-    small, batches = train_encoder(small_cfg, "small (1 layer)")
-    large, _ = train_encoder(large_cfg, "large (4 layers, exits 1-3)")
-    labels, s_logits, s_emb, lp = listops_outputs(small, large, batches)
+    c = args.cascade
+    stages = [list(st) for st in c.stages]
+    exit_layers = exit_layers_of(c)
+    cfgs = [
+        listops_config(args, layers=layers, d_model=d, exit_layers=exit_layers if s == len(stages) - 1 else None)
+        for s, (layers, d) in enumerate(stages)
+    ]
+    models = []
+    for s, (cfg, (layers, d)) in enumerate(zip(cfgs, stages, strict=True)):
+        model, batches = train_encoder(cfg, f"stage {s} ({layers} layers, d={d})")
+        models.append(model)
+    large_cfg, num_layers = cfgs[-1], stages[-1][0]
+    labels, cheap_logits, s_emb, lp = listops_outputs(models[:-1], models[-1], batches)
     os.makedirs(OUT, exist_ok=True)  # the raw outputs, to redo the analysis without training
     np.savez(
         os.path.join(OUT, "listops_outputs.npz"),
         labels=labels,
-        small_logits=s_logits,
         small_embedding=s_emb,
+        **{f"stage{s}_logits": lg for s, lg in enumerate(cheap_logits)},
         **{f"large_{k}_{i}": np.asarray(v) for k in lp._fields for i, v in enumerate(getattr(lp, k))},
     )
     n = len(labels)
     dev, test = np.arange(n) < n // 2, np.arange(n) >= n // 2
     costs_exit = exit_costs(large_cfg, args.seq_len)
     c_large = costs_exit[-1]
-    c_small = perf.forward_flops(small_cfg.model, 1, args.seq_len)
-    q_small = (s_logits.argmax(-1) == labels).astype(float)
-    q_large = (lp.logits[-1].argmax(-1) == labels).astype(float)
+    flops = [perf.forward_flops(cfg.model, 1, args.seq_len) for cfg in cfgs[:-1]] + [c_large]
+    c_small = flops[0]
+    q_stages = [(lg.argmax(-1) == labels).astype(float) for lg in cheap_logits]
+    q_stages.append((lp.logits[-1].argmax(-1) == labels).astype(float))
+    q_small, q_large = q_stages[0], q_stages[-1]
     acc = lambda q, m: float(q[m].mean())
-    log(
-        f"n={n} (dev {dev.sum()}, test {test.sum()}): small acc {acc(q_small, test):.4f}, "
-        f"large {acc(q_large, test):.4f}"
-    )
+    log(f"n={n} (dev {dev.sum()}, test {test.sum()}): stage accuracies {[acc(q, test) for q in q_stages]}")
     part = {
         "config": {
-            k: getattr(args, k) for k in ("steps", "seq_len", "d_model", "max_depth", "max_args", "eval_examples")
+            "cascade": c.to_dict(),
+            **{k: getattr(args, k) for k in ("steps", "seq_len", "max_depth", "max_args", "eval_examples")},
         },
         "examples": {"dev": int(dev.sum()), "test": int(test.sum())},
+        "stages": [
+            {"layers": st[0], "d_model": st[1], "accuracy": acc(q, test), "cost": f / c_large, "flops": f}
+            for st, q, f in zip(stages, q_stages, flops, strict=True)
+        ],
         "small": {"accuracy": acc(q_small, test), "cost": c_small / c_large, "flops": c_small},
         "large": {"accuracy": acc(q_large, test), "cost": 1.0, "flops": c_large},
         "exit_accuracy": [acc((lg.argmax(-1) == labels).astype(float), test) for lg in lp.logits],
-        "exit_layers": list(large_cfg.model.exits.layers) + [4],
+        "exit_layers": [*exit_layers, num_layers],
     }
     stacked = np.stack(lp.logits)
     layer_counts = np.asarray(part["exit_layers"])
     part["early_exit"] = {}
-    for measure in MEASURES:
+    for measure in c.exit_measures:
         conf = np.asarray(ee.pass_confidences(ee.ExitPass(*jax.tree.map(jnp.asarray, tuple(lp))), measure))
         curve = []
         for t in SWEEP:
@@ -197,34 +219,43 @@ def run_listops(args, results):
             )
         dev_pass = ee.ExitPass(*jax.tree.map(lambda x: jnp.asarray(x[dev]), tuple(lp)))
         losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
-        cal = ee.calibrate_threshold(SWEEP, losses, delta=args.delta, epsilon=args.epsilon)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=c.delta, epsilon=c.epsilon, method=c.calibration)
         chosen = curve[SWEEP.index(cal["threshold"])] if cal["threshold"] in SWEEP else curve[0]
         part["early_exit"][measure] = {
             "curve": curve,
             "calibrated": {**chosen, "dev_risk": cal["risks"][max(cal["index"], 0)]},
         }
         log(
-            f"exit {measure}: LTT threshold {chosen['threshold']} -> acc {chosen['accuracy']:.4f}, "
-            f"layers {chosen['layers']:.2f} / 4"
+            f"exit {measure}: {c.calibration} threshold {chosen['threshold']} -> acc {chosen['accuracy']:.4f}, "
+            f"layers {chosen['layers']:.2f} / {num_layers}"
         )
 
-    # Sequential: small -> large, scored by the small model's max probability.
-    score = np.asarray(ee.max_prob(jnp.asarray(s_logits)))[None]  # [1, n]
-    quality = np.stack([q_small, q_large])
-    costs = [c_small / c_large, 1.0 + c_small / c_large]  # the large model runs after the small one
-    seq_curve = [{"threshold": t, **sq.cascade_point(quality[:, test], score[:, test], costs, [t])} for t in SWEEP]
-    target = acc(q_large, dev) - 0.005
-    chosen = sq.choose_thresholds(quality[:, dev], score[:, dev], costs, target=target)
+    # Sequential: the stages in order, each cheap stage scored by the scorer on its own logits; a query answered
+    # by stage s paid for stages 0..s (cascade_point adds the per-call costs up).
+    score = np.stack([np.asarray(ee.confidence(c.scorer, logits=jnp.asarray(lg))) for lg in cheap_logits])  # [S-1, n]
+    quality = np.stack(q_stages)
+    costs = [f / c_large for f in flops]  # per call
+    ts = lambda t: [t] * (len(stages) - 1)  # the sweep: one threshold for every cheap stage
+    seq_curve = [{"threshold": t, **sq.cascade_point(quality[:, test], score[:, test], costs, ts(t))} for t in SWEEP]
+    target = acc(q_large, dev) - c.quality_gap
+    if c.thresholds is None:
+        chosen = sq.choose_thresholds(quality[:, dev], score[:, dev], costs, target=target)
+    else:
+        chosen = {
+            **sq.cascade_point(quality[:, dev], score[:, dev], costs, list(c.thresholds)),
+            "thresholds": list(c.thresholds),
+        }
     test_point = sq.cascade_point(quality[:, test], score[:, test], costs, chosen["thresholds"]) if chosen else None
     part["sequential"] = {"curve": seq_curve, "dev_choice": chosen, "test_at_dev_choice": test_point}
-    log(f"sequential: dev choice {chosen and chosen['thresholds']} -> test {test_point}")
+    log(f"sequential ({c.scorer}): thresholds {chosen and chosen['thresholds']} -> test {test_point}")
 
     # Routing: routers on the small model's embedding; route to the large model when score > threshold.
     labels_route = rt.needs_strong(q_small, q_large)
-    routers = {
-        "embedding_classifier": rt.fit_embedding_classifier(s_emb[dev], labels_route[dev]),
-        "knn": rt.knn_router(s_emb[dev], labels_route[dev], k=32),
+    fit = {
+        "embedding_classifier": lambda: rt.fit_embedding_classifier(s_emb[dev], labels_route[dev]),
+        "knn": lambda: rt.knn_router(s_emb[dev], labels_route[dev], k=c.knn_k),
     }
+    routers = {name: fit[name]() for name in c.routers}
     if q_large[test].mean() <= q_small[test].mean():
         part["routing"] = {"skipped": "the large model is not better than the small one on the test half"}
         routers = {}
@@ -234,7 +265,7 @@ def run_listops(args, results):
     qs, ql = q_small[test], q_large[test]
     for name, router in routers.items():
         scores = router(s_emb[test])
-        c, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
+        share, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
         a = rt.apgr(q_small[test], q_large[test], scores)
         boot = rt.bootstrap_interval(
             lambda idx, s=scores: rt.apgr(qs[idx], ql[idx], s[idx]) if ql[idx].mean() > qs[idx].mean() else np.nan,
@@ -254,7 +285,7 @@ def run_listops(args, results):
                     "accuracy": float(acc(q_small, test) + p * (acc(q_large, test) - acc(q_small, test))),
                     "cost": float(c_small / c_large + ci),
                 }
-                for ci, p in zip(c[::4], pgr[::4])
+                for ci, p in zip(share[::4], pgr[::4])
             ],
         }
         log(
@@ -508,7 +539,7 @@ def run_smollm2(args, results, *, trained=False):
             )
         dev_pass = jax.tree.map(lambda x: x[:half], full_pass)
         losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
-        cal = ee.calibrate_threshold(SWEEP, losses, delta=0.05, epsilon=args.epsilon)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=0.05, epsilon=args.cascade.epsilon)
         emp = ee.calibrate_threshold(SWEEP, losses, delta=0.05, method="empirical")
         part["sweep"][measure] = {
             "curve": rows,
@@ -655,17 +686,14 @@ PARTS = {
 
 
 def main(argv=None):
+    global OUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="listops,smollm2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq_len", type=int, default=48)
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--small_d_model", type=int, default=32)
     p.add_argument("--max_depth", type=int, default=3)
     p.add_argument("--max_args", type=int, default=4)
     p.add_argument("--eval_examples", type=int, default=2048)
-    p.add_argument("--delta", type=float, default=0.02, help="LTT: allowed inconsistency with the full model")
-    p.add_argument("--epsilon", type=float, default=0.1, help="LTT: allowed probability that the bound fails")
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--smollm2_exits", default="15,20,24,27")
     p.add_argument("--smollm2_len", type=int, default=64)
@@ -679,16 +707,24 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT, help="results folder")
-    args = p.parse_args(argv)
-    global OUT
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config, spec, rest = config_from_args(argv, DEFAULT_CONFIG, "cascades.py")
+    try:
+        check_cascade_config(config.cascade)
+    except ConfigError as e:
+        print(f"cascades.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args = p.parse_args(rest)
     OUT = args.out
     from effitrans.perf import machine_description
 
     results = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *argv]),
         "machine": machine_description(),
         "args": vars(args),
+        "config": {"spec": spec, **config.to_dict()},
     }
+    args.cascade = config.cascade
     results["parts_run"] = args.parts.split(",")
     for part in args.parts.split(","):
         PARTS[part](args, results)
