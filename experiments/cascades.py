@@ -137,7 +137,8 @@ def listops_outputs(cheap, large, batches):
         for s, model in enumerate(cheap):
             lg, e = run_cheap(model, t, k)
             logits[s].append(np.asarray(lg)[keep])
-            emb.append(np.asarray(e)[keep]) if s == 0 else None
+            if s == 0:
+                emb.append(np.asarray(e)[keep])
         out = run_large(large, t, k)
         labels.append(np.asarray(b["labels"])[keep])
         passes.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
