@@ -23,6 +23,7 @@ that error; top-1 agreement with the full model, held-out NLL, and decode tokens
 ExitDecoder (exited rows leave the batch: the running rows are compacted into power-of-two buckets).
 smollm2_trained: the same with own-head adapters and learned confidence classifiers trained first with the
 backbone frozen (--smollm2_train_*; or loaded with --smollm2_heads), exits decided by the classifier.
+smollm2_speed: decode tokens/s only, of loaded trained heads at --smollm2_speed_thresholds.
 
 Writes experiments/results/cascades/{results.json, listops.png, smollm2.png, smollm2_trained.png}.
 """
@@ -591,6 +592,27 @@ def run_smollm2(args, results, *, trained=False):
         write(results)
 
 
+def run_smollm2_speed(args, results):
+    """Part smollm2_speed: decode tokens/s of the trained exits (--smollm2_heads) decided by the learned
+    classifier at --smollm2_speed_thresholds, batch 1 and 8, on the smollm2_trained part's test windows."""
+    if not args.smollm2_heads:
+        raise ValueError("--parts=smollm2_speed needs --smollm2_heads=<smollm2_exit_heads.npz of smollm2_trained>")
+    layers = [int(x) for x in args.smollm2_exits.split(",")]
+    model, tok, _ = smollm2_with_exits(layers, head="own")
+    load_exit_heads(model, args.smollm2_heads)
+    text = smollm2_text(smollm2_streams(tok)[1], args.smollm2_len, args.smollm2_rows, args.seed)
+    test, prefill = text[text.shape[0] // 2 :], args.smollm2_len // 2
+    part = results["smollm2_speed"] = {"heads": args.smollm2_heads, "exit_layers": layers, "speed": []}
+    for t in args.smollm2_speed_thresholds:
+        for batch in (1, 8):
+            row = decode_speed(
+                model, test[:batch], measure="learned", threshold=t, prefill=prefill, repeats=args.repeats
+            )
+            part["speed"].append(row)
+            log(f"SmolLM2 decode speed: {row}")
+            write(results)
+
+
 # ---- output --------------------------------------------------------------------------------------------
 
 
@@ -683,6 +705,7 @@ PARTS = {
     "listops": run_listops,
     "smollm2": run_smollm2,
     "smollm2_trained": lambda args, results: run_smollm2(args, results, trained=True),
+    "smollm2_speed": run_smollm2_speed,
 }
 
 
@@ -705,6 +728,7 @@ def main(argv=None):
     p.add_argument("--smollm2_train_len", type=int, default=32)
     p.add_argument("--smollm2_train_lr", type=float, default=2e-3)
     p.add_argument("--smollm2_heads", default="", help="smollm2_trained: load these trained heads (npz), no training")
+    p.add_argument("--smollm2_speed_thresholds", type=float, nargs="*", default=[0.3], help="smollm2_speed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT, help="results folder")
