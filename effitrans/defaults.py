@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from effitrans.cascades.config import CASCADE_KEYS
 from effitrans.cascades.exit_heads import EXIT_KEYS
 from effitrans.data.registry import data_defaults
 from effitrans.funnel.config import FUNNEL_KEYS
@@ -62,6 +63,11 @@ def moe(**overrides) -> ml_collections.ConfigDict:
 def exits(**overrides) -> ml_collections.ConfigDict:
     """config.model.exits: early-exit heads after the layers it names (docs/cascades.md)."""
     return default_config(EXIT_KEYS, **overrides)
+
+
+def cascade(**overrides) -> ml_collections.ConfigDict:
+    """config.cascade: the stages, scorer, routers and exit calibration of a cascade study (docs/cascades.md)."""
+    return default_config(CASCADE_KEYS, **overrides)
 
 
 def data(name: str, **overrides) -> ml_collections.ConfigDict:

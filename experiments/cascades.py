@@ -1,24 +1,31 @@
 """Model cascades measured on two tasks: early exit, a sequential cascade (FrugalGPT) and routers (RouteLLM).
 
-    python experiments/cascades.py                      # both parts (CPU-sized)
-    python experiments/cascades.py --parts=listops      # one part: listops | smollm2
+    python experiments/cascades.py                      # listops and smollm2 (CPU-sized)
+    python experiments/cascades.py --parts=listops      # one part: listops | smollm2 | smollm2_trained
+    python experiments/cascades.py --parts=listops --config=configs/cascades_listops.py --config.cascade.knn_k=16
 
-listops: a small (1-layer) and a large (4-layer, exits after layers 1, 2, 3 with own heads, trained jointly)
-encoder classifier trained through the Trainer on short ListOps; the held-out examples are split in half,
-a dev half (threshold calibration, cascade thresholds, router training) and a test half (every reported
-figure). Cost is forward FLOPs per example (perf.forward_flops; an exit pays for the layers it ran and its
-head) relative to the large model. Early exit per confidence measure: a threshold sweep and the LTT-calibrated
-threshold (delta, epsilon below). Sequential: small -> large, scored by the small model's max probability.
-Routing: routers on the small model's pooled embedding (its cost counted), trained on which model was right
-on the dev half, APGR / CPT against a random router's 95% bootstrap interval.
+listops: the stages of config.cascade (effitrans.cascades.config; default configs/cascades_listops.py: a
+1-layer d=32 and a 4-layer d=64 encoder classifier, the last with exits after layers 1, 2, 3 with own heads,
+trained jointly) trained through the Trainer on short ListOps; the held-out examples are split in half, a dev
+half (threshold calibration, cascade thresholds, router training) and a test half (every reported figure).
+Cost is forward FLOPs per example (perf.forward_flops; an exit pays for the layers it ran and its head)
+relative to the last stage. Early exit per confidence measure (cascade.exit_measures): a threshold sweep and
+the calibrated threshold (cascade.calibration, delta, epsilon). Sequential: the stages in order, each scored
+by cascade.scorer on its own logits, thresholds fixed (cascade.thresholds) or chosen on dev for the last
+stage's accuracy - cascade.quality_gap. Routing (cascade.routers): routers on the first stage's pooled
+embedding (its cost counted), trained on which of the first and last stage was right on the dev half,
+APGR / CPT against a random router's 95% bootstrap interval.
 
 smollm2: SmolLM2-135M with shared-head exits (final norm + LM head, no training: CALM's shared head) after
 layers --smollm2_exits; held-out CPython docs text decoded token by token (teacher forcing) with
 decode_step_with_exits, so an exited token's state fills the skipped layers' KV caches and later tokens see
-that error; top-1 agreement with the full model, held-out NLL, and decode tokens/s at batch 1 and 8
-(exited rows: batch 1 stops, batch 8 only skips where every row exited).
+that error; top-1 agreement with the full model, held-out NLL, and decode tokens/s at batch 1 and 8 with
+ExitDecoder (exited rows leave the batch: the running rows are compacted into power-of-two buckets).
+smollm2_trained: the same with own-head adapters and learned confidence classifiers trained first with the
+backbone frozen (--smollm2_train_*; or loaded with --smollm2_heads), exits decided by the classifier.
+smollm2_speed: decode tokens/s only, of loaded trained heads at --smollm2_speed_thresholds.
 
-Writes experiments/results/cascades/{results.json, listops.png, smollm2.png}.
+Writes experiments/results/cascades/{results.json, listops.png, smollm2.png, smollm2_trained.png}.
 """
 
 from __future__ import annotations
@@ -36,13 +43,17 @@ import numpy as np
 from flax import nnx
 
 from effitrans import defaults, perf
+from effitrans.bench.common import config_from_args
 from effitrans.cascades import early_exit as ee
 from effitrans.cascades import routing as rt
 from effitrans.cascades import sequential as sq
+from effitrans.cascades.config import check_cascade_config, exit_layers_of
+from effitrans.schema import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OUT = os.path.join(ROOT, "experiments", "results", "cascades")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "cascades_listops.py")
 T0 = time.perf_counter()
 MEASURES = ("max_prob", "margin", "entropy", "saturation", "learned")
 # Thresholds, safest first; dense near 1, where saturation (cosines of consecutive residual states) lives.
@@ -66,7 +77,7 @@ def pareto(points):
 # ---- listops -------------------------------------------------------------------------------------------
 
 
-def listops_config(args, *, layers: int, exits: bool):
+def listops_config(args, *, layers: int, d_model: int, exit_layers=None):
     data = defaults.data(
         "listops",
         seq_len=args.seq_len,
@@ -79,16 +90,16 @@ def listops_config(args, *, layers: int, exits: bool):
     model = defaults.model(
         name="encoder_classifier",
         num_layers=layers,
-        d_model=args.d_model,
+        d_model=d_model,
         num_heads=4,
         num_kv_heads=4,
-        head_dim=args.d_model // 4,
-        ffn_width=2 * args.d_model,
+        head_dim=d_model // 4,
+        ffn_width=2 * d_model,
         pooling="cls",
         num_classes=10,
     )
-    if exits:
-        model.exits = defaults.exits(layers=list(range(1, layers)), head="own", distill_weight=0.5)
+    if exit_layers:
+        model.exits = defaults.exits(layers=list(exit_layers), head="own", distill_weight=0.5)
     train = defaults.train(
         task="classification",
         steps=args.steps,
@@ -115,23 +126,26 @@ def train_encoder(cfg, name):
     return model, batches
 
 
-def listops_outputs(small, large, batches):
-    """Per held-out example: labels [n], small logits [n, C], small pooled embedding [n, D], large ExitPass."""
-    run_small = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
+def listops_outputs(cheap, large, batches):
+    """Per held-out example: labels [n], each cheap stage's logits [n, C], the first stage's pooled embedding
+    [n, D], the large stage's ExitPass."""
+    run_cheap = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
     run_large = nnx.jit(lambda m, t, k: ee.exit_pass(m, t, k))
-    labels, s_logits, s_emb, passes = [], [], [], []
+    labels, logits, emb, passes = [], [[] for _ in cheap], [], []
     for b in batches:
         keep = np.asarray(b["example_weights"]) > 0
         t, k = jnp.asarray(b["inputs"]), jnp.asarray(b["mask"])
-        lg, emb = run_small(small, t, k)
+        for s, model in enumerate(cheap):
+            lg, e = run_cheap(model, t, k)
+            logits[s].append(np.asarray(lg)[keep])
+            if s == 0:
+                emb.append(np.asarray(e)[keep])
         out = run_large(large, t, k)
         labels.append(np.asarray(b["labels"])[keep])
-        s_logits.append(np.asarray(lg)[keep])
-        s_emb.append(np.asarray(emb)[keep])
         passes.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
     cat = lambda xs: np.concatenate(xs)
     large_pass = jax.tree.map(lambda *xs: cat(xs), *passes)
-    return cat(labels), cat(s_logits), cat(s_emb), large_pass
+    return cat(labels), [cat(lg) for lg in logits], cat(emb), large_pass
 
 
 def exit_costs(cfg_large, seq_len):
@@ -141,47 +155,57 @@ def exit_costs(cfg_large, seq_len):
 
 
 def run_listops(args, results):
-    small_cfg = listops_config(args, layers=1, exits=False)
-    small_cfg.model.d_model, small_cfg.model.head_dim = args.small_d_model, args.small_d_model // 4
-    small_cfg.model.ffn_width = 2 * args.small_d_model
-    large_cfg = listops_config(args, layers=4, exits=True)
-    small, batches = train_encoder(small_cfg, "small (1 layer)")
-    large, _ = train_encoder(large_cfg, "large (4 layers, exits 1-3)")
-    labels, s_logits, s_emb, lp = listops_outputs(small, large, batches)
+    c = args.cascade
+    stages = [list(st) for st in c.stages]
+    exit_layers = exit_layers_of(c)
+    cfgs = [
+        listops_config(args, layers=layers, d_model=d, exit_layers=exit_layers if s == len(stages) - 1 else None)
+        for s, (layers, d) in enumerate(stages)
+    ]
+    models = []
+    for s, (cfg, (layers, d)) in enumerate(zip(cfgs, stages, strict=True)):
+        model, batches = train_encoder(cfg, f"stage {s} ({layers} layers, d={d})")
+        models.append(model)
+    large_cfg, num_layers = cfgs[-1], stages[-1][0]
+    labels, cheap_logits, s_emb, lp = listops_outputs(models[:-1], models[-1], batches)
     os.makedirs(OUT, exist_ok=True)  # the raw outputs, to redo the analysis without training
     np.savez(
         os.path.join(OUT, "listops_outputs.npz"),
         labels=labels,
-        small_logits=s_logits,
         small_embedding=s_emb,
+        **{f"stage{s}_logits": lg for s, lg in enumerate(cheap_logits)},
         **{f"large_{k}_{i}": np.asarray(v) for k in lp._fields for i, v in enumerate(getattr(lp, k))},
     )
     n = len(labels)
     dev, test = np.arange(n) < n // 2, np.arange(n) >= n // 2
     costs_exit = exit_costs(large_cfg, args.seq_len)
     c_large = costs_exit[-1]
-    c_small = perf.forward_flops(small_cfg.model, 1, args.seq_len)
-    q_small = (s_logits.argmax(-1) == labels).astype(float)
-    q_large = (lp.logits[-1].argmax(-1) == labels).astype(float)
+    flops = [perf.forward_flops(cfg.model, 1, args.seq_len) for cfg in cfgs[:-1]] + [c_large]
+    c_small = flops[0]
+    q_stages = [(lg.argmax(-1) == labels).astype(float) for lg in cheap_logits]
+    q_stages.append((lp.logits[-1].argmax(-1) == labels).astype(float))
+    q_small, q_large = q_stages[0], q_stages[-1]
     acc = lambda q, m: float(q[m].mean())
-    log(
-        f"n={n} (dev {dev.sum()}, test {test.sum()}): small acc {acc(q_small, test):.4f}, "
-        f"large {acc(q_large, test):.4f}"
-    )
+    log(f"n={n} (dev {dev.sum()}, test {test.sum()}): stage accuracies {[acc(q, test) for q in q_stages]}")
     part = {
         "config": {
-            k: getattr(args, k) for k in ("steps", "seq_len", "d_model", "max_depth", "max_args", "eval_examples")
+            "cascade": c.to_dict(),
+            **{k: getattr(args, k) for k in ("steps", "seq_len", "max_depth", "max_args", "eval_examples")},
         },
         "examples": {"dev": int(dev.sum()), "test": int(test.sum())},
+        "stages": [
+            {"layers": st[0], "d_model": st[1], "accuracy": acc(q, test), "cost": f / c_large, "flops": f}
+            for st, q, f in zip(stages, q_stages, flops, strict=True)
+        ],
         "small": {"accuracy": acc(q_small, test), "cost": c_small / c_large, "flops": c_small},
         "large": {"accuracy": acc(q_large, test), "cost": 1.0, "flops": c_large},
         "exit_accuracy": [acc((lg.argmax(-1) == labels).astype(float), test) for lg in lp.logits],
-        "exit_layers": list(large_cfg.model.exits.layers) + [4],
+        "exit_layers": [*exit_layers, num_layers],
     }
     stacked = np.stack(lp.logits)
     layer_counts = np.asarray(part["exit_layers"])
     part["early_exit"] = {}
-    for measure in MEASURES:
+    for measure in c.exit_measures:
         conf = np.asarray(ee.pass_confidences(ee.ExitPass(*jax.tree.map(jnp.asarray, tuple(lp))), measure))
         curve = []
         for t in SWEEP:
@@ -197,34 +221,43 @@ def run_listops(args, results):
             )
         dev_pass = ee.ExitPass(*jax.tree.map(lambda x: jnp.asarray(x[dev]), tuple(lp)))
         losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
-        cal = ee.calibrate_threshold(SWEEP, losses, delta=args.delta, epsilon=args.epsilon)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=c.delta, epsilon=c.epsilon, method=c.calibration)
         chosen = curve[SWEEP.index(cal["threshold"])] if cal["threshold"] in SWEEP else curve[0]
         part["early_exit"][measure] = {
             "curve": curve,
             "calibrated": {**chosen, "dev_risk": cal["risks"][max(cal["index"], 0)]},
         }
         log(
-            f"exit {measure}: LTT threshold {chosen['threshold']} -> acc {chosen['accuracy']:.4f}, "
-            f"layers {chosen['layers']:.2f} / 4"
+            f"exit {measure}: {c.calibration} threshold {chosen['threshold']} -> acc {chosen['accuracy']:.4f}, "
+            f"layers {chosen['layers']:.2f} / {num_layers}"
         )
 
-    # Sequential: small -> large, scored by the small model's max probability.
-    score = np.asarray(ee.max_prob(jnp.asarray(s_logits)))[None]  # [1, n]
-    quality = np.stack([q_small, q_large])
-    costs = [c_small / c_large, 1.0 + c_small / c_large]  # the large model runs after the small one
-    seq_curve = [{"threshold": t, **sq.cascade_point(quality[:, test], score[:, test], costs, [t])} for t in SWEEP]
-    target = acc(q_large, dev) - 0.005
-    chosen = sq.choose_thresholds(quality[:, dev], score[:, dev], costs, target=target)
+    # Sequential: the stages in order, each cheap stage scored by the scorer on its own logits; a query answered
+    # by stage s paid for stages 0..s (cascade_point adds the per-call costs up).
+    score = np.stack([np.asarray(ee.confidence(c.scorer, logits=jnp.asarray(lg))) for lg in cheap_logits])  # [S-1, n]
+    quality = np.stack(q_stages)
+    costs = [f / c_large for f in flops]  # per call
+    ts = lambda t: [t] * (len(stages) - 1)  # the sweep: one threshold for every cheap stage
+    seq_curve = [{"threshold": t, **sq.cascade_point(quality[:, test], score[:, test], costs, ts(t))} for t in SWEEP]
+    target = acc(q_large, dev) - c.quality_gap
+    if c.thresholds is None:
+        chosen = sq.choose_thresholds(quality[:, dev], score[:, dev], costs, target=target)
+    else:
+        chosen = {
+            **sq.cascade_point(quality[:, dev], score[:, dev], costs, list(c.thresholds)),
+            "thresholds": list(c.thresholds),
+        }
     test_point = sq.cascade_point(quality[:, test], score[:, test], costs, chosen["thresholds"]) if chosen else None
     part["sequential"] = {"curve": seq_curve, "dev_choice": chosen, "test_at_dev_choice": test_point}
-    log(f"sequential: dev choice {chosen and chosen['thresholds']} -> test {test_point}")
+    log(f"sequential ({c.scorer}): thresholds {chosen and chosen['thresholds']} -> test {test_point}")
 
     # Routing: routers on the small model's embedding; route to the large model when score > threshold.
     labels_route = rt.needs_strong(q_small, q_large)
-    routers = {
-        "embedding_classifier": rt.fit_embedding_classifier(s_emb[dev], labels_route[dev]),
-        "knn": rt.knn_router(s_emb[dev], labels_route[dev], k=32),
+    fit = {
+        "embedding_classifier": lambda: rt.fit_embedding_classifier(s_emb[dev], labels_route[dev]),
+        "knn": lambda: rt.knn_router(s_emb[dev], labels_route[dev], k=c.knn_k),
     }
+    routers = {name: fit[name]() for name in c.routers}
     if q_large[test].mean() <= q_small[test].mean():
         part["routing"] = {"skipped": "the large model is not better than the small one on the test half"}
         routers = {}
@@ -234,7 +267,7 @@ def run_listops(args, results):
     qs, ql = q_small[test], q_large[test]
     for name, router in routers.items():
         scores = router(s_emb[test])
-        c, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
+        share, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
         a = rt.apgr(q_small[test], q_large[test], scores)
         boot = rt.bootstrap_interval(
             lambda idx, s=scores: rt.apgr(qs[idx], ql[idx], s[idx]) if ql[idx].mean() > qs[idx].mean() else np.nan,
@@ -254,7 +287,7 @@ def run_listops(args, results):
                     "accuracy": float(acc(q_small, test) + p * (acc(q_large, test) - acc(q_small, test))),
                     "cost": float(c_small / c_large + ci),
                 }
-                for ci, p in zip(c[::4], pgr[::4])
+                for ci, p in zip(share[::4], pgr[::4])
             ],
         }
         log(
@@ -267,18 +300,21 @@ def run_listops(args, results):
 # ---- SmolLM2 -------------------------------------------------------------------------------------------
 
 
-def smollm2_with_exits(layers):
-    """SmolLM2-135M (import_gguf) with shared-head exits after `layers`; exit heads at their zero init."""
+def smollm2_with_exits(layers, head="shared"):
+    """SmolLM2-135M (import_gguf) with exits after `layers` (`head`: shared | own); exit heads at their zero
+    init (an untrained own head equals the shared one)."""
     from effitrans.models import import_gguf
     from effitrans.registry import build_model
 
     model, tok, cfg = import_gguf.load_with_config()
-    cfg.exits = defaults.exits(layers=list(layers), head="shared")
+    cfg.exits = defaults.exits(layers=list(layers), head=head)
     abstract = nnx.eval_shape(lambda: build_model(cfg))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     loaded = nnx.to_pure_dict(nnx.state(model))
     pure = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), pure)
+    if head == "own":  # the adapters' norms start at SmolLM2's RMSNorm init (scale 1)
+        pure["stack"]["exits"]["norms"] = jax.tree.map(jnp.ones_like, pure["stack"]["exits"]["norms"])
     pure = {**pure, "stack": {**pure["stack"], **{k: v for k, v in loaded["stack"].items()}}} | {
         k: v for k, v in loaded.items() if k != "stack"
     }
@@ -286,14 +322,90 @@ def smollm2_with_exits(layers):
     return nnx.merge(graphdef, state), tok, cfg
 
 
-def smollm2_text(tok, length, rows, seed):
+def smollm2_streams(tok):
+    """(training stream, held-out stream): the CPython docs' training and validation documents, tokenized."""
     from effitrans.data import load_corpus, split_documents
 
     corpus = load_corpus()
-    _, val_idx = split_documents(corpus, 0.05)
-    stream = np.concatenate([np.asarray(tok.encode(corpus.documents[i]).ids + [0], np.int32) for i in val_idx])
+    train_idx, val_idx = split_documents(corpus, 0.05)
+    enc = lambda idx: np.concatenate([np.asarray(tok.encode(corpus.documents[i]).ids + [0], np.int32) for i in idx])
+    return enc(train_idx), enc(val_idx)
+
+
+def smollm2_text(stream, length, rows, seed):
     starts = np.random.default_rng(seed).integers(0, stream.size - length - 1, rows)
     return np.stack([stream[s : s + length + 1] for s in starts])  # [rows, length + 1]
+
+
+def train_exits(model, cfg, stream, args):
+    """Own-head adapters + confidence classifiers of SmolLM2's exits, trained through the Trainer with the
+    backbone frozen (exits.frozen_backbone: only the exit heads move, the backbone's backward is skipped) on
+    random windows of the training documents: KL(last layer || exit) per exit and the classifiers' BCE."""
+    import ml_collections
+
+    from effitrans.pruning.recovery import StepBatches, token_batches
+    from effitrans.train.trainer import Trainer
+
+    steps = args.smollm2_train_steps
+    cfg.exits.update(
+        frozen_backbone=True, loss_weights=[0.0] * len(cfg.exits.layers), distill_weight=1.0, confidence_weight=1.0
+    )
+    train = defaults.train(
+        task="lm",
+        steps=steps,
+        batch_size=args.smollm2_train_batch,
+        learning_rate=args.smollm2_train_lr,
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        checkpoint_every=10**9,
+        eval_every=10**9,
+        log_every=max(1, steps // 10),
+    )
+    get_batch = token_batches(stream, batch_size=args.smollm2_train_batch, seq_len=args.smollm2_train_len, seed=1)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(
+            ml_collections.ConfigDict({"train": train, "model": cfg}),
+            workdir,
+            model=model,
+            dataset=StepBatches(get_batch),
+            verbose=False,
+        )
+        out = trainer.train()
+        model = trainer.model_from(out["state"]["params"], out["state"]["model_state"])
+    seconds = time.perf_counter() - t
+    history = out["history"]
+    log(f"SmolLM2 exits trained: {steps} steps in {seconds:.0f}s; last {history[-1]}")
+    heads = nnx.to_pure_dict(nnx.state(model.stack.exits))
+    os.makedirs(OUT, exist_ok=True)
+    np.savez(os.path.join(OUT, "smollm2_exit_heads.npz"), **{k: np.asarray(v) for k, v in _flat(heads).items()})
+    tokens = int(train.batch_size * args.smollm2_train_len)
+    return model, {"steps": steps, "seconds": seconds, "tokens_per_step": tokens, "history": history}
+
+
+def load_exit_heads(model, path):
+    """Sets model's exit heads to those train_exits saved in `path`."""
+    saved = np.load(path)
+    state = nnx.state(model.stack.exits)
+    pure = nnx.to_pure_dict(state)
+    flat = _flat(pure)
+    if set(flat) != set(saved.files):
+        raise ValueError(f"{path} holds {sorted(saved.files)}; this model's exit heads are {sorted(flat)}")
+    nnx.replace_by_pure_dict(state, _unflat({k: jnp.asarray(saved[k]) for k in saved.files}, pure))
+    nnx.update(model.stack.exits, state)
+
+
+def _unflat(flat, like, prefix=""):
+    return {
+        k: _unflat(flat, v, f"{prefix}{k}.") if isinstance(v, dict) else flat[f"{prefix}{k}"] for k, v in like.items()
+    }
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def teacher_forced(model, text, *, measure, thresholds, prefill):
@@ -329,7 +441,9 @@ def teacher_forced(model, text, *, measure, thresholds, prefill):
 
 def decode_speed(model, text, *, measure, threshold, prefill, repeats):
     """Tokens/s of teacher-forced decoding of text [B, L + 1] after a prefill: the full model's jitted step and
-    ExitDecoder's, interleaved per round (medians), plus the mean layers the exit decoder ran per token."""
+    ExitDecoder's (exited rows compacted out of the batch), interleaved per round (medians), plus the mean layers
+    the exit decoder ran per token and its block share (rows x blocks its segments ran, bucket padding
+    included, over batch x layers)."""
     graphdef, state = nnx.split(model)
     full_step = jax.jit(lambda state, tok, caches: nnx.merge(graphdef, state)(tok, cache=caches, decode=True))
     prefill_fn = jax.jit(
@@ -349,22 +463,23 @@ def decode_speed(model, text, *, measure, threshold, prefill, repeats):
         return jax.block_until_ready(logits)
 
     def run_exit():
-        caches, used = prefill_fn(state, toks[:, :prefill]), []
+        caches, used, rows = prefill_fn(state, toks[:, :prefill]), [], []
         for t in steps:
             logits, caches, idx = decoder.step(toks[:, t : t + 1], caches)
             used.append(counts[np.asarray(idx)])
+            rows.append(decoder.block_rows)
         jax.block_until_ready(logits)
-        return float(np.mean(used))
+        return float(np.mean(used)), float(np.mean(rows)) / (text.shape[0] * decoder.num_layers)
 
     run_full(), run_exit()  # compile
     times = ([], [])
-    layers = None
+    layers = block_share = None
     for _ in range(repeats):
         for i, fn in enumerate((run_full, run_exit)):
             t0 = time.perf_counter()
             r = fn()
             times[i].append(time.perf_counter() - t0)
-            layers = r if i == 1 else layers
+            layers, block_share = r if i == 1 else (layers, block_share)
     tokens = text.shape[0] * len(steps)
     full_s, exit_s = float(np.median(times[0])), float(np.median(times[1]))
     return {
@@ -375,16 +490,27 @@ def decode_speed(model, text, *, measure, threshold, prefill, repeats):
         "exit_tokens_per_s": tokens / exit_s,
         "speedup": full_s / exit_s,
         "layers": layers,
+        "block_share": block_share,
         "rounds": repeats,
     }
 
 
-def run_smollm2(args, results):
+def run_smollm2(args, results, *, trained=False):
+    """Part smollm2 (shared-head exits, untrained) or smollm2_trained (own heads + confidence classifiers
+    trained with the backbone frozen; decisions by the learned classifier)."""
+    key = "smollm2_trained" if trained else "smollm2"
     layers = [int(x) for x in args.smollm2_exits.split(",")]
-    model, tok, cfg = smollm2_with_exits(layers)
+    model, tok, cfg = smollm2_with_exits(layers, head="own" if trained else "shared")
     n_layers = cfg.num_layers
-    text = smollm2_text(tok, args.smollm2_len, args.smollm2_rows, args.seed)
+    train_stream, val_stream = smollm2_streams(tok)
+    text = smollm2_text(val_stream, args.smollm2_len, args.smollm2_rows, args.seed)
     log(f"SmolLM2: {n_layers} layers, exits after {layers}; text {text.shape}")
+    training = None
+    if trained and args.smollm2_heads:  # heads of an earlier run (smollm2_exit_heads.npz)
+        load_exit_heads(model, args.smollm2_heads)
+        training = {"loaded_from": args.smollm2_heads}
+    elif trained:
+        model, training = train_exits(model, cfg, train_stream, args)
     # One full pass gives every exit's outputs (no KV error) for calibration and the sweep.
     full_pass = nnx.jit(lambda m, t: ee.exit_pass(m, t))(model, jnp.asarray(text[:, :-1]))
     counts = np.asarray([*layers, n_layers])
@@ -396,9 +522,11 @@ def run_smollm2(args, results):
         "num_layers": n_layers,
         "text": list(text.shape),
         "exit_agreement": [float((np.asarray(p) == full_pred).mean()) for p in preds],
+        "training": training,
     }
+    decode_measure = "learned" if trained else "max_prob"
     part["sweep"] = {}
-    for measure in ("max_prob", "saturation"):
+    for measure in ("max_prob", "saturation", "learned") if trained else ("max_prob", "saturation"):
         conf = ee.pass_confidences(full_pass, measure)
         rows = []
         for t in SWEEP[:7] + SWEEP[7::3]:
@@ -413,7 +541,7 @@ def run_smollm2(args, results):
             )
         dev_pass = jax.tree.map(lambda x: x[:half], full_pass)
         losses = ee.inconsistency_losses(dev_pass, measure, SWEEP)
-        cal = ee.calibrate_threshold(SWEEP, losses, delta=0.05, epsilon=args.epsilon)
+        cal = ee.calibrate_threshold(SWEEP, losses, delta=0.05, epsilon=args.cascade.epsilon)
         emp = ee.calibrate_threshold(SWEEP, losses, delta=0.05, method="empirical")
         part["sweep"][measure] = {
             "curve": rows,
@@ -421,19 +549,19 @@ def run_smollm2(args, results):
             "empirical_threshold": emp["threshold"],
         }
         log(f"SmolLM2 {measure}: delta 0.05 thresholds LTT {cal['threshold']}, empirical {emp['threshold']}; {rows}")
-    # Real decoding with KV propagation at the calibrated max_prob thresholds (test half of the rows); speed at
-    # each measure's empirically calibrated threshold.
-    picks = {part["sweep"]["max_prob"][k] for k in ("ltt_threshold", "empirical_threshold")}
+    # Real decoding with KV propagation at the decode measure's calibrated thresholds (test half of the rows);
+    # speed at each measure's empirically calibrated threshold.
+    picks = {part["sweep"][decode_measure][k] for k in ("ltt_threshold", "empirical_threshold")}
     test = text[half:]
     prefill = args.smollm2_len // 2
     thresholds = sorted(picks | set(args.smollm2_thresholds) | {1.0}, reverse=True)
-    decoded = teacher_forced(model, test, measure="max_prob", thresholds=thresholds, prefill=prefill)
+    decoded = teacher_forced(model, test, measure=decode_measure, thresholds=thresholds, prefill=prefill)
     ref_pred, ref_nll, _ = decoded[1.0]
     rows = []
-    conf_max_prob = ee.pass_confidences(full_pass, "max_prob")
+    conf_decode = ee.pass_confidences(full_pass, decode_measure)
     for t in thresholds:
         pred, nll, idx = decoded[t]
-        all_idx = ee.simulate_exits(conf_max_prob, t)  # [B, L]: no KV error
+        all_idx = ee.simulate_exits(conf_decode, t)  # [B, L]: no KV error
         sim = np.take_along_axis(np.asarray(preds), np.asarray(all_idx)[None], 0)[0][half:, prefill:]
         sim_idx = np.asarray(all_idx)[half:, prefill:]
         rows.append(
@@ -447,20 +575,42 @@ def run_smollm2(args, results):
                 "layers_without_kv_error": float(counts[sim_idx].mean()),
             }
         )
-        log(f"SmolLM2 decode max_prob > {t}: {rows[-1]}")
+        log(f"SmolLM2 decode {decode_measure} > {t}: {rows[-1]}")
+    part["decode_measure"] = decode_measure
     part["decode"] = rows
-    results["smollm2"] = part
+    results[key] = part
     write(results)  # the quality figures survive a failure of the timing below
     speed = []
-    for measure in ("max_prob", "saturation"):
+    for measure in (decode_measure, "max_prob") if trained else ("max_prob", "saturation"):
         t = part["sweep"][measure]["empirical_threshold"]
         for batch in (1, 8):
             speed.append(
                 decode_speed(model, test[:batch], measure=measure, threshold=t, prefill=prefill, repeats=args.repeats)
             )
             log(f"SmolLM2 decode speed: {speed[-1]}")
-    part["speed"] = speed
-    results["smollm2"] = part
+        part["speed"] = speed
+        write(results)
+
+
+def run_smollm2_speed(args, results):
+    """Part smollm2_speed: decode tokens/s of the trained exits (--smollm2_heads) decided by the learned
+    classifier at --smollm2_speed_thresholds, batch 1 and 8, on the smollm2_trained part's test windows."""
+    if not args.smollm2_heads:
+        raise ValueError("--parts=smollm2_speed needs --smollm2_heads=<smollm2_exit_heads.npz of smollm2_trained>")
+    layers = [int(x) for x in args.smollm2_exits.split(",")]
+    model, tok, _ = smollm2_with_exits(layers, head="own")
+    load_exit_heads(model, args.smollm2_heads)
+    text = smollm2_text(smollm2_streams(tok)[1], args.smollm2_len, args.smollm2_rows, args.seed)
+    test, prefill = text[text.shape[0] // 2 :], args.smollm2_len // 2
+    part = results["smollm2_speed"] = {"heads": args.smollm2_heads, "exit_layers": layers, "speed": []}
+    for t in args.smollm2_speed_thresholds:
+        for batch in (1, 8):
+            row = decode_speed(
+                model, test[:batch], measure="learned", threshold=t, prefill=prefill, repeats=args.repeats
+            )
+            part["speed"].append(row)
+            log(f"SmolLM2 decode speed: {row}")
+            write(results)
 
 
 # ---- output --------------------------------------------------------------------------------------------
@@ -474,7 +624,7 @@ def write(results):
     if os.path.exists(path):
         done = set(results.get("parts_run", ()))
         old = json.load(open(path))
-        results.update({k: v for k, v in old.items() if k in ("listops", "smollm2") and k not in done})
+        results.update({k: v for k, v in old.items() if k in PARTS and k not in done})
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
@@ -520,8 +670,10 @@ def plot(results):
         ax.plot(*zip(*front, strict=True), "k:", lw=2, label="Pareto frontier")
         title = "ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)"
         _finish(plt, fig, ax, "cost: forward FLOPs per example / large model's", "test accuracy", title, "listops")
-    if "smollm2" in results:
-        r = results["smollm2"]
+    for key in ("smollm2", "smollm2_trained"):
+        if key not in results:
+            continue
+        r = results[key]
         fig, ax = plt.subplots(figsize=(8, 5.5))
         n = r["num_layers"]
         for measure, s in r["sweep"].items():
@@ -532,10 +684,12 @@ def plot(results):
                 label=f"exits, {measure} (no KV error)",
             )
         d = r["decode"]
-        ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label="decode with KV propagation")
+        label = f"decode with KV propagation ({r.get('decode_measure', 'max_prob')})"
+        ax.plot([p["layers"] / n for p in d], [p["agreement"] for p in d], "o-", label=label)
         ax.scatter([1.0], [1.0], s=80, label="SmolLM2-135M (all layers)")
         ax.axhline(0.95, color="gray", ls=":", lw=1)
-        title = "SmolLM2-135M shared-head early exits on held-out CPython docs"
+        heads = "trained own-head" if key == "smollm2_trained" else "shared-head"
+        title = f"SmolLM2-135M {heads} early exits on held-out CPython docs"
         _finish(
             plt,
             fig,
@@ -543,40 +697,62 @@ def plot(results):
             f"cost: mean layers run per token / {n}",
             "top-1 agreement with the full model",
             title,
-            "smollm2",
+            key,
         )
 
 
+PARTS = {
+    "listops": run_listops,
+    "smollm2": run_smollm2,
+    "smollm2_trained": lambda args, results: run_smollm2(args, results, trained=True),
+    "smollm2_speed": run_smollm2_speed,
+}
+
+
 def main(argv=None):
+    global OUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="listops,smollm2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq_len", type=int, default=48)
-    p.add_argument("--d_model", type=int, default=64)
-    p.add_argument("--small_d_model", type=int, default=32)
     p.add_argument("--max_depth", type=int, default=3)
     p.add_argument("--max_args", type=int, default=4)
     p.add_argument("--eval_examples", type=int, default=2048)
-    p.add_argument("--delta", type=float, default=0.02, help="LTT: allowed inconsistency with the full model")
-    p.add_argument("--epsilon", type=float, default=0.1, help="LTT: allowed probability that the bound fails")
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--smollm2_exits", default="15,20,24,27")
     p.add_argument("--smollm2_len", type=int, default=64)
     p.add_argument("--smollm2_rows", type=int, default=16)
     p.add_argument("--smollm2_thresholds", type=float, nargs="*", default=[0.9])
+    p.add_argument("--smollm2_train_steps", type=int, default=200, help="smollm2_trained: exit-head training steps")
+    p.add_argument("--smollm2_train_batch", type=int, default=8)
+    p.add_argument("--smollm2_train_len", type=int, default=32)
+    p.add_argument("--smollm2_train_lr", type=float, default=2e-3)
+    p.add_argument("--smollm2_heads", default="", help="smollm2_trained: load these trained heads (npz), no training")
+    p.add_argument("--smollm2_speed_thresholds", type=float, nargs="*", default=[0.3], help="smollm2_speed")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=OUT, help="results folder")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config, spec, rest = config_from_args(argv, DEFAULT_CONFIG, "cascades.py")
+    try:
+        check_cascade_config(config.cascade)
+    except ConfigError as e:
+        print(f"cascades.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args = p.parse_args(rest)
+    OUT = args.out
     from effitrans.perf import machine_description
 
     results = {
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *argv]),
         "machine": machine_description(),
         "args": vars(args),
+        "config": {"spec": spec, **config.to_dict()},
     }
+    args.cascade = config.cascade
     results["parts_run"] = args.parts.split(",")
     for part in args.parts.split(","):
-        {"listops": run_listops, "smollm2": run_smollm2}[part](args, results)
+        PARTS[part](args, results)
         write(results)
         plot(results)
     log(f"wrote {OUT}")

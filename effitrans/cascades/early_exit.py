@@ -188,8 +188,10 @@ def _inputs(model, tokens, mask):
     return model.stack.embed(tokens), positions, segment_ids
 
 
-def exit_pass(model, tokens, mask=None) -> ExitPass:
-    """Every exit's and the last layer's outputs of tokens int [B, T] (mask [B, T] for encoders), in one pass."""
+def exit_pass(model, tokens, mask=None, *, frozen_backbone: bool = False) -> ExitPass:
+    """Every exit's and the last layer's outputs of tokens int [B, T] (mask [B, T] for encoders), in one pass.
+    `frozen_backbone` stops gradients at the residual stream after every block, so a backward pass runs only
+    through the exit heads and the readouts (the backbone's backward is never computed)."""
     heads = exits_of(model)
     x, positions, segment_ids = _inputs(model, tokens, mask)  # [B, T, D]
     exit_at = {layer: i for i, layer in enumerate(heads.layers)}
@@ -197,6 +199,7 @@ def exit_pass(model, tokens, mask=None) -> ExitPass:
     for n, block in enumerate(model.stack.blocks, start=1):
         prev = x
         x, _ = block(x, positions=positions, segment_ids=segment_ids)
+        x = jax.lax.stop_gradient(x) if frozen_backbone else x
         if n in exit_at or n == len(model.stack.blocks):
             if n in exit_at:
                 lg, conf = _exit_readout(model, exit_at[n], x, mask)
@@ -308,35 +311,65 @@ def decode_step_with_exits(model, tokens, caches, *, measure: str, threshold: fl
     return out, caches, index
 
 
+def bucket_size(n: int, batch: int) -> int:
+    """The static bucket `n` running rows of a batch of `batch` are compacted into: the smallest power of two
+    >= n, capped at the batch (batch 8: 8 -> 4 -> 2 -> 1), so a decoder compiles one program per bucket."""
+    if not 1 <= n <= batch:
+        raise ValueError(f"n={n} running rows: expected 1..batch={batch}")
+    return min(batch, 1 << (n - 1).bit_length())
+
+
+def _bucket_rows(rows, batch: int):
+    """rows (host ints, the batch rows to run) padded to their bucket with the out-of-range index `batch`:
+    gathers clamp it (a real row's values, computed and thrown away), scatters drop it. -> int32 [bucket]."""
+    size = bucket_size(len(rows), batch)
+    return jnp.asarray(np.concatenate([rows, np.full(size - len(rows), batch)]).astype(np.int32))
+
+
+def _take_rows(caches, rows):
+    """The cache rows `rows` int32 [b] of each cache (every cache leaf has the batch on axis 0)."""
+    return [jax.tree.map(lambda a: a.at[rows].get(mode="clip"), c) for c in caches]
+
+
+def _put_rows(caches, rows, sub):
+    """caches with the rows `rows` replaced by sub's (out-of-range padding rows are dropped)."""
+    return [jax.tree.map(lambda a, s: a.at[rows].set(s, mode="drop"), c, s_) for c, s_ in zip(caches, sub, strict=True)]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi"))
-def _segment(graphdef, state, x, done, positions, caches, *, lo, hi):
-    """Blocks lo..hi-1 of one decode step; rows already done keep their state (their caches get propagation)."""
+def _segment(graphdef, state, x, rows, positions, caches, *, lo, hi):
+    """Blocks lo..hi-1 of one decode step for the running rows only: x [b, 1, D] their states, rows int32 [b]
+    their batch rows (None: all B rows, in order), positions [B, 1], caches [B, ...] of layers lo..hi-1 (the
+    running rows' cache rows are gathered, updated and scattered back).
+    -> (x [b, 1, D], the state entering block hi-1 [b, 1, D], caches)."""
     m = nnx.merge(graphdef, state)
-    prev, caches = x, list(caches)
+    sub = list(caches) if rows is None else _take_rows(caches, rows)
+    pos = positions if rows is None else positions.at[rows].get(mode="clip")  # [b, 1]
+    prev = x
     for n in range(lo, hi):
         prev = x
-        x_new, caches[n - lo] = m.stack.blocks[n](x, positions=positions, cache=caches[n - lo], decode=True)
-        x = jnp.where(done[:, None, None], x, x_new)
-    return x, prev, caches
+        x, sub[n - lo] = m.stack.blocks[n](x, positions=pos, cache=sub[n - lo], decode=True)
+    return x, prev, (sub if rows is None else _put_rows(caches, rows, sub))
 
 
 def _exit_output(m, x, i):
-    """Exit i's logits [B, 1, V] and final-normed state [B, 1, D]."""
+    """Exit i's logits [b, 1, V] and final-normed state [b, 1, D]."""
     normed = m.stack.final_norm(exits_of(m).transform(i, x))
     return m.logits(normed), normed
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "measure", "i"))
-def _exit_check(graphdef, state, x, prev, done, threshold, *, measure, i):
-    """Rows exiting at exit i now, and exit i's logits when the measure read them (else None)."""
+def _exit_check(graphdef, state, x, prev, threshold, *, measure, i):
+    """Which of the rows x [b, 1, D] exit at exit i (bool [b]), and exit i's logits when the measure read them
+    (else None: no output projection unless a row exits)."""
     m = nnx.merge(graphdef, state)
     heads = exits_of(m)
     if measure in LOGIT_MEASURES:
         logits, normed = _exit_output(m, x, i)
-    else:  # no output projection unless a row exits
+    else:
         logits, normed = None, m.stack.final_norm(heads.transform(i, x))
     conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
-    return ~done & (conf[:, 0] > threshold), logits
+    return conf[:, 0] > threshold, logits
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "i"))
@@ -345,14 +378,15 @@ def _exit_logits(graphdef, state, x, *, i):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "lo"))
-def _propagate(graphdef, state, x, positions, caches, *, lo):
-    """Keys/values of the exited state x in layers lo.. (their attention on norm(x); no feed-forward)."""
+def _propagate(graphdef, state, x, rows, positions, caches, *, lo):
+    """Keys/values of the exited states x [b, 1, D] of batch rows `rows` int32 [b] in layers lo.. (attention on
+    norm(x), output dropped; no feed-forward); caches [B, ...] of layers lo.., only those rows change."""
     m = nnx.merge(graphdef, state)
-    caches = list(caches)
+    sub, pos = _take_rows(caches, rows), positions.at[rows].get(mode="clip")  # pos [b, 1]
     for n in range(lo, len(m.stack.blocks)):
         block = m.stack.blocks[n]
-        _, caches[n - lo] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n - lo], decode=True)
-    return caches
+        _, sub[n - lo] = block.attn(block.attn_norm(x), positions=pos, cache=sub[n - lo], decode=True)
+    return _put_rows(caches, rows, sub)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -365,15 +399,25 @@ def _embed(graphdef, state, tokens):
     return nnx.merge(graphdef, state).stack.embed(tokens)
 
 
-class ExitDecoder:
-    """Compiled decode steps with early exit whose exited work is really skipped (decode_step_with_exits's
-    math, in pieces): the layers between two exits are one jitted program each; after each exit the host
-    reads which rows exited, and once every row has, the remaining layers run only the key/value propagation
-    (attention on the exited state, no feed-forward) and the exit's logits are the step's. At batch 1 this is
-    per-token early exit; at batch B the feed-forwards stop only when all B rows exited. The compiled pieces
-    are shared by every decoder of the same model and measure (the threshold is an argument).
+def _gather(x, local, size: int):
+    """Rows `local` (host ints) of x, padded to bucket_size(len(local), size) by repeating x's last row."""
+    return x.at[_bucket_rows(local, size)].get(mode="clip")
 
-    step(tokens int [B, 1], caches) -> (logits [B, 1, V] float32, caches, exit index int32 [B]).
+
+class ExitDecoder:
+    """Compiled decode steps with early exit whose exited work is really removed, per row and in batches
+    (decode_step_with_exits's math, in pieces). The layers between two exits are one jitted program; after
+    each exit the host reads which rows exit. Those rows read out through their exit and write their state's
+    keys/values into the remaining layers' caches (attention on the exited state, no feed-forward); the rows
+    still running are compacted into the next static bucket (bucket_size: B -> ... -> 4 -> 2 -> 1, their
+    states, positions and cache rows gathered, run, scattered back), so a segment costs what its running rows
+    cost, rounded up to a power of two. One program per (segment, bucket); until a row exits nothing is
+    gathered, so a step in which no row exits runs the model's own blocks on the whole batch. The compiled
+    pieces are shared by every decoder of the same model and measure (the threshold is an argument).
+
+    step(tokens int [B, 1], caches) -> (logits [B, 1, V] float32, caches, exit index int32 [B]); afterwards
+    `block_rows` = the rows (bucket padding included) times blocks the step's segments ran (B x layers without
+    exits; the propagation's attention-only layers are not counted).
     """
 
     def __init__(self, model, *, measure: str, threshold: float):
@@ -383,33 +427,48 @@ class ExitDecoder:
         self.num_layers = len(model.stack.blocks)
         self.measure = measure
         self.graphdef, self.state = nnx.split(model)
+        self.block_rows = 0
 
     def step(self, tokens, caches):
         """One token per row; see the class docstring."""
         g, state = self.graphdef, self.state
+        batch = tokens.shape[0]
         caches = list(caches)
         positions = caches[0].lengths[:, None]  # [B, 1]
         x = _embed(g, state, tokens)  # [B, 1, D]
-        batch = tokens.shape[0]
-        done = jnp.zeros((batch,), bool)
-        index = jnp.full((batch,), len(self.layers), jnp.int32)
-        out, lo = None, 0
+        active = np.arange(batch)  # the batch rows still running, x's first len(active) rows
+        rows = None  # their padded bucket of batch rows (None: all rows, in order)
+        index = np.full((batch,), len(self.layers), np.int32)
+        pieces, lo, self.block_rows = [], 0, 0  # pieces: (batch rows, their logits [n, 1, V])
         for i, hi in enumerate((*self.layers, self.num_layers)):
-            x, prev, caches[lo:hi] = _segment(g, state, x, done, positions, caches[lo:hi], lo=lo, hi=hi)
+            x, prev, caches[lo:hi] = _segment(g, state, x, rows, positions, caches[lo:hi], lo=lo, hi=hi)
+            self.block_rows += x.shape[0] * (hi - lo)
             if hi == self.num_layers:
-                final = _final_logits(g, state, x)
-                out = final if out is None else jnp.where(done[:, None, None], out, final)
+                pieces.append((active, _final_logits(g, state, x)[: len(active)]))
                 break
-            newly, logits = _exit_check(g, state, x, prev, done, self.threshold, measure=self.measure, i=i)
-            if bool(newly.any()):
-                logits = _exit_logits(g, state, x, i=i) if logits is None else logits
-                out = logits if out is None else jnp.where(newly[:, None, None], logits, out)
-                index, done = jnp.where(newly, i, index), done | newly
-                if bool(done.all()):
-                    caches[hi:] = _propagate(g, state, x, positions, caches[hi:], lo=hi)
-                    break
+            exits, logits = _exit_check(g, state, x, prev, self.threshold, measure=self.measure, i=i)
+            exits = np.asarray(exits)[: len(active)]
+            if not exits.any():
+                lo = hi
+                continue
+            out_local = np.flatnonzero(exits)
+            x_out = _gather(x, out_local, batch)  # [b', 1, D]
+            logits = _exit_logits(g, state, x_out, i=i) if logits is None else _gather(logits, out_local, batch)
+            pieces.append((active[out_local], logits[: len(out_local)]))
+            index[active[out_local]] = i
+            out_rows = _bucket_rows(active[out_local], batch)
+            caches[hi:] = _propagate(g, state, x_out, out_rows, positions, caches[hi:], lo=hi)
+            keep = np.flatnonzero(~exits)
+            if keep.size == 0:
+                break
+            x, active = _gather(x, keep, batch), active[keep]
+            rows = _bucket_rows(active, batch)
             lo = hi
-        return out, caches, index
+        if len(pieces) == 1:  # every row left at the same place, in order
+            return pieces[0][1], caches, jnp.asarray(index)
+        order = np.concatenate([r for r, _ in pieces])
+        out = jnp.concatenate([lg for _, lg in pieces])[jnp.asarray(np.argsort(order))]
+        return out, caches, jnp.asarray(index)
 
 
 # ---- threshold calibration ----------------------------------------------------------------------------
@@ -501,7 +560,8 @@ def exit_task(task: Task, model_cfg) -> Task:
     """`task` with per-exit losses: training runs every exit (exit_pass) and minimises
     last-layer loss + sum_i w_i exit_i loss + distill_weight sum_i KL(last || exit_i) (last layer stopped)
     + confidence_weight sum_i BCE(learned_i, [exit_i's top-1 == last layer's top-1]).
-    Evaluation scores the last layer as before. Metrics exit<l>_loss / exit<l>_accuracy per exit after layer l."""
+    Evaluation scores the last layer as before. Metrics exit<l>_loss / exit<l>_accuracy per exit after layer l.
+    With exits.frozen_backbone the backbone's backward pass is skipped (exit_pass(frozen_backbone=True))."""
     if task.name not in ("lm", "classification"):
         raise ValueError(f"exits train with task 'lm' or 'classification', not {task.name!r}")
     e = model_cfg.exits
@@ -509,9 +569,10 @@ def exit_task(task: Task, model_cfg) -> Task:
     weights = list(e.get("loss_weights") or [1.0] * len(layers))
     distill, conf_w = float(e.get("distill_weight", 0.0)), float(e.get("confidence_weight", 1.0))
     lm = task.name == "lm"
+    frozen = bool(e.get("frozen_backbone", False))
 
     def train_forward(model, batch):
-        return exit_pass(model, batch["inputs"], None if lm else batch["mask"])
+        return exit_pass(model, batch["inputs"], None if lm else batch["mask"], frozen_backbone=frozen)
 
     def loss(out, batch):
         if not isinstance(out, ExitPass):

@@ -1,12 +1,19 @@
 """Sequential (FrugalGPT) and routing (RouteLLM) cascades: they route exactly as their thresholds say (counted
 calls), refuse a cascade of one model and thresholds outside [0, 1], and the routing metrics match hand
-computations."""
+computations; the `cascade` config group refuses bad values with the key, the value and what is allowed."""
+
+import importlib.util
+import os
 
 import numpy as np
 import pytest
 
+from effitrans import defaults
 from effitrans.cascades import routing as rt
 from effitrans.cascades import sequential as sq
+from effitrans.cascades.config import check_cascade_config, exit_layers_of
+from effitrans.schema import ConfigError, load_config
+from tests.helpers import ROOT
 
 
 class CountingModel:
@@ -102,3 +109,59 @@ def test_trained_routers_beat_the_random_routers_interval_on_a_learnable_split()
         assert scores.shape == (100,) and ((scores >= 0) & (scores <= 1)).all()
         assert rt.apgr(weak[test], strong[test], scores) > hi
         assert rt.cpt(weak[test], strong[test], scores, 0.5) < 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"stages": [[4, 64]]}, r"config\.cascade\.stages=\[\[4, 64\]\] is a cascade of 1 model; a cascade needs at "
+         r"least 2"),
+        ({"stages": [[1, 32], [4]]}, r"stages=\[\[1, 32\], \[4\]\] is not allowed: expected a list of \[num_layers, "
+         r"d_model\] pairs"),
+        ({"thresholds": [1.5]}, r"thresholds=\[1\.5\] is not allowed: expected None \(chosen on the dev split\) or a "
+         r"list of numbers in \[0, 1\]"),
+        ({"thresholds": [-0.1]}, r"thresholds=\[-0\.1\] is not allowed"),
+        ({"thresholds": [0.5, 0.5]}, r"thresholds=\[0\.5, 0\.5\] has 2 entries; expected one per stage but the last "
+         r"\(1 for 2 stages\)"),
+        ({"routers": ["oracle"]}, r"routers=\['oracle'\] is not allowed: expected a non-empty list of distinct names "
+         r"from \['embedding_classifier', 'knn'\]"),
+        ({"scorer": "saturation"}, r"scorer='saturation' is not allowed: expected one of \['max_prob', 'margin', "
+         r"'entropy'\]"),
+        ({"exit_measures": ["max_prob", "vibes"]}, r"exit_measures=\['max_prob', 'vibes'\] is not allowed"),
+        ({"exit_layers": [2, 4]}, r"exit_layers=\[2, 4\] must be strictly increasing layer counts in 1\.\.3 \(the "
+         r"last stage has 4 layers\)"),
+        ({"stages": [[1, 32], [1, 64]]}, r"the last stage has 1 layer, so it has no room for an exit"),
+        ({"delta": 0.0}, r"delta=0\.0 is not allowed: expected a number in \(0, 1\)"),
+        ({"epsilon": 1.0}, r"epsilon=1\.0 is not allowed: expected a number in \(0, 1\)"),
+        ({"calibration": "bonferroni"}, r"calibration='bonferroni' is not allowed: expected one of \['ltt', "
+         r"'empirical'\]"),
+        ({"knn_k": 0}, r"knn_k=0 is not allowed: expected an int >= 1"),
+        ({"router": "knn"}, r"config\.cascade\.router is not a known config key"),
+    ],
+)  # fmt: skip
+def test_bad_cascade_configs_name_the_key_the_value_and_what_is_allowed(overrides, match):
+    cfg = defaults.cascade(**overrides)
+    with pytest.raises(ConfigError, match=match):
+        check_cascade_config(cfg)
+
+
+def test_the_shipped_cascade_config_validates_and_takes_overrides():
+    cfg = load_config(os.path.join(ROOT, "configs", "cascades_listops.py:cascade.knn_k=8,cascade.scorer=margin"))
+    check_cascade_config(cfg.cascade)
+    assert cfg.cascade.knn_k == 8 and cfg.cascade.scorer == "margin"
+    assert exit_layers_of(cfg.cascade) == [1, 2, 3]  # default: after every layer of the last stage but its last
+    three = defaults.cascade(stages=[[1, 16], [2, 32], [6, 64]], thresholds=[0.8, 0.6], exit_layers=[2, 4])
+    check_cascade_config(three)
+    assert exit_layers_of(three) == [2, 4]
+
+
+def test_the_experiment_refuses_a_bad_cascade_config_before_any_work(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "cascades_experiment", os.path.join(ROOT, "experiments", "cascades.py")
+    )
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    with pytest.raises(SystemExit) as e:
+        experiment.main(["--parts=listops", "--config.cascade.knn_k=0"])
+    assert e.value.code == 2
+    assert "config.cascade.knn_k=0 is not allowed: expected an int >= 1" in capsys.readouterr().err

@@ -295,3 +295,51 @@ def test_exit_decoder_skips_work_but_equals_the_masked_step(measure):
         np.testing.assert_allclose(got, want, atol=1e-5)
         for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(want_caches), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_running_rows_compact_into_halving_power_of_two_buckets():
+    assert [ee.bucket_size(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert [ee.bucket_size(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]  # capped at the batch
+    for n in (0, 9):
+        with pytest.raises(ValueError, match=rf"n={n} running rows: expected 1\.\.batch=8"):
+            ee.bucket_size(n, 8)
+
+
+@pytest.mark.slow  # compiles a program per (segment, bucket): ~1-2 min on 2 loaded cores
+def test_compacted_batch_decode_equals_per_row_decode_and_no_exit_equals_the_full_model():
+    model = build_model(lm_with_exits(num_layers=4, layers=[1, 2, 3]))
+    _randomise_exit_heads(model)
+    batch = 8
+    tokens = jax.random.randint(jax.random.key(7), (batch, 5), 0, 61)
+    caches = model.init_cache(batch, 6)
+    _, caches = model(tokens[:, :4], cache=caches, decode=True)
+
+    ref, ref_caches = nnx.jit(lambda m, t, c: m(t, cache=c, decode=True))(model, tokens[:, 4:], caches)
+    never = ee.ExitDecoder(model, measure="learned", threshold=1.0)
+    got, got_caches, index = never.step(tokens[:, 4:], caches)
+    np.testing.assert_array_equal(got, ref)  # no exit: the model's own blocks, bit for bit
+    for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(ref_caches), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (np.asarray(index) == 3).all() and never.block_rows == batch * 4
+
+    row_step = nnx.jit(lambda m, t, c, th, measure: ee.decode_step_with_exits(m, t, c, measure=measure, threshold=th),
+                       static_argnames="measure")  # fmt: skip
+    for measure in ("learned", "max_prob"):
+        conf = ee.pass_confidences(ee.exit_pass(model, tokens), measure)[:, :, 4]  # [X, B]
+        threshold = float(jnp.quantile(conf, 0.6))  # rows leave at different exits
+        decoder = ee.ExitDecoder(model, measure=measure, threshold=threshold)
+        got, got_caches, index = decoder.step(tokens[:, 4:], caches)
+        layers = np.asarray(ee.layers_run(index, (1, 2, 3), 4))
+        assert len(set(np.asarray(index).tolist())) > 2
+        # Exited rows' work is removed: the running rows only, rounded up to their power-of-two bucket.
+        assert decoder.block_rows < batch * 4 and decoder.block_rows >= layers.sum()
+        for r in range(batch):
+            row_caches = jax.tree.map(lambda a, r=r: a[r : r + 1], caches)
+            want, want_caches, want_index = row_step(model, tokens[r : r + 1, 4:], row_caches, threshold, measure)
+            assert int(want_index[0]) == int(index[r]), (measure, r)
+            np.testing.assert_allclose(got[r], want[0], atol=1e-5)
+            for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(want_caches), strict=True):
+                np.testing.assert_allclose(a[r], b[0], atol=1e-5)
+    always = ee.ExitDecoder(model, measure="max_prob", threshold=0.0)
+    _, _, index = always.step(tokens[:, 4:], caches)
+    assert (np.asarray(index) == 0).all() and always.block_rows == batch  # one block, then propagation only
