@@ -117,6 +117,7 @@ def test_multi_round_equals_reference_from_equations(n_buckets, n_hashes, chunk_
     np.testing.assert_allclose(got[keep], want[keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # three eager builds (~7 s); the equations tests above run in the default run
 def test_deterministic_given_key():
     _, a = _run(_module(4, 2, 4, False, seed=3), 1, 16)
     _, b = _run(_module(4, 2, 4, False, seed=3), 1, 16)

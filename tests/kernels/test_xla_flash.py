@@ -69,7 +69,8 @@ def _random_shapes(batch, q_len, kv_len, heads, head_dim, mask, block_q, block_k
     )
 
 
-test_random_shapes = settings(deadline=None, max_examples=4)(given(**_SHAPES)(_random_shapes))
+# The default run keeps two random shapes (the run's time budget); the slow variant below tries 40.
+test_random_shapes = settings(deadline=None, max_examples=2)(given(**_SHAPES)(_random_shapes))
 test_random_shapes_many = pytest.mark.slow(settings(deadline=None, max_examples=40)(given(**_SHAPES)(_random_shapes)))
 
 
