@@ -209,7 +209,7 @@ def grouped_matmul_for(grouped: str, backend: str | None = None) -> str:
 def tile_rows(num_assignments: int, num_experts: int) -> int:
     """Rows per tile of the tiled grouped matmul: half an expert's mean rows as a power of two in [8, 256]
     (larger tiles run faster matmuls but pad each expert by up to tile - 1 rows: 256 measured best on the CPU
-    at 768 rows per expert, bench moe)."""
+    at 768 rows per expert: the layer breakdown of `python -m effitrans.bench train`)."""
     half_mean = max(num_assignments / (2 * num_experts), 1.0)
     return int(min(256, max(8, 2 ** math.floor(math.log2(half_mean)))))
 
@@ -367,8 +367,11 @@ class MoEFeedForward(nnx.Module):
     ):
         for _, msg in moe_problems(num_experts, top_k, num_groups, top_groups, capacity_factor):
             raise ValueError(msg)
-        choices = (("gating", gating, GATINGS), ("dispatch", dispatch, DISPATCHES))
-        for name, v, allowed in (*choices, ("grouped_matmul", grouped_matmul, GROUPED_MATMULS)):
+        for name, v, allowed in (
+            ("gating", gating, GATINGS),
+            ("dispatch", dispatch, DISPATCHES),
+            ("grouped_matmul", grouped_matmul, GROUPED_MATMULS),
+        ):
             if v not in allowed:
                 raise ValueError(f"{name}={v!r} is not one of {list(allowed)}")
         if activation not in ACTIVATIONS:
