@@ -336,88 +336,77 @@ def _put_rows(caches, rows, sub):
     return [jax.tree.map(lambda a, s: a.at[rows].set(s, mode="drop"), c, s_) for c, s_ in zip(caches, sub, strict=True)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi"))
-def _segment(graphdef, state, x, rows, positions, caches, *, lo, hi):
-    """Blocks lo..hi-1 of one decode step for the running rows only: x [b, 1, D] their states, rows int32 [b]
-    their batch rows (None: all B rows, in order), positions [B, 1], caches [B, ...] of layers lo..hi-1 (the
-    running rows' cache rows are gathered, updated and scattered back).
-    -> (x [b, 1, D], the state entering block hi-1 [b, 1, D], caches)."""
-    m = nnx.merge(graphdef, state)
-    sub = list(caches) if rows is None else _take_rows(caches, rows)
-    pos = positions if rows is None else positions.at[rows].get(mode="clip")  # [b, 1]
-    prev = x
-    for n in range(lo, hi):
-        prev = x
-        x, sub[n - lo] = m.stack.blocks[n](x, positions=pos, cache=sub[n - lo], decode=True)
-    return x, prev, (sub if rows is None else _put_rows(caches, rows, sub))
-
-
 def _exit_output(m, x, i):
     """Exit i's logits [b, 1, V] and final-normed state [b, 1, D]."""
     normed = m.stack.final_norm(exits_of(m).transform(i, x))
     return m.logits(normed), normed
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "measure", "i"))
-def _exit_check(graphdef, state, x, prev, threshold, *, measure, i):
-    """Which of the rows x [b, 1, D] exit at exit i (bool [b]), and exit i's logits when the measure read them
-    (else None: no output projection unless a row exits)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi", "exit_i", "measure"))
+def _segment(graphdef, state, x, take, rows, positions, caches, threshold, *, lo, hi, exit_i, measure):
+    """One compiled piece of a decode step: blocks lo..hi-1 for the running rows, then exit `exit_i`'s decision
+    (exit_i=None: the last segment, which reads out the final logits instead).
+
+    x: the tokens int [B, 1] when lo == 0 (embedded here), else the previous segment's states [b0, 1, D];
+    take int32 [b] (or None: all of x, in order) the rows of x that run on; rows int32 [b] their batch rows (None:
+    all B rows in order); positions [B, 1]; caches [B, ...] of layers lo..hi-1 (the running rows' cache rows are
+    gathered, updated and scattered back); threshold a float32 scalar.
+    -> (x [b, 1, D], exits bool [b] or None, logits [b, 1, V] or None (an exit whose measure does not read
+    logits projects none unless a row exits), caches)."""
     m = nnx.merge(graphdef, state)
+    x = x if take is None else x.at[take].get(mode="clip")
+    x = m.stack.embed(x) if lo == 0 else x
+    sub = list(caches) if rows is None else _take_rows(caches, rows)
+    pos = positions if rows is None else positions.at[rows].get(mode="clip")  # [b, 1]
+    prev = x
+    for n in range(lo, hi):
+        prev = x
+        x, sub[n - lo] = m.stack.blocks[n](x, positions=pos, cache=sub[n - lo], decode=True)
+    caches = sub if rows is None else _put_rows(caches, rows, sub)
+    if exit_i is None:
+        return x, None, _readout(m, x, None)[0], caches
     heads = exits_of(m)
     if measure in LOGIT_MEASURES:
-        logits, normed = _exit_output(m, x, i)
+        logits, normed = _exit_output(m, x, exit_i)
     else:
-        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
-    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
-    return conf[:, 0] > threshold, logits
+        logits, normed = None, m.stack.final_norm(heads.transform(exit_i, x))
+    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(exit_i, normed))
+    return x, conf[:, 0] > threshold, logits, caches
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "i"))
-def _exit_logits(graphdef, state, x, *, i):
-    return _exit_output(nnx.merge(graphdef, state), x, i)[0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "lo"))
-def _propagate(graphdef, state, x, rows, positions, caches, *, lo):
-    """Keys/values of the exited states x [b, 1, D] of batch rows `rows` int32 [b] in layers lo.. (attention on
-    norm(x), output dropped; no feed-forward); caches [B, ...] of layers lo.., only those rows change."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "i", "lo"))
+def _leave(graphdef, state, x, logits, take, rows, positions, caches, *, i, lo):
+    """The rows of x [b0, 1, D] at `take` int32 [b'] (batch rows `rows` int32 [b'], padded out of range) exit at
+    exit i: their logits (gathered from `logits` [b0, 1, V], or projected when the check did not compute them),
+    and their states' keys/values written into layers lo.. (attention on norm(x), output dropped; no
+    feed-forward); caches [B, ...] of layers lo.., only those rows change. -> (logits [b', 1, V], caches)."""
     m = nnx.merge(graphdef, state)
-    sub, pos = _take_rows(caches, rows), positions.at[rows].get(mode="clip")  # pos [b, 1]
+    x = x.at[take].get(mode="clip")
+    out = _exit_output(m, x, i)[0] if logits is None else logits.at[take].get(mode="clip")
+    sub, pos = _take_rows(caches, rows), positions.at[rows].get(mode="clip")  # pos [b', 1]
     for n in range(lo, len(m.stack.blocks)):
         block = m.stack.blocks[n]
         _, sub[n - lo] = block.attn(block.attn_norm(x), positions=pos, cache=sub[n - lo], decode=True)
-    return _put_rows(caches, rows, sub)
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _final_logits(graphdef, state, x):
-    return _readout(nnx.merge(graphdef, state), x, None)[0]
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _embed(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).stack.embed(tokens)
-
-
-def _gather(x, local, size: int):
-    """Rows `local` (host ints) of x, padded to bucket_size(len(local), size) by repeating x's last row."""
-    return x.at[_bucket_rows(local, size)].get(mode="clip")
+    return out, _put_rows(caches, rows, sub)
 
 
 class ExitDecoder:
     """Compiled decode steps with early exit whose exited work is really removed, per row and in batches
-    (decode_step_with_exits's math, in pieces). The layers between two exits are one jitted program; after
-    each exit the host reads which rows exit. Those rows read out through their exit and write their state's
-    keys/values into the remaining layers' caches (attention on the exited state, no feed-forward); the rows
-    still running are compacted into the next static bucket (bucket_size: B -> ... -> 4 -> 2 -> 1, their
-    states, positions and cache rows gathered, run, scattered back), so a segment costs what its running rows
-    cost, rounded up to a power of two. One program per (segment, bucket); until a row exits nothing is
-    gathered, so a step in which no row exits runs the model's own blocks on the whole batch. The compiled
-    pieces are shared by every decoder of the same model and measure (the threshold is an argument).
+    (decode_step_with_exits's math, in pieces). The layers up to an exit and the exit's decision are one jitted
+    program (the first also embeds, the last also reads out); after each exit the host reads which rows exit.
+    Those rows read out through their exit and write their state's keys/values into the remaining layers'
+    caches (attention on the exited state, no feed-forward: one more program); the rows still running are
+    compacted into the next static bucket (bucket_size: B -> ... -> 4 -> 2 -> 1, their states, positions and
+    cache rows gathered, run, scattered back), so a segment costs what its running rows cost, rounded up to a
+    power of two. A step in which no row exits is X + 1 programs (X exits) and X host reads; one program per
+    (segment, bucket) compiles. The compiled pieces are shared by every decoder of the same model and measure
+    (the threshold is an argument).
 
-    step(tokens int [B, 1], caches) -> (logits [B, 1, V] float32, caches, exit index int32 [B]); afterwards
-    `block_rows` = the rows (bucket padding included) times blocks the step's segments ran (B x layers without
-    exits; the propagation's attention-only layers are not counted).
+    step(tokens int [B, 1], caches, active=None) -> (logits [B, 1, V] float32, caches, exit index int32 [B]);
+    `active` (bool [B], host) limits the step to those rows (a serving engine's occupied slots): the others are
+    not run, their caches are untouched, their logits are 0 and their index -1. Afterwards `block_rows` = the
+    rows (bucket padding included) times blocks the step's segments ran (B x layers without exits; the
+    propagation's attention-only layers are not counted).
     """
 
     def __init__(self, model, *, measure: str, threshold: float):
@@ -429,46 +418,55 @@ class ExitDecoder:
         self.graphdef, self.state = nnx.split(model)
         self.block_rows = 0
 
-    def step(self, tokens, caches):
+    def step(self, tokens, caches, active=None):
         """One token per row; see the class docstring."""
         g, state = self.graphdef, self.state
         batch = tokens.shape[0]
         caches = list(caches)
         positions = caches[0].lengths[:, None]  # [B, 1]
-        x = _embed(g, state, tokens)  # [B, 1, D]
-        active = np.arange(batch)  # the batch rows still running, x's first len(active) rows
-        rows = None  # their padded bucket of batch rows (None: all rows, in order)
-        index = np.full((batch,), len(self.layers), np.int32)
+        if active is None or np.all(active):
+            running, rows = np.arange(batch), None  # None: all rows, in order (nothing gathered)
+        else:
+            running = np.flatnonzero(np.asarray(active, bool))  # the batch rows still running
+            if running.size == 0:
+                raise ValueError("active has no row set: a decode step needs at least one running row")
+            rows = _bucket_rows(running, batch)
+        x, take = tokens, rows  # x's rows `take` are the running rows (take None: all of x)
+        index = np.full((batch,), -1 if rows is not None else len(self.layers), np.int32)
+        index[running] = len(self.layers)
         pieces, lo, self.block_rows = [], 0, 0  # pieces: (batch rows, their logits [n, 1, V])
         for i, hi in enumerate((*self.layers, self.num_layers)):
-            x, prev, caches[lo:hi] = _segment(g, state, x, rows, positions, caches[lo:hi], lo=lo, hi=hi)
+            last = hi == self.num_layers
+            x, exits, logits, caches[lo:hi] = _segment(
+                g, state, x, take, rows, positions, caches[lo:hi], self.threshold,
+                lo=lo, hi=hi, exit_i=None if last else i, measure=self.measure,
+            )  # fmt: skip
             self.block_rows += x.shape[0] * (hi - lo)
-            if hi == self.num_layers:
-                pieces.append((active, _final_logits(g, state, x)[: len(active)]))
+            if last:
+                pieces.append((running, logits[: len(running)]))
                 break
-            exits, logits = _exit_check(g, state, x, prev, self.threshold, measure=self.measure, i=i)
-            exits = np.asarray(exits)[: len(active)]
+            exits = np.asarray(exits)[: len(running)]
+            take, lo = None, hi
             if not exits.any():
-                lo = hi
                 continue
             out_local = np.flatnonzero(exits)
-            x_out = _gather(x, out_local, batch)  # [b', 1, D]
-            logits = _exit_logits(g, state, x_out, i=i) if logits is None else _gather(logits, out_local, batch)
-            pieces.append((active[out_local], logits[: len(out_local)]))
-            index[active[out_local]] = i
-            out_rows = _bucket_rows(active[out_local], batch)
-            caches[hi:] = _propagate(g, state, x_out, out_rows, positions, caches[hi:], lo=hi)
+            out_rows = _bucket_rows(running[out_local], batch)
+            out, caches[hi:] = _leave(
+                g, state, x, logits, _bucket_rows(out_local, batch), out_rows, positions, caches[hi:], i=i, lo=hi
+            )
+            pieces.append((running[out_local], out[: len(out_local)]))
+            index[running[out_local]] = i
             keep = np.flatnonzero(~exits)
             if keep.size == 0:
                 break
-            x, active = _gather(x, keep, batch), active[keep]
-            rows = _bucket_rows(active, batch)
-            lo = hi
-        if len(pieces) == 1:  # every row left at the same place, in order
+            take, running = _bucket_rows(keep, batch), running[keep]
+            rows = _bucket_rows(running, batch)
+        if len(pieces) == 1 and rows is None:  # every row left at the same place, in order
             return pieces[0][1], caches, jnp.asarray(index)
         order = np.concatenate([r for r, _ in pieces])
-        out = jnp.concatenate([lg for _, lg in pieces])[jnp.asarray(np.argsort(order))]
-        return out, caches, jnp.asarray(index)
+        out = jnp.concatenate([lg for _, lg in pieces])
+        full = jnp.zeros((batch, *out.shape[1:]), out.dtype).at[jnp.asarray(order)].set(out)
+        return full, caches, jnp.asarray(index)
 
 
 # ---- threshold calibration ----------------------------------------------------------------------------

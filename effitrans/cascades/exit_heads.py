@@ -87,12 +87,15 @@ def check_exit_config(model_cfg, prefix: str = "config.model") -> None:
 
 class ExitHeads(nnx.Module):
     """The parameters of the exits of one stack: per exit an optional adapter (own head) and a confidence
-    classifier. `layers`: the exit layer counts; adapter [X, D, D], confidence_w [X, D], confidence_b [X]."""
+    classifier. `layers`: the exit layer counts; `measure`, `threshold`: the config's inference decision
+    (exits.measure, exits.threshold); adapter [X, D, D], confidence_w [X, D], confidence_b [X]."""
 
     def __init__(self, model_cfg, *, rngs: nnx.Rngs):
         e, d = model_cfg.exits, model_cfg.d_model
         self.layers = exit_layers(model_cfg)
         self.own = e.get("head", "shared") == "own"
+        self.measure = str(e.get("measure", EXIT_KEYS["measure"].default))
+        self.threshold = float(e.get("threshold", EXIT_KEYS["threshold"].default))
         x = len(self.layers)
         if self.own:
             self.norms = nnx.List([RMSNorm(d, eps=model_cfg.norm_eps, rngs=rngs) for _ in range(x)])

@@ -20,6 +20,14 @@ parameters. An exception inside a step fails only the requests it concerns: a ba
 retried one request at a time; a decode step that raises fails the running requests (its rows cannot be told
 apart) and the cache starts empty. Every request ends finished, rejected or failed, with a reason.
 
+With `early_exit=True` (a model built with config.model.exits: its exits.measure and exits.threshold decide)
+or `early_exit={"measure": ..., "threshold": ...}` (either overridden), step 2 runs
+effitrans.cascades.early_exit.ExitDecoder instead of the jitted step: each occupied row leaves at the first
+exit whose confidence is above the threshold, exited rows' remaining layers only receive keys/values (CALM's
+propagation) and the rows still running are compacted into power-of-two buckets, so per-row exits inside the
+continuous batch remove work; idle rows are not run at all. `exit_stats()` counts tokens per exit and the
+blocks run.
+
 Cache protocol this relies on (every family's cache): a pytree whose array leaves all have the batch on
 axis 0, with a `lengths` int32 [B] field and flax.struct's `.replace`.
 """
@@ -200,20 +208,54 @@ def _decode_step(graphdef, state, cache, tokens, active, sampling):
     return nxt, cache
 
 
+_sample_step = jax.jit(_sample_rows)  # the early-exit path samples the logits its decoder assembled
+
+
 class _Slot:
     def __init__(self, rid: int, request: Request):
         self.rid, self.request = rid, request
         self.stop = frozenset(request.stop_tokens)
 
 
-class ServingEngine:
-    """Continuous-batching generation over `model` (any CausalLM whose attention supports decode)."""
+EARLY_EXIT_KEYS = ("measure", "threshold")
 
-    def __init__(self, model: nnx.Module, *, max_batch: int, max_len: int, cache_dtype=jnp.float32, seed: int = 0):
+
+def _exit_decoder(model, early_exit):
+    """The ExitDecoder of early_exit=True (the model's config.model.exits.measure / .threshold) or a dict
+    overriding either: {"measure": one of effitrans.cascades.exit_heads.MEASURES, "threshold": a number in
+    [0, 1]}. Errors name what is wrong (ValueError; TypeError for a model without exit heads)."""
+    # Imported here: serving needs the cascades only when it runs exits.
+    from effitrans.cascades.early_exit import ExitDecoder, exits_of
+
+    if early_exit is not True and not (isinstance(early_exit, dict) and set(early_exit) <= set(EARLY_EXIT_KEYS)):
+        raise ValueError(
+            f"early_exit={reprlib.repr(early_exit)} must be None, True (the model's exits.measure and .threshold) "
+            f'or a dict with keys from {list(EARLY_EXIT_KEYS)}, e.g. {{"measure": "learned", "threshold": 0.3}}'
+        )
+    heads = exits_of(model)
+    chosen = {"measure": heads.measure, "threshold": heads.threshold, **({} if early_exit is True else early_exit)}
+    return ExitDecoder(model, **chosen)
+
+
+class ServingEngine:
+    """Continuous-batching generation over `model` (any CausalLM whose attention supports decode); with
+    `early_exit` (see the module docstring) each row may leave the stack at an exit."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        *,
+        max_batch: int,
+        max_len: int,
+        cache_dtype=jnp.float32,
+        seed: int = 0,
+        early_exit: bool | dict | None = None,
+    ):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be an int >= 1")
         if not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len={max_len!r} must be an int >= 2")
+        self.exit_decoder = None if early_exit is None else _exit_decoder(model, early_exit)  # before allocating
         self.max_batch, self.max_len, self.cache_dtype = max_batch, max_len, cache_dtype
         self.graphdef, self.state = nnx.split(model)
         self.cache = model.init_cache(max_batch, max_len, cache_dtype)
@@ -229,6 +271,8 @@ class ServingEngine:
         self._fresh_cache: dict = {}
         self._init_cache = lambda b: model.init_cache(b, max_len, cache_dtype)
         self.pad_prompts = all(isinstance(c, PADDABLE_CACHES) for c in self.cache)
+        self._exit_counts = np.zeros(0 if early_exit is None else len(self.exit_decoder.layers) + 1, np.int64)
+        self._block_rows = 0
 
     # -- submission -----------------------------------------------------------------------------------
 
@@ -429,7 +473,12 @@ class ServingEngine:
         if not active.any():
             return
         try:
-            nxt, self.cache = _decode_step(self.graphdef, self.state, self.cache, self._last, active, self._sampling)
+            if self.exit_decoder is None:
+                nxt, self.cache = _decode_step(
+                    self.graphdef, self.state, self.cache, self._last, active, self._sampling
+                )
+            else:
+                nxt = self._exit_step(active)
             nxt = np.asarray(nxt)
         except Exception as e:  # pylint: disable=broad-except  # the running requests fail, the engine serves on
             self._reset(f"decode step failed: {type(e).__name__}: {e}")
@@ -437,6 +486,30 @@ class ServingEngine:
         now = time.perf_counter()
         for i in np.flatnonzero(active):
             self._emit(int(i), nxt[i], now)
+
+    def _exit_step(self, active: np.ndarray) -> jax.Array:
+        """The decode step with early exit for the occupied rows `active` bool [B]; counts exits and blocks."""
+        decoder = self.exit_decoder
+        logits, cache, index = decoder.step(jnp.asarray(self._last)[:, None], self.cache, active)
+        self.cache = list(cache)
+        np.add.at(self._exit_counts, np.asarray(index)[active], 1)
+        self._block_rows += decoder.block_rows
+        return _sample_step(logits[:, 0], self._sampling)
+
+    def exit_stats(self) -> dict:
+        """Early exit so far (decode tokens only; a prompt's first token runs every layer): tokens_per_exit [X + 1]
+        (the last entry: the last layer), mean_layers per token, block_share = blocks the running rows ran
+        (bucket padding included) / (tokens x layers)."""
+        if self.exit_decoder is None:
+            raise ValueError("exit_stats: this engine was built without early_exit")
+        d = self.exit_decoder
+        tokens = int(self._exit_counts.sum())
+        layers = np.asarray([*d.layers, d.num_layers])
+        return {
+            "tokens_per_exit": self._exit_counts.tolist(),
+            "mean_layers": float((self._exit_counts * layers).sum() / max(tokens, 1)),
+            "block_share": self._block_rows / max(tokens * d.num_layers, 1),
+        }
 
     def run(self, max_steps: int | None = None) -> None:
         """Steps until every queued and running request is finished (or max_steps)."""
