@@ -23,7 +23,9 @@ that error; top-1 agreement with the full model, held-out NLL, and decode tokens
 ExitDecoder (exited rows leave the batch: the running rows are compacted into power-of-two buckets).
 smollm2_trained: the same with own-head adapters and learned confidence classifiers trained first with the
 backbone frozen (--smollm2_train_*; or loaded with --smollm2_heads), exits decided by the classifier.
-smollm2_speed: decode tokens/s only, of loaded trained heads at --smollm2_speed_thresholds.
+smollm2_speed: decode tokens/s only, of loaded trained heads at --smollm2_speed_thresholds: teacher-forced with
+ExitDecoder, and free-running greedy generation through effitrans.serve.ServingEngine(early_exit=...) against
+the same engine running every layer (batch 1 and 8).
 
 Writes experiments/results/cascades/{results.json, listops.png, smollm2.png, smollm2_trained.png}.
 """
@@ -31,6 +33,7 @@ Writes experiments/results/cascades/{results.json, listops.png, smollm2.png, smo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -127,25 +130,46 @@ def train_encoder(cfg, name):
 
 
 def listops_outputs(cheap, large, batches):
-    """Per held-out example: labels [n], each cheap stage's logits [n, C], the first stage's pooled embedding
-    [n, D], the large stage's ExitPass."""
+    """Per held-out example: labels [n], each cheap stage's logits [n, C] and pooled embedding [n, D_s], the
+    large stage's ExitPass, and the inputs (tokens, mask) [n, T]."""
     run_cheap = nnx.jit(lambda m, t, k: (m(t, k), m.pooled(t, k)))
     run_large = nnx.jit(lambda m, t, k: ee.exit_pass(m, t, k))
-    labels, logits, emb, passes = [], [[] for _ in cheap], [], []
+    labels, logits, emb, passes, tokens, masks = [], [[] for _ in cheap], [[] for _ in cheap], [], [], []
     for b in batches:
         keep = np.asarray(b["example_weights"]) > 0
         t, k = jnp.asarray(b["inputs"]), jnp.asarray(b["mask"])
         for s, model in enumerate(cheap):
             lg, e = run_cheap(model, t, k)
             logits[s].append(np.asarray(lg)[keep])
-            if s == 0:
-                emb.append(np.asarray(e)[keep])
+            emb[s].append(np.asarray(e)[keep])
         out = run_large(large, t, k)
         labels.append(np.asarray(b["labels"])[keep])
         passes.append(jax.tree.map(lambda x, keep=keep: np.asarray(x)[keep], out))
+        tokens.append(np.asarray(b["inputs"])[keep])
+        masks.append(np.asarray(b["mask"])[keep])
     cat = lambda xs: np.concatenate(xs)
     large_pass = jax.tree.map(lambda *xs: cat(xs), *passes)
-    return cat(labels), [cat(lg) for lg in logits], cat(emb), large_pass
+    return cat(labels), [cat(lg) for lg in logits], [cat(e) for e in emb], large_pass, (cat(tokens), cat(masks))
+
+
+def _scorer_features(logits, pooled):
+    """What the trained scorer reads: [pooled embedding, softmax probabilities] [n, D + C] (jnp: traceable)."""
+    return jnp.concatenate([pooled, jax.nn.softmax(logits, -1)], 1)
+
+
+def stage_scores(c, cheap_logits, cheap_emb, q_stages, dev, seed):
+    """(scores [S - 1, n]: each cheap stage's score of its own answers by cascade.scorer, runtime scorers:
+    scorer[s](logits, pooled) -> [m], jnp, run inside stage s's program when the cascade runs).
+    "trained": a logistic regression on [pooled embedding, probabilities] predicting that the stage is right,
+    cross-fitted on the dev half (sequential.crossfit_scores: no dev example is scored by a fit that saw it;
+    the rest by a fit on all of dev, which is also the runtime scorer)."""
+    if c.scorer != "trained":
+        measure = lambda lg, _=None: ee.confidence(c.scorer, logits=lg)
+        return np.stack([np.asarray(measure(jnp.asarray(lg))) for lg in cheap_logits]), [measure] * len(cheap_logits)
+    feats = [np.asarray(_scorer_features(lg, e)) for lg, e in zip(cheap_logits, cheap_emb, strict=True)]
+    scores = np.stack([sq.crossfit_scores(f, q, dev, seed=seed) for f, q in zip(feats, q_stages, strict=False)])
+    fits = [rt.fit_embedding_classifier(f[dev], q[dev]) for f, q in zip(feats, q_stages, strict=False)]
+    return scores, [lambda lg, e, fit=fit: fit(_scorer_features(lg, e)) for fit in fits]
 
 
 def exit_costs(cfg_large, seq_len):
@@ -167,12 +191,13 @@ def run_listops(args, results):
         model, batches = train_encoder(cfg, f"stage {s} ({layers} layers, d={d})")
         models.append(model)
     large_cfg, num_layers = cfgs[-1], stages[-1][0]
-    labels, cheap_logits, s_emb, lp = listops_outputs(models[:-1], models[-1], batches)
+    labels, cheap_logits, cheap_emb, lp, inputs = listops_outputs(models[:-1], models[-1], batches)
+    s_emb = cheap_emb[0]  # what the routers read
     os.makedirs(OUT, exist_ok=True)  # the raw outputs, to redo the analysis without training
     np.savez(
         os.path.join(OUT, "listops_outputs.npz"),
         labels=labels,
-        small_embedding=s_emb,
+        **{f"stage{s}_embedding": e for s, e in enumerate(cheap_emb)},
         **{f"stage{s}_logits": lg for s, lg in enumerate(cheap_logits)},
         **{f"large_{k}_{i}": np.asarray(v) for k in lp._fields for i, v in enumerate(getattr(lp, k))},
     )
@@ -234,7 +259,7 @@ def run_listops(args, results):
 
     # Sequential: the stages in order, each cheap stage scored by the scorer on its own logits; a query answered
     # by stage s paid for stages 0..s (cascade_point adds the per-call costs up).
-    score = np.stack([np.asarray(ee.confidence(c.scorer, logits=jnp.asarray(lg))) for lg in cheap_logits])  # [S-1, n]
+    score, runtime_scorers = stage_scores(c, cheap_logits, cheap_emb, q_stages, dev, args.seed)  # [S - 1, n]
     quality = np.stack(q_stages)
     costs = [f / c_large for f in flops]  # per call
     ts = lambda t: [t] * (len(stages) - 1)  # the sweep: one threshold for every cheap stage
@@ -248,7 +273,7 @@ def run_listops(args, results):
             "thresholds": list(c.thresholds),
         }
     test_point = sq.cascade_point(quality[:, test], score[:, test], costs, chosen["thresholds"]) if chosen else None
-    part["sequential"] = {"curve": seq_curve, "dev_choice": chosen, "test_at_dev_choice": test_point}
+    part["sequential"] = {"curve": seq_curve, "target": target, "dev_choice": chosen, "test_at_dev_choice": test_point}
     log(f"sequential ({c.scorer}): thresholds {chosen and chosen['thresholds']} -> test {test_point}")
 
     # Routing: routers on the small model's embedding; route to the large model when score > threshold.
@@ -294,7 +319,179 @@ def run_listops(args, results):
             f"router {name}: APGR {a:.3f} {boot} vs random [{lo:.3f}, {hi:.3f}]; CPT50 "
             f"{part['routing'][name]['cpt50']:.3f} CPT80 {part['routing'][name]['cpt80']:.3f}"
         )
+    if chosen and args.latency_batches:
+        part["latency"] = latency_costs(
+            args, models, inputs, (dev, test), quality, score, chosen["thresholds"], runtime_scorers, routers, part,
+            labels, s_emb,
+        )  # fmt: skip
     results["listops"] = part
+
+
+def _bucketed(fn, size):
+    """fn(tokens, mask) (jitted) on n <= size rows padded to ee.bucket_size(n, size) rows (one compile per
+    bucket); -> its outputs as numpy arrays of the n rows (read back: a timing includes the device work)."""
+
+    def run(tokens, mask):
+        n = len(tokens)
+        pad = ee.bucket_size(n, size) - n
+        if pad:
+            tokens, mask = (np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in (tokens, mask))
+        return [np.array(o)[:n] for o in fn(jnp.asarray(tokens), jnp.asarray(mask))]  # writable copies
+
+    return run
+
+
+def router_threshold(scores, share: float) -> float:
+    """The score threshold sending about `share` of the queries (those scored above it) to the strong model."""
+    ordered = np.sort(np.asarray(scores, np.float64))[::-1]
+    k = int(round(share * len(ordered)))
+    return float(ordered[k]) if k < len(ordered) else -np.inf
+
+
+def latency_costs(args, models, inputs, split, quality, score, thresholds, scorers, routers, part, labels, embedding):
+    """part["latency"]: listops_latency's measured costs per batch size, with the sequential cascade's and the
+    routers' quality and cost as predicted from the per-stage latencies (cascade_point with measured costs;
+    router: first stage + router + share x last stage) next to the measured run. Each router runs at its
+    CPT(80%) share of the test half (the point of its curve the table reports). split: (dev, test) bool [n];
+    embedding [n, E]: what the routers read."""
+    dev, test = split
+    route_t = {
+        name: router_threshold(r(embedding[test]), part["routing"][name]["cpt80"]) for name, r in routers.items()
+    }
+    raw = listops_latency(args, models, inputs, test, thresholds, scorers, routers, route_t)
+    out = {}
+    for size, r in raw.items():
+        cost, answers = r["cost"], r.pop("answers")
+        stage_cost = [cost[f"stage{s}"] for s in range(len(models))]
+        row = {**r, "stage_cost": stage_cost}
+        predicted = sq.cascade_point(quality[:, test], score[:, test], stage_cost, thresholds)
+        dev_choice = sq.choose_thresholds(
+            quality[:, dev], score[:, dev], stage_cost, target=part["sequential"]["target"]
+        )
+        row["sequential"] = {
+            "thresholds": list(thresholds),
+            "measured_cost": cost["sequential"],
+            "measured_accuracy": float((answers["sequential"] == labels[test]).mean()),
+            "predicted": predicted,
+            "curve": [
+                {
+                    "threshold": p["threshold"],
+                    **sq.cascade_point(
+                        quality[:, test], score[:, test], stage_cost, [p["threshold"]] * len(thresholds)
+                    ),
+                }
+                for p in part["sequential"]["curve"]
+            ],
+            "dev_choice_by_latency": dev_choice,
+            "test_at_latency_choice": dev_choice
+            and sq.cascade_point(quality[:, test], score[:, test], stage_cost, dev_choice["thresholds"]),
+        }
+        row["routing"] = {
+            name: {
+                "strong_share": answers[f"router_{name}_strong_share"],
+                "measured_cost": cost[f"router_{name}"],
+                "predicted_cost": stage_cost[0] + cost[f"router_{name}_only"] + answers[f"router_{name}_strong_share"],
+                "measured_accuracy": float((answers[f"router_{name}"] == labels[test]).mean()),
+            }
+            for name in routers
+        }
+        out[size] = row
+    return out
+
+
+def listops_latency(args, models, inputs, test, seq_thresholds, stage_scorers, routers, route_thresholds):
+    """Measured cost on this machine: seconds per test example of each stage, each router and, run for real,
+    the sequential cascade at its dev-chosen thresholds and each router at its dev-chosen threshold, at each
+    batch size of --latency_batches (the test half in chunks of that many queries; a cascade's later stage runs
+    only on the rows that reach it, padded to a power-of-two bucket). Variants alternate per round; medians of
+    --repeats rounds. Costs are relative to the last stage alone, in the same rounds.
+
+    stage_scorers[s](logits, pooled) -> score [n] (cheap stages); routers: {name: router(embeddings)};
+    route_thresholds: {name: threshold}."""
+    tokens, mask = (a[test] for a in inputs)
+    out = {}
+    for size in args.latency_batches:
+        out[str(size)] = _latency_at(
+            size, args.repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds
+        )
+        log(f"latency at batch {size}: cost vs the last stage {out[str(size)]['cost']}")
+    return out
+
+
+def _latency_at(size, repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds):
+    """listops_latency at one batch size."""
+    n, last = len(tokens), len(models) - 1
+
+    def cheap(m, t, k, score):  # one program: logits [b, C], pooled [b, D], the stage's score of its answers [b]
+        logits, pooled = m(t, k), m.pooled(t, k)
+        return logits, pooled, score(logits, pooled)
+
+    cheap_fn = nnx.jit(cheap, static_argnames="score")
+    large_fn = nnx.jit(lambda m, t, k: (m(t, k),))
+    stages = [
+        _bucketed(
+            functools.partial(cheap_fn, m, score=stage_scorers[s]) if s < last else functools.partial(large_fn, m),
+            size,
+        )
+        for s, m in enumerate(models)
+    ]
+    routers = {name: jax.jit(r) if name == "embedding_classifier" else r for name, r in routers.items()}  # knn: numpy
+
+    def scored(s):  # stage s as SequentialCascade wants it: logits [n, C] and the stage's score in one array
+        def run(x):
+            res = stages[s](x[:, 0], x[:, 1].astype(mask.dtype))
+            score = res[2] if s < last else np.zeros(len(x))
+            return np.concatenate([res[0], score[:, None]], 1)
+
+        return run
+
+    cascade = sq.SequentialCascade([scored(s) for s in range(last + 1)], [lambda y, x: y[:, -1]] * last, seq_thresholds)
+    x_all = np.stack([tokens, mask.astype(tokens.dtype)], 1)  # [n, 2, T]: what SequentialCascade hands a stage
+    chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    answers = {}
+
+    def run_cascade():
+        answers["sequential"] = np.concatenate([cascade(x_all[ch])[0][:, :-1].argmax(-1) for ch in chunks])
+
+    def run_router(name):
+        def run():
+            pred, strong_rows = [], 0
+            for ch in chunks:
+                logits, pooled, _ = stages[0](tokens[ch], mask[ch])
+                strong = np.flatnonzero(np.asarray(routers[name](pooled)) > route_thresholds[name])
+                if strong.size:
+                    logits[strong] = stages[last](tokens[ch][strong], mask[ch][strong])[0]
+                pred.append(logits.argmax(-1))
+                strong_rows += strong.size
+            answers[f"router_{name}"] = np.concatenate(pred)
+            answers[f"router_{name}_strong_share"] = strong_rows / n
+
+        return run
+
+    def run_stage(s):
+        return lambda: [stages[s](tokens[ch], mask[ch]) for ch in chunks]
+
+    emb = [stages[0](tokens[ch], mask[ch])[1] for ch in chunks]
+    variants = {f"stage{s}": run_stage(s) for s in range(last + 1)}
+    variants["sequential"] = run_cascade
+    variants.update({f"router_{name}": run_router(name) for name in routers})
+    variants.update(
+        {f"router_{name}_only": (lambda r=r: [np.asarray(r(e)) for e in emb]) for name, r in routers.items()}
+    )
+    for b in sorted({ee.bucket_size(k, size) for k in range(1, size + 1)}):  # compile every bucket
+        for f in stages:
+            f(tokens[:b], mask[:b])
+    times = {k: [] for k in variants}
+    for _ in range(repeats + 1):  # round 0 warms up
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    sec = {k: float(np.median(v[1:])) / n for k, v in times.items()}
+    large = sec[f"stage{last}"]
+    calls = [c // (repeats + 1) for c in cascade.calls]
+    return {"seconds_per_example": sec, "cost": {k: v / large for k, v in sec.items()}, "sequential_calls": calls,
+            "answers": answers}  # fmt: skip
 
 
 # ---- SmolLM2 -------------------------------------------------------------------------------------------
@@ -495,6 +692,50 @@ def decode_speed(model, text, *, measure, threshold, prefill, repeats):
     }
 
 
+def engine_speed(model, prompts, *, measure, threshold, new_tokens, repeats):
+    """Greedy generation through effitrans.serve.ServingEngine, every layer vs early_exit (per-row exits inside
+    the continuous batch, exited rows compacted out), for the prompts int [B, P] as B requests in B rows,
+    alternated per round (medians after one warm-up round each). Tokens/s count generated tokens (the first,
+    from the prefill, included) over the wall time of the whole run, prefill included. Agreement: the share of
+    generated positions where the exit engine's token equals the full one's (greedy continuations diverge
+    after a first difference, so this is stricter than teacher-forced agreement)."""
+    from effitrans.serve import Request, ServingEngine
+
+    batch, max_len = prompts.shape[0], prompts.shape[1] + new_tokens
+    full = ServingEngine(model, max_batch=batch, max_len=max_len)
+    exiting = ServingEngine(
+        model, max_batch=batch, max_len=max_len, early_exit={"measure": measure, "threshold": threshold}
+    )
+    requests = [Request(p.tolist(), max_new_tokens=new_tokens) for p in prompts]
+    times, outputs = ([], []), [None, None]
+    for r in range(repeats + 1):  # round 0 compiles
+        for i, engine in enumerate((full, exiting)):
+            t0 = time.perf_counter()
+            out = engine.generate(requests)
+            if r:
+                times[i].append(time.perf_counter() - t0)
+            outputs[i] = [o.tokens for o in out]
+    tokens = batch * new_tokens
+    full_s, exit_s = float(np.median(times[0])), float(np.median(times[1]))
+    same = np.asarray(outputs[0]) == np.asarray(outputs[1])  # [B, new_tokens]
+    stats = exiting.exit_stats()
+    return {
+        "batch": batch,
+        "prompt": int(prompts.shape[1]),
+        "new_tokens": new_tokens,
+        "measure": measure,
+        "threshold": threshold,
+        "full_tokens_per_s": tokens / full_s,
+        "exit_tokens_per_s": tokens / exit_s,
+        "speedup": full_s / exit_s,
+        "agreement": float(same.mean()),
+        "first_difference": float(np.mean([np.argmin(row) if not row.all() else new_tokens for row in same])),
+        "layers": stats["mean_layers"],
+        "block_share": stats["block_share"],
+        "rounds": repeats,
+    }
+
+
 def run_smollm2(args, results, *, trained=False):
     """Part smollm2 (shared-head exits, untrained) or smollm2_trained (own heads + confidence classifiers
     trained with the backbone frozen; decisions by the learned classifier)."""
@@ -602,7 +843,7 @@ def run_smollm2_speed(args, results):
     load_exit_heads(model, args.smollm2_heads)
     text = smollm2_text(smollm2_streams(tok)[1], args.smollm2_len, args.smollm2_rows, args.seed)
     test, prefill = text[text.shape[0] // 2 :], args.smollm2_len // 2
-    part = results["smollm2_speed"] = {"heads": args.smollm2_heads, "exit_layers": layers, "speed": []}
+    part = results["smollm2_speed"] = {"heads": args.smollm2_heads, "exit_layers": layers, "speed": [], "engine": []}
     for t in args.smollm2_speed_thresholds:
         for batch in (1, 8):
             row = decode_speed(
@@ -610,6 +851,15 @@ def run_smollm2_speed(args, results):
             )
             part["speed"].append(row)
             log(f"SmolLM2 decode speed: {row}")
+            write(results)
+    for t in args.smollm2_speed_thresholds:  # the serving engine, free-running greedy generation
+        for batch in (1, 8):
+            row = engine_speed(
+                model, test[:batch, :prefill], measure="learned", threshold=t, new_tokens=args.smollm2_new_tokens,
+                repeats=args.repeats,
+            )  # fmt: skip
+            part["engine"].append(row)
+            log(f"SmolLM2 serving engine: {row}")
             write(results)
 
 
@@ -729,7 +979,11 @@ def main(argv=None):
     p.add_argument("--smollm2_train_lr", type=float, default=2e-3)
     p.add_argument("--smollm2_heads", default="", help="smollm2_trained: load these trained heads (npz), no training")
     p.add_argument("--smollm2_speed_thresholds", type=float, nargs="*", default=[0.3], help="smollm2_speed")
+    p.add_argument(
+        "--smollm2_new_tokens", type=int, default=24, help="smollm2_speed: serving-engine tokens per request"
+    )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--latency_batches", type=int, nargs="*", default=[1, 64], help="listops: measured-cost batch sizes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT, help="results folder")
     argv = sys.argv[1:] if argv is None else list(argv)

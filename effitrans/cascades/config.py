@@ -18,7 +18,9 @@ from effitrans.cascades.exit_heads import MEASURES
 from effitrans.schema import ConfigError, Key, float_in, int_at_least, is_int, is_number, one_of, validate
 
 ROUTERS = ("embedding_classifier", "knn")  # fitted on which stage was right on the dev split
-SCORERS = ("max_prob", "margin", "entropy")  # a stage's confidence in its own answer, from its logits
+# A stage's confidence in its own answer: from its logits, or "trained" (FrugalGPT's scorer: a logistic regression
+# on the stage's pooled embedding and probabilities, fitted on the dev split to predict that the stage is right).
+SCORERS = ("max_prob", "margin", "entropy", "trained")
 CALIBRATIONS = ("ltt", "empirical")
 
 

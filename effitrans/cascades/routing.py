@@ -27,7 +27,8 @@ def needs_strong(weak_quality, strong_quality) -> np.ndarray:
 
 def fit_embedding_classifier(embeddings, labels, *, l2: float = 1e-3, steps: int = 300, lr: float = 0.05):
     """Logistic regression on query embeddings [n, E] with labels [n] in {0, 1}, by full-batch Adam.
-    Returns router(embeddings [m, E]) -> P(strong needed) [m] in [0, 1]."""
+    Returns router(embeddings [m, E]) -> P(strong needed) float32 [m] in [0, 1], jnp throughout (it can run inside
+    a jitted program, e.g. the cheap model's)."""
     x = jnp.asarray(embeddings, jnp.float32)
     y = jnp.asarray(labels, jnp.float32)
     if x.ndim != 2 or y.shape != (x.shape[0],):
@@ -54,7 +55,7 @@ def fit_embedding_classifier(embeddings, labels, *, l2: float = 1e-3, steps: int
 
     def router(queries):
         q = (jnp.asarray(queries, jnp.float32) - mean) / std
-        return np.asarray(jax.nn.sigmoid(q @ params["w"] + params["b"]))
+        return jax.nn.sigmoid(q @ params["w"] + params["b"])
 
     return router
 

@@ -2,7 +2,9 @@
 query on to the next model when the score is not above that stage's threshold; the last model always answers.
 
 Pure functions decide and evaluate from per-stage arrays (`cascade_stages`, `cascade_point`,
-`choose_thresholds`); `SequentialCascade` runs real models, calling each stage only on the rows that reach it.
+`choose_thresholds`); `crossfit_scores` scores with a trained scorer (FrugalGPT's: a small model predicting
+whether a stage's answer is right) without scoring an example by a fit that saw it; `SequentialCascade` runs
+real models, calling each stage only on the rows that reach it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from effitrans.cascades.routing import fit_embedding_classifier
 
 
 def _check_stages(num_stages: int, what: str) -> None:
@@ -72,6 +76,35 @@ def choose_thresholds(quality, scores, costs, *, target: float, grid: Sequence[f
         if p["quality"] >= target and (best is None or (p["cost"], -p["quality"]) < (best["cost"], -best["quality"])):
             best = {**p, "thresholds": list(ts)}
     return best
+
+
+def crossfit_scores(features, labels, fit_on, *, folds: int = 2, seed: int = 0, fit: Callable | None = None):
+    """A trained scorer's scores for every example, none from a fit that saw that example.
+
+    features [n, F] (e.g. a stage's pooled embedding and probabilities), labels [n] in {0, 1} (1: the stage was
+    right), fit_on bool [n]: the examples the scorer may learn from (the dev split, where thresholds are then
+    chosen). Those are scored out of fold (`folds` random folds of fit_on, each scored by a fit on the others);
+    every other example by a fit on all of fit_on. fit(features, labels) -> scorer(features) -> [m] in [0, 1]
+    (default: effitrans.cascades.routing.fit_embedding_classifier, a logistic regression). -> [n] float64."""
+    features, labels, fit_on = np.asarray(features), np.asarray(labels), np.asarray(fit_on, bool)
+    fit = fit_embedding_classifier if fit is None else fit
+    n = len(labels)
+    if features.ndim != 2 or features.shape[0] != n or fit_on.shape != (n,):
+        raise ValueError(
+            f"features {features.shape}, labels {labels.shape}, fit_on {fit_on.shape}: expected [n, F], [n], [n]"
+        )
+    if folds < 2 or fit_on.sum() < folds:
+        raise ValueError(f"folds={folds} must be >= 2 and at most the {int(fit_on.sum())} examples of fit_on")
+    out = np.zeros(n)
+    dev = np.flatnonzero(fit_on)
+    fold = np.random.default_rng(seed).permutation(len(dev)) % folds
+    for k in range(folds):
+        held, train = dev[fold == k], dev[fold != k]
+        out[held] = fit(features[train], labels[train])(features[held])
+    rest = np.flatnonzero(~fit_on)
+    if rest.size:
+        out[rest] = fit(features[dev], labels[dev])(features[rest])
+    return out
 
 
 @dataclasses.dataclass

@@ -111,6 +111,25 @@ def test_trained_routers_beat_the_random_routers_interval_on_a_learnable_split()
         assert rt.cpt(weak[test], strong[test], scores, 0.5) < 0.5
 
 
+def test_crossfit_scores_never_score_an_example_with_a_fit_that_saw_it():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 4))
+    right = (feats[:, 0] > 0).astype(np.float64)  # the stage is right exactly when feature 0 is positive
+    dev = np.arange(200) < 120
+
+    def memoriser(f, y):  # scores 1 on the examples it was fitted on, 0.5 on any other
+        seen = {tuple(row) for row in f}
+        return lambda q: np.asarray([1.0 if tuple(row) in seen else 0.5 for row in q])
+
+    np.testing.assert_array_equal(sq.crossfit_scores(feats, right, dev, fit=memoriser), 0.5)  # nothing leaks
+    scores = sq.crossfit_scores(feats, right, dev)  # the logistic regression learns the rule
+    assert ((scores > 0.5) == (right > 0))[dev].mean() > 0.9 and ((scores > 0.5) == (right > 0))[~dev].mean() > 0.9
+    with pytest.raises(ValueError, match=r"folds=1 must be >= 2"):
+        sq.crossfit_scores(feats, right, dev, folds=1)
+    with pytest.raises(ValueError, match=r"features \(200, 4\), labels \(199,\)"):
+        sq.crossfit_scores(feats, right[:199], dev)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -126,7 +145,7 @@ def test_trained_routers_beat_the_random_routers_interval_on_a_learnable_split()
         ({"routers": ["oracle"]}, r"routers=\['oracle'\] is not allowed: expected a non-empty list of distinct names "
          r"from \['embedding_classifier', 'knn'\]"),
         ({"scorer": "saturation"}, r"scorer='saturation' is not allowed: expected one of \['max_prob', 'margin', "
-         r"'entropy'\]"),
+         r"'entropy', 'trained'\]"),
         ({"exit_measures": ["max_prob", "vibes"]}, r"exit_measures=\['max_prob', 'vibes'\] is not allowed"),
         ({"exit_layers": [2, 4]}, r"exit_layers=\[2, 4\] must be strictly increasing layer counts in 1\.\.3 \(the "
          r"last stage has 4 layers\)"),
