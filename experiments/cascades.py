@@ -291,7 +291,7 @@ def run_listops(args, results):
         part["routing"] = {"random_apgr_interval": [lo, hi]}
     qs, ql = q_small[test], q_large[test]
     for name, router in routers.items():
-        scores = router(s_emb[test])
+        scores = np.asarray(router(s_emb[test]))
         share, pgr = rt.pgr_curve(q_small[test], q_large[test], scores)
         a = rt.apgr(q_small[test], q_large[test], scores)
         boot = rt.bootstrap_interval(
@@ -356,9 +356,16 @@ def latency_costs(args, models, inputs, split, quality, score, thresholds, score
     embedding [n, E]: what the routers read."""
     dev, test = split
     route_t = {
-        name: router_threshold(r(embedding[test]), part["routing"][name]["cpt80"]) for name, r in routers.items()
+        name: router_threshold(np.asarray(r(embedding[test])), part["routing"][name]["cpt80"])
+        for name, r in routers.items()
     }
-    raw = listops_latency(args, models, inputs, test, thresholds, scorers, routers, route_t)
+    exit_points = {}
+    for measure, e in part["early_exit"].items():
+        exit_points[f"{measure}_calibrated"] = (measure, e["calibrated"]["threshold"])
+        within = [p for p in e["curve"] if p["accuracy"] >= part["large"]["accuracy"] - 0.01]
+        best = min(within, key=lambda p: p["layers"])  # the goal's point: fewest layers within 1 pt (test sweep)
+        exit_points[f"{measure}_within_1pt"] = (measure, best["threshold"])
+    raw = listops_latency(args, models, inputs, test, thresholds, scorers, routers, route_t, exit_points)
     out = {}
     for size, r in raw.items():
         cost, answers = r["cost"], r.pop("answers")
@@ -395,11 +402,27 @@ def latency_costs(args, models, inputs, split, quality, score, thresholds, score
             }
             for name in routers
         }
+        row["early_exit"] = {
+            name: {
+                "measure": measure,
+                "threshold": threshold,
+                "measured_cost": cost[f"exit_{name}"],
+                "measured_accuracy": float((answers[f"exit_{name}"] == labels[test]).mean()),
+                "flops_cost": next(
+                    p["cost"] for p in part["early_exit"][measure]["curve"] if p["threshold"] == threshold
+                ),
+                "layers": next(
+                    p["layers"] for p in part["early_exit"][measure]["curve"] if p["threshold"] == threshold
+                ),
+            }
+            for name, (measure, threshold) in exit_points.items()
+        }
         out[size] = row
     return out
 
 
-def listops_latency(args, models, inputs, test, seq_thresholds, stage_scorers, routers, route_thresholds):
+def listops_latency(args, models, inputs, test, seq_thresholds, stage_scorers, routers, route_thresholds,
+                    exit_points):  # fmt: skip
     """Measured cost on this machine: seconds per test example of each stage, each router and, run for real,
     the sequential cascade at its dev-chosen thresholds and each router at its dev-chosen threshold, at each
     batch size of --latency_batches (the test half in chunks of that many queries; a cascade's later stage runs
@@ -407,18 +430,21 @@ def listops_latency(args, models, inputs, test, seq_thresholds, stage_scorers, r
     --repeats rounds. Costs are relative to the last stage alone, in the same rounds.
 
     stage_scorers[s](logits, pooled) -> score [n] (cheap stages); routers: {name: router(embeddings)};
-    route_thresholds: {name: threshold}."""
+    route_thresholds: {name: threshold}; exit_points: {name: (measure, threshold)}: the last stage alone with
+    early exit (classify_with_exits: exited rows leave, the rest compacted into power-of-two buckets)."""
     tokens, mask = (a[test] for a in inputs)
     out = {}
     for size in args.latency_batches:
         out[str(size)] = _latency_at(
-            size, args.repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds
-        )
+            size, args.repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds,
+            exit_points,
+        )  # fmt: skip
         log(f"latency at batch {size}: cost vs the last stage {out[str(size)]['cost']}")
     return out
 
 
-def _latency_at(size, repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds):
+def _latency_at(size, repeats, models, tokens, mask, seq_thresholds, stage_scorers, routers, route_thresholds,
+                exit_points):  # fmt: skip
     """listops_latency at one batch size."""
     n, last = len(tokens), len(models) - 1
 
@@ -435,7 +461,7 @@ def _latency_at(size, repeats, models, tokens, mask, seq_thresholds, stage_score
         )
         for s, m in enumerate(models)
     ]
-    routers = {name: jax.jit(r) if name == "embedding_classifier" else r for name, r in routers.items()}  # knn: numpy
+    routers = {name: jax.jit(r) for name, r in routers.items()}
 
     def scored(s):  # stage s as SequentialCascade wants it: logits [n, C] and the stage's score in one array
         def run(x):
@@ -478,6 +504,19 @@ def _latency_at(size, repeats, models, tokens, mask, seq_thresholds, stage_score
     variants.update(
         {f"router_{name}_only": (lambda r=r: [np.asarray(r(e)) for e in emb]) for name, r in routers.items()}
     )
+
+    def run_exits(name, measure, threshold):  # the last stage alone with early exit (classify_with_exits)
+        def run():
+            pred = [
+                np.asarray(ee.classify_with_exits(models[last], tokens[ch], mask[ch], measure=measure,
+                                                  threshold=threshold)[0]).argmax(-1)
+                for ch in chunks
+            ]  # fmt: skip
+            answers[f"exit_{name}"] = np.concatenate(pred)
+
+        return run
+
+    variants.update({f"exit_{name}": run_exits(name, *point) for name, point in exit_points.items()})
     for b in sorted({ee.bucket_size(k, size) for k in range(1, size + 1)}):  # compile every bucket
         for f in stages:
             f(tokens[:b], mask[:b])
@@ -889,6 +928,37 @@ def _finish(plt, fig, ax, xlabel, ylabel, title, name):
     plt.close(fig)
 
 
+def plot_latency(plt, r):
+    """listops_latency.png: the sequential cascade's cost in FLOPs and in measured latency at each batch size,
+    the measured runs (stars: sequential at its dev-chosen thresholds; triangles: routers at CPT(80%);
+    diamonds: the last stage with early exit at each measure's calibrated and within-1-point thresholds) and
+    the single stages at their measured cost."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sc = r["sequential"]["curve"]
+    ax.plot([p["cost"] for p in sc], [p["quality"] for p in sc], "--", color="gray", lw=1, label="sequential, FLOPs")
+    for (size, row), color in zip(r["latency"].items(), ("C0", "C1", "C2", "C3"), strict=False):
+        curve = row["sequential"]["curve"]
+        ax.plot([p["cost"] for p in curve], [p["quality"] for p in curve], "-", color=color, lw=1,
+                label=f"sequential, latency at batch {size}")  # fmt: skip
+        seq = row["sequential"]
+        ax.scatter(seq["measured_cost"], seq["measured_accuracy"], marker="*", s=120, color=color, zorder=4,
+                   label=f"sequential run, batch {size}")  # fmt: skip
+        for name, rr in row["routing"].items():
+            marker = {"knn": "v"}.get(name, "^")
+            ax.scatter(rr["measured_cost"], rr["measured_accuracy"], marker=marker, s=60, color=color, zorder=4,
+                       label=f"router {name} run, batch {size}")  # fmt: skip
+        for st, c in zip(r["stages"], row["stage_cost"], strict=True):
+            ax.scatter(c, st["accuracy"], marker="o", s=40, color=color, zorder=3)
+        exits = list(row.get("early_exit", {}).values())
+        if exits:
+            ax.scatter([e["measured_cost"] for e in exits], [e["measured_accuracy"] for e in exits], marker="D", s=30,
+                       color=color, zorder=4, label=f"early exit runs (each measure), batch {size}")  # fmt: skip
+    ax.axhline(r["large"]["accuracy"], color="gray", ls=":", lw=1)
+    title = "ListOps cascades: cost as measured latency (dots: single stages) vs FLOPs"
+    _finish(plt, fig, ax, "cost per example / the last stage's (same measure)", "test accuracy", title,
+            "listops_latency")  # fmt: skip
+
+
 def plot(results):
     import matplotlib
 
@@ -918,8 +988,11 @@ def plot(results):
             points += [(p["cost"], p["accuracy"]) for p in cv]
         front = pareto(points)
         ax.plot(*zip(*front, strict=True), "k:", lw=2, label="Pareto frontier")
-        title = "ListOps: cascades of a 1-layer and a 4-layer encoder (stars: LTT-calibrated exits)"
+        stages = " -> ".join(f"{st['layers']}x{st['d_model']}" for st in r["stages"])
+        title = f"ListOps: cascades of encoders {stages} (layers x width; stars: LTT-calibrated exits)"
         _finish(plt, fig, ax, "cost: forward FLOPs per example / large model's", "test accuracy", title, "listops")
+        if "latency" in r:
+            plot_latency(plt, r)
     for key in ("smollm2", "smollm2_trained"):
         if key not in results:
             continue

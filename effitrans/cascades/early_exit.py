@@ -212,44 +212,66 @@ def exit_pass(model, tokens, mask=None, *, frozen_backbone: bool = False) -> Exi
     return ExitPass(tuple(logits), tuple(states), tuple(previous), tuple(learned))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi", "exit_i", "measure"))
+def _classifier_segment(graphdef, state, x, mask, take, threshold, *, lo, hi, exit_i, measure):
+    """Blocks lo..hi-1 of an encoder classifier for the running rows, then exit `exit_i`'s decision (None: the
+    last segment, final logits). x: tokens int [B, T] when lo == 0 (embedded here), else states [b0, T, D];
+    mask [b0, T] x's token mask; take int32 [b] (None: all rows, in order) the rows of x and mask that run on.
+    -> (x [b, T, D], mask [b, T], exits bool [b] or None, logits [b, C] float32)."""
+    m = nnx.merge(graphdef, state)
+    if take is not None:
+        x, mask = x.at[take].get(mode="clip"), mask.at[take].get(mode="clip")
+    x = m.stack.embed(x) if lo == 0 else x
+    positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
+    segment_ids = mask.astype(jnp.int32)
+    prev = x
+    for n in range(lo, hi):
+        prev = x
+        x, _ = m.stack.blocks[n](x, positions=positions, segment_ids=segment_ids)
+    if exit_i is None:
+        return x, mask, None, _readout(m, x, mask)[0]
+    logits, learned = _exit_readout(m, exit_i, x, mask)
+    conf = confidence(measure, logits=logits, state=_state(m, x, mask), previous=_state(m, prev, mask), learned=learned)
+    return x, mask, conf > threshold, logits
+
+
 def classify_with_exits(model, tokens, mask, *, measure: str, threshold: float):
     """Encoder classification with early exit: after each exit the rows that exit leave the batch and only the
-    rest run the next layers (their work is removed). Eager (the batch shrinks on the host).
+    rest run the next layers (their work is removed). The layers up to an exit and its decision are one
+    compiled program; the host reads which rows exit and compacts the rest into the next power-of-two bucket
+    (bucket_size), so one program compiles per (segment, bucket), as in ExitDecoder.
 
     tokens, mask [B, T] -> (logits [B, C] float32, exit index int [B] in 0..X, where X is the last layer)."""
     _check_measure(measure)
-    threshold = _check_threshold(threshold)
+    threshold = jnp.float32(_check_threshold(threshold))
     heads = exits_of(model)
     if _is_lm(model):
         raise TypeError(
             "classify_with_exits needs an encoder classifier; causal LMs decode with decode_step_with_exits"
         )
-    x, positions, segment_ids = _inputs(model, tokens, mask)
-    batch, blocks = tokens.shape[0], model.stack.blocks
+    if mask is None:
+        raise ValueError("mask=None: an encoder needs the token mask [B, T] (1 = token, 0 = padding)")
+    graphdef, state = nnx.split(model)
+    batch, num_layers = tokens.shape[0], len(model.stack.blocks)
     out = np.zeros((batch, model.head.shape[1]), np.float32)
     index = np.full((batch,), len(heads.layers), np.int32)
-    active = np.arange(batch)
-    lo = 0
-    for i, layer in enumerate((*heads.layers, len(blocks))):
-        prev = x
-        for block in blocks[lo:layer]:
-            prev = x
-            x, _ = block(x, positions=positions, segment_ids=segment_ids)
-        m = mask[active]
-        if layer == len(blocks):
-            out[active] = np.asarray(_readout(model, x, m)[0])
-            break
-        logits, learned = _exit_readout(model, i, x, m)
-        conf = confidence(
-            measure, logits=logits, state=_state(model, x, m), previous=_state(model, prev, m), learned=learned
+    running, x, take, lo = np.arange(batch), jnp.asarray(tokens), None, 0
+    mask = jnp.asarray(mask)
+    for i, hi in enumerate((*heads.layers, num_layers)):
+        last = hi == num_layers
+        x, mask, exits, logits = _classifier_segment(
+            graphdef, state, x, mask, take, threshold, lo=lo, hi=hi, exit_i=None if last else i, measure=measure
         )
-        done = np.asarray(conf > threshold)
-        out[active[done]], index[active[done]] = np.asarray(logits)[done], i
-        keep = np.flatnonzero(~done)
+        logits = np.asarray(logits)[: len(running)]
+        if last:
+            out[running] = logits
+            break
+        exits = np.asarray(exits)[: len(running)]
+        out[running[exits]], index[running[exits]] = logits[exits], i
+        keep = np.flatnonzero(~exits)
         if keep.size == 0:
             break
-        active, x, positions, segment_ids = active[keep], x[keep], positions[keep], segment_ids[keep]
-        lo = layer
+        take, running, lo = _bucket_rows(keep, batch), running[keep], hi
     return jnp.asarray(out), jnp.asarray(index)
 
 

@@ -63,23 +63,22 @@ def fit_embedding_classifier(embeddings, labels, *, l2: float = 1e-3, steps: int
 def knn_router(embeddings, labels, *, k: int = 16):
     """Similarity-weighted nearest-neighbour router: a query's score is the cosine-weighted mean label of its k
     most similar training queries (negative similarities weigh 0; no positive neighbour: the mean label).
-    Returns router(embeddings [m, E]) -> [m] in [0, 1]."""
+    Returns router(embeddings [m, E]) -> float32 [m] in [0, 1], jnp throughout (jittable: on a CPU it then
+    runs in XLA's threads rather than beside them in BLAS's)."""
     train = np.asarray(embeddings, np.float32)
-    labels = np.asarray(labels, np.float32)
+    labels = jnp.asarray(labels, jnp.float32)
     if not 1 <= k <= train.shape[0]:
         raise ValueError(f"k={k} must be in [1, number of training queries={train.shape[0]}]")
-    train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
-    prior = float(labels.mean())
+    train = jnp.asarray(train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12))
+    prior = labels.mean()
 
     def router(queries):
-        q = np.asarray(queries, np.float32)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        sim = q @ train.T  # [m, n]
-        nearest = np.argsort(-sim, axis=1)[:, :k]  # [m, k]
-        w = np.maximum(np.take_along_axis(sim, nearest, 1), 0.0)
-        vote = (w * labels[nearest]).sum(1)
+        q = jnp.asarray(queries, jnp.float32)
+        q = q / jnp.maximum(jnp.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        sim, nearest = jax.lax.top_k(q @ train.T, k)  # [m, k] each
+        w = jnp.maximum(sim, 0.0)
         total = w.sum(1)
-        return np.where(total > 0, vote / np.maximum(total, 1e-12), prior)
+        return jnp.where(total > 0, (w * labels[nearest]).sum(1) / jnp.maximum(total, 1e-12), prior)
 
     return router
 
