@@ -412,6 +412,51 @@ def _leave(graphdef, state, x, logits, take, rows, positions, caches, *, i, lo):
     return out, _put_rows(caches, rows, sub)
 
 
+def _row_from(m, x, caches, positions, threshold, *, i, lo, measure):
+    """Batch 1 from block lo on, exit i next: its segment, then lax.cond on the decision, so only the taken
+    branch runs (leave: the exit's readout and keys/values into layers hi..; stay: the next segment and its
+    exit, recursively). -> (logits [1, 1, V], caches, exit index int32 scalar)."""
+    layers, num = exits_of(m).layers, len(m.stack.blocks)
+    hi = layers[i] if i < len(layers) else num
+    caches = list(caches)
+    prev = x
+    for n in range(lo, hi):
+        prev = x
+        x, caches[n] = m.stack.blocks[n](x, positions=positions, cache=caches[n], decode=True)
+    if hi == num:
+        return _readout(m, x, None)[0], caches, jnp.int32(i)
+    heads = exits_of(m)
+    if measure in LOGIT_MEASURES:
+        logits, normed = _exit_output(m, x, i)
+    else:
+        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
+    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
+
+    def leave(caches):
+        out = _exit_output(m, x, i)[0] if logits is None else logits
+        caches = list(caches)
+        for n in range(hi, num):
+            block = m.stack.blocks[n]
+            _, caches[n] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n], decode=True)
+        return out, caches, jnp.int32(i)
+
+    def stay(caches):
+        return _row_from(m, x, caches, positions, threshold, i=i + 1, lo=hi, measure=measure)
+
+    return jax.lax.cond(conf[0, 0] > threshold, leave, stay, caches)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "measure"))
+def _row_step(graphdef, state, tokens, caches, threshold, *, measure):
+    """A whole decode step of one row with its exit decisions made on device (one program, no host read):
+    tokens int [1, 1] -> (logits [1, 1, V], caches, exit index int32 [1])."""
+    m = nnx.merge(graphdef, state)
+    positions = caches[0].lengths[:, None]  # [1, 1]
+    logits, caches, index = _row_from(m, m.stack.embed(tokens), caches, positions, threshold, i=0, lo=0,
+                                      measure=measure)  # fmt: skip
+    return logits, caches, index[None]
+
+
 class ExitDecoder:
     """Compiled decode steps with early exit whose exited work is really removed, per row and in batches
     (decode_step_with_exits's math, in pieces). The layers up to an exit and the exit's decision are one jitted
@@ -421,8 +466,9 @@ class ExitDecoder:
     compacted into the next static bucket (bucket_size: B -> ... -> 4 -> 2 -> 1, their states, positions and
     cache rows gathered, run, scattered back), so a segment costs what its running rows cost, rounded up to a
     power of two. A step in which no row exits is X + 1 programs (X exits) and X host reads; one program per
-    (segment, bucket) compiles. The compiled pieces are shared by every decoder of the same model and measure
-    (the threshold is an argument).
+    (segment, bucket) compiles. A batch of one row needs no compaction: its decisions are made on device
+    (lax.cond per exit, only the taken branch runs), one program per step. The compiled pieces are shared by
+    every decoder of the same model and measure (the threshold is an argument).
 
     step(tokens int [B, 1], caches, active=None) -> (logits [B, 1, V] float32, caches, exit index int32 [B]);
     `active` (bool [B], host) limits the step to those rows (a serving engine's occupied slots): the others are
@@ -445,6 +491,10 @@ class ExitDecoder:
         g, state = self.graphdef, self.state
         batch = tokens.shape[0]
         caches = list(caches)
+        if batch == 1 and (active is None or bool(np.all(active))):
+            logits, caches, index = _row_step(g, state, tokens, caches, self.threshold, measure=self.measure)
+            self.block_rows = int(np.asarray([*self.layers, self.num_layers])[int(index[0])])
+            return logits, caches, index
         positions = caches[0].lengths[:, None]  # [B, 1]
         if active is None or np.all(active):
             running, rows = np.arange(batch), None  # None: all rows, in order (nothing gathered)

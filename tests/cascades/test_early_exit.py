@@ -343,3 +343,28 @@ def test_compacted_batch_decode_equals_per_row_decode_and_no_exit_equals_the_ful
     always = ee.ExitDecoder(model, measure="max_prob", threshold=0.0)
     _, _, index = always.step(tokens[:, 4:], caches)
     assert (np.asarray(index) == 0).all() and always.block_rows == batch  # one block, then propagation only
+
+
+@pytest.mark.slow  # compiles a program per measure and compares each row with the jitted masked step
+@pytest.mark.parametrize("measure", ["learned", "max_prob"])
+def test_one_row_decides_on_device_and_equals_the_masked_step(measure):
+    model = build_model(lm_with_exits(num_layers=4, layers=[1, 2, 3]))
+    _randomise_exit_heads(model)
+    tokens = jax.random.randint(jax.random.key(9), (8, 5), 0, 61)
+    conf = ee.pass_confidences(ee.exit_pass(model, tokens), measure)[:, :, 4]  # [X, B]
+    threshold = float(jnp.quantile(conf, 0.5))  # rows leave at every exit and the last layer
+    caches = model.init_cache(8, 6)
+    _, caches = model(tokens[:, :4], cache=caches, decode=True)
+    decoder = ee.ExitDecoder(model, measure=measure, threshold=threshold)
+    masked = nnx.jit(lambda m, t, c, th: ee.decode_step_with_exits(m, t, c, measure=measure, threshold=th))
+    seen = set()
+    for r in range(8):  # batch 1: one program, lax.cond at each exit
+        row = jax.tree.map(lambda a, r=r: a[r : r + 1], caches)
+        got, got_caches, index = decoder.step(tokens[r : r + 1, 4:], row)
+        want, want_caches, want_index = masked(model, tokens[r : r + 1, 4:], row, threshold)
+        assert int(index[0]) == int(want_index[0]) and decoder.block_rows == [1, 2, 3, 4][int(index[0])]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(want_caches), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        seen.add(int(index[0]))
+    assert seen == {0, 1, 2, 3}  # every branch was taken
