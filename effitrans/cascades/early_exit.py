@@ -364,6 +364,28 @@ def _exit_output(m, x, i):
     return m.logits(normed), normed
 
 
+def _exit_confidence(m, x, prev, i, measure):
+    """Exit i's confidence of the states x [b, 1, D] (prev: the states entering its layer) -> (conf [b, 1],
+    exit logits [b, 1, V] when the measure read them, else None: no vocabulary projection unless a row exits)."""
+    heads = exits_of(m)
+    if measure in LOGIT_MEASURES:
+        logits, normed = _exit_output(m, x, i)
+    else:
+        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
+    return confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed)), logits
+
+
+def _propagate_kv(m, x, positions, caches, *, lo):
+    """CALM's propagation: the exited states x [b, 1, D] write their keys/values into layers lo.. (attention on
+    norm(x), output dropped, so XLA keeps only the key/value projections; no feed-forward). caches: those
+    layers' caches for the same b rows -> the updated list."""
+    caches = list(caches)
+    for n in range(lo, len(m.stack.blocks)):
+        block = m.stack.blocks[n]
+        _, caches[n - lo] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n - lo], decode=True)
+    return caches
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "lo", "hi", "exit_i", "measure"))
 def _segment(graphdef, state, x, take, rows, positions, caches, threshold, *, lo, hi, exit_i, measure):
     """One compiled piece of a decode step: blocks lo..hi-1 for the running rows, then exit `exit_i`'s decision
@@ -387,12 +409,7 @@ def _segment(graphdef, state, x, take, rows, positions, caches, threshold, *, lo
     caches = sub if rows is None else _put_rows(caches, rows, sub)
     if exit_i is None:
         return x, None, _readout(m, x, None)[0], caches
-    heads = exits_of(m)
-    if measure in LOGIT_MEASURES:
-        logits, normed = _exit_output(m, x, exit_i)
-    else:
-        logits, normed = None, m.stack.final_norm(heads.transform(exit_i, x))
-    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(exit_i, normed))
+    conf, logits = _exit_confidence(m, x, prev, exit_i, measure)
     return x, conf[:, 0] > threshold, logits, caches
 
 
@@ -405,10 +422,7 @@ def _leave(graphdef, state, x, logits, take, rows, positions, caches, *, i, lo):
     m = nnx.merge(graphdef, state)
     x = x.at[take].get(mode="clip")
     out = _exit_output(m, x, i)[0] if logits is None else logits.at[take].get(mode="clip")
-    sub, pos = _take_rows(caches, rows), positions.at[rows].get(mode="clip")  # pos [b', 1]
-    for n in range(lo, len(m.stack.blocks)):
-        block = m.stack.blocks[n]
-        _, sub[n - lo] = block.attn(block.attn_norm(x), positions=pos, cache=sub[n - lo], decode=True)
+    sub = _propagate_kv(m, x, positions.at[rows].get(mode="clip"), _take_rows(caches, rows), lo=lo)
     return out, _put_rows(caches, rows, sub)
 
 
@@ -425,20 +439,11 @@ def _row_from(m, x, caches, positions, threshold, *, i, lo, measure):
         x, caches[n] = m.stack.blocks[n](x, positions=positions, cache=caches[n], decode=True)
     if hi == num:
         return _readout(m, x, None)[0], caches, jnp.int32(i)
-    heads = exits_of(m)
-    if measure in LOGIT_MEASURES:
-        logits, normed = _exit_output(m, x, i)
-    else:
-        logits, normed = None, m.stack.final_norm(heads.transform(i, x))
-    conf = confidence(measure, logits=logits, state=x, previous=prev, learned=heads.confidence_logit(i, normed))
+    conf, logits = _exit_confidence(m, x, prev, i, measure)
 
     def leave(caches):
         out = _exit_output(m, x, i)[0] if logits is None else logits
-        caches = list(caches)
-        for n in range(hi, num):
-            block = m.stack.blocks[n]
-            _, caches[n] = block.attn(block.attn_norm(x), positions=positions, cache=caches[n], decode=True)
-        return out, caches, jnp.int32(i)
+        return out, list(caches[:hi]) + _propagate_kv(m, x, positions, caches[hi:], lo=hi), jnp.int32(i)
 
     def stay(caches):
         return _row_from(m, x, caches, positions, threshold, i=i + 1, lo=hi, measure=measure)
